@@ -1,0 +1,55 @@
+# The two commands a fresh machine needs (see README):
+#   make demo   create .venv, install, build, run APL end to end, write a report
+#   make test   create .venv, install, build, run the whole test suite (what .ci/run calls)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.apl-installed
+DEMO_OUT ?= demo-out
+# The CPU wheel of torch 2.13.0 lies on disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: venv install build test test-fast demo cuda-check lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PIP) install -q $(TORCH_PIN)
+	# The real CLIP BPE vocabulary ships inside this wheel; its own dependencies (torchvision) are not needed.
+	$(PIP) install -q --no-deps open_clip_torch==3.3.0
+	$(PIP) install -q --no-build-isolation -e ".[export,trt,eval,dev]" $(TORCH_PIN)
+	touch $(STAMP)
+
+venv install: $(STAMP)
+
+# Rebuild the C++ extension in place (after editing csrc/).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# Compile check of the CUDA kernel for sm_80 and sm_90 (nothing runs without a GPU).
+cuda-check: $(STAMP)
+	$(PY) -m apl_adapter.ops_build --cuda-check
+
+test: $(STAMP)
+	$(MAKE) --no-print-directory cuda-check
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/apl-demo --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check apl_adapter export tests benchmarks
+	$(VENV)/bin/ruff format --check apl_adapter export tests benchmarks
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info apl_adapter/*.so $(DEMO_OUT)
