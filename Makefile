@@ -32,7 +32,7 @@ build: $(STAMP)
 
 # Compile check of the CUDA kernel for sm_80 and sm_90 (nothing runs without a GPU).
 cuda-check: $(STAMP)
-	$(PY) -m apl_adapter.ops_build --cuda-check
+	$(PY) tools/cuda_check.py
 
 test: $(STAMP)
 	$(MAKE) --no-print-directory cuda-check
