@@ -1,3 +1,34 @@
-"""apl-adapter: Anonymization Prompt Learning as a PEFT adapter."""
+"""apl-adapter: Anonymization Prompt Learning (APL) as a PEFT adapter for CLIP text encoders.
+
+```python
+from peft import get_peft_model, PeftModel
+from apl_adapter import APLConfig
+
+text_encoder = get_peft_model(pipe.text_encoder, APLConfig())   # 10 learnable vectors after BOS
+text_encoder.save_pretrained("apl-prefix")
+restored = PeftModel.from_pretrained(other_text_encoder, "apl-prefix")
+```
+"""
+
+from .config import APLConfig
+from .errors import APLAdapterError
+from .model import APLEmbedding, APLModel, PromptTruncationWarning, insert_prefix_ids
+from .registry import register as _register
+from .serialization import check_adapter_folder, save_adapter
+from .tokenizer import load_clip_tokenizer
+
+_register()
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "APLAdapterError",
+    "APLConfig",
+    "APLEmbedding",
+    "APLModel",
+    "PromptTruncationWarning",
+    "check_adapter_folder",
+    "insert_prefix_ids",
+    "load_clip_tokenizer",
+    "save_adapter",
+]

@@ -1,0 +1,117 @@
+"""APLConfig: the configuration of an Anonymization Prompt Learning adapter."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import PeftConfig
+
+from .errors import APLAdapterError
+
+# CLIP's text encoder has 77 positions; BOS and EOS must keep theirs.
+MAX_CLIP_POSITIONS = 77
+PEFT_TYPE_NAME = "APL"
+
+InitMethod = Literal["random_uniform", "text", "vocab"]
+
+
+@dataclass
+class APLConfig(PeftConfig):
+    """Configuration of an APL prefix: ``m`` learnable vectors inserted after BOS in CLIP's text encoder.
+
+    The prefix ``[AP]`` sits at positions ``1..m`` (``[BOS][P1..Pm][prompt][EOS][pad]``); the
+    prompt shifts right by ``m`` and the sequence is cut back to 77 positions, keeping EOS. Only
+    the prefix is trained; the text encoder, UNet and VAE stay frozen.
+
+    Example:
+
+    ```python
+    >>> from peft import get_peft_model
+    >>> from apl_adapter import APLConfig
+    >>> from apl_adapter.testing import tiny_clip_text_model
+    >>> text_encoder = get_peft_model(tiny_clip_text_model(), APLConfig(num_virtual_tokens=10))
+    >>> text_encoder.get_nb_trainable_parameters()[0]   # 10 x hidden size (32 here, 768 for SD 1.x)
+    320
+    ```
+    """
+
+    num_virtual_tokens: int = field(
+        default=10,
+        metadata={"help": "Number of learnable prefix vectors m (the paper uses 10). Must leave room for BOS, EOS."},
+    )
+    token_dim: int | None = field(
+        default=None,
+        metadata={"help": "Width of each prefix vector; filled from the text encoder (768 SD 1.x, 1024 SD 2.x)."},
+    )
+    prefix_init: InitMethod = field(
+        default="random_uniform",
+        metadata={
+            "help": "How the prefix starts: 'random_uniform' = U[0,1) as the authors' code; 'text' = token "
+            "embeddings of `prefix_init_text` (repeated to m); 'vocab' = m random rows of the vocabulary."
+        },
+    )
+    prefix_init_text: str | None = field(
+        default=None, metadata={"help": "Phrase whose token embeddings initialise the prefix when prefix_init='text'."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local tokenizer folder for prefix_init='text'; when unset the real CLIP tokenizer is built "
+            "offline from the open_clip_torch wheel."
+        },
+    )
+    init_seed: int = field(default=0, metadata={"help": "Seed of the random initialisations (random_uniform, vocab)."})
+    prefix_position: Literal["after_bos"] = field(
+        default="after_bos",
+        metadata={"help": "Where the prefix goes. 'after_bos' is the paper's layout (positions 1..m)."},
+    )
+    apply_to_negative_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Whether pipelines also prefix the negative / unconditional prompt. The paper prefixes the "
+            "positive prompt only."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Set automatically: APL wraps the text encoder's `embeddings` module."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registry import apl_peft_type
+
+        self.peft_type = apl_peft_type()
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool):
+            raise APLAdapterError(f"num_virtual_tokens must be an int, got {self.num_virtual_tokens!r}")
+        if self.num_virtual_tokens <= 0:
+            raise APLAdapterError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}. The paper uses 10.")
+        if self.num_virtual_tokens > MAX_CLIP_POSITIONS - 2:
+            raise APLAdapterError(
+                f"num_virtual_tokens={self.num_virtual_tokens} leaves no room in CLIP's {MAX_CLIP_POSITIONS} "
+                f"positions for BOS and EOS; use at most {MAX_CLIP_POSITIONS - 2} (the paper uses 10)."
+            )
+        if self.prefix_init not in ("random_uniform", "text", "vocab"):
+            raise APLAdapterError(f"prefix_init must be 'random_uniform', 'text' or 'vocab', got {self.prefix_init!r}")
+        if self.prefix_init == "text" and not self.prefix_init_text:
+            raise APLAdapterError("prefix_init='text' needs prefix_init_text, e.g. 'a photo of an anonymous person'")
+        if self.prefix_position != "after_bos":
+            raise APLAdapterError(f"prefix_position {self.prefix_position!r} is not supported; use 'after_bos'")
+        self.target_modules = ["embeddings"]
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        # APL injects into the encoder like a tuner (BaseTuner path): PEFT's prompt-learning path
+        # concatenates virtual tokens in front of BOS and would exceed CLIP's 77 positions.
+        return False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config of a saved adapter, after checking the folder holds a loadable APL adapter."""
+        from .serialization import check_adapter_folder
+
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            check_adapter_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

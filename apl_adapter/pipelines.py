@@ -1,0 +1,146 @@
+"""diffusers integration: one call to put an APL prefix into a pipeline, one to take it out.
+
+Works for any pipeline whose ``encode_prompt`` follows diffusers' Stable Diffusion signature:
+``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionXLPipeline``
+(and their img2img/inpaint siblings). ``pipe(prompt).images`` and ``prompt_embeds`` passthrough
+keep working unchanged.
+
+Example:
+
+```python
+>>> from diffusers import StableDiffusionPipeline
+>>> from apl_adapter.pipelines import apply_apl, remove_apl
+>>> pipe = StableDiffusionPipeline.from_pretrained("path/to/sd15")          # a local folder
+>>> apply_apl(pipe, "apl-prefix")                 # prefix on the positive prompt only (the paper)
+>>> image = pipe("a photo of Ann Lee", num_inference_steps=20, guidance_scale=7).images[0]
+>>> remove_apl(pipe)                              # the untouched pipeline again
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+from collections.abc import Callable, Iterator
+
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+
+from .config import APLConfig
+from .errors import APLAdapterError
+from .model import clip_text_model_of
+
+_STATE = "_apl_state"
+AdapterLike = str | os.PathLike | PeftModel
+
+
+def apply_apl(
+    pipe,
+    adapter: AdapterLike,
+    adapter_2: AdapterLike | None = None,
+    *,
+    apply_to_negative_prompt: bool | None = None,
+):
+    """Apply an APL prefix to ``pipe``'s text encoder(s), in place, and return ``pipe``.
+
+    Args:
+        pipe: a diffusers Stable Diffusion (1.x/2.x/XL) pipeline.
+        adapter: a saved adapter folder, or a ``PeftModel`` holding an APL adapter, for
+            ``pipe.text_encoder``.
+        adapter_2: the same for SDXL's ``text_encoder_2`` (optional; a prefix has one width, and
+            SDXL's second encoder is wider).
+        apply_to_negative_prompt: also prefix the negative / unconditional prompt. Default: the
+            adapter config's ``apply_to_negative_prompt`` (False, as the paper).
+    """
+    if getattr(pipe, _STATE, None) is not None:
+        raise APLAdapterError("This pipeline already has an APL prefix; call remove_apl(pipe) first.")
+    if not hasattr(pipe, "encode_prompt"):
+        raise APLAdapterError(f"{type(pipe).__name__} has no encode_prompt(); APL supports Stable Diffusion pipelines.")
+    models: dict[str, PeftModel] = {}
+    for attr, source in (("text_encoder", adapter), ("text_encoder_2", adapter_2)):
+        if source is None:
+            continue
+        encoder = getattr(pipe, attr, None)
+        if encoder is None:
+            raise APLAdapterError(f"{type(pipe).__name__} has no {attr} to apply the adapter to.")
+        models[attr] = _attach(encoder, source)
+    if not models:
+        raise APLAdapterError("No adapter given: pass a saved adapter folder or a PeftModel.")
+    if apply_to_negative_prompt is None:
+        apply_to_negative_prompt = any(m.peft_config["default"].apply_to_negative_prompt for m in models.values())
+    original = pipe.encode_prompt
+    if not apply_to_negative_prompt:
+        pipe.encode_prompt = _positive_prompt_only(original, list(models.values()))
+    setattr(pipe, _STATE, {"models": models, "encode_prompt": original})
+    return pipe
+
+
+def remove_apl(pipe):
+    """Remove the prefix: the text encoders and ``encode_prompt`` are the untouched originals again."""
+    state = getattr(pipe, _STATE, None)
+    if state is None:
+        raise APLAdapterError("This pipeline has no APL prefix to remove.")
+    pipe.__dict__.pop("encode_prompt", None)
+    for model in state["models"].values():
+        model.unload()
+    setattr(pipe, _STATE, None)
+    return pipe
+
+
+def apl_models(pipe) -> dict[str, PeftModel]:
+    """The ``PeftModel`` wrappers installed by :func:`apply_apl` (empty if none)."""
+    state = getattr(pipe, _STATE, None)
+    return dict(state["models"]) if state else {}
+
+
+def _attach(encoder, source: AdapterLike) -> PeftModel:
+    clip_text_model_of(encoder)  # a clear error for anything that is not a CLIP text encoder
+    if isinstance(source, PeftModel):
+        if source.get_base_model() is encoder:
+            return source
+        config = source.peft_config[source.active_adapter]
+        if not isinstance(config, APLConfig):
+            raise APLAdapterError(f"The PeftModel holds a {type(config).__name__} adapter, not APL.")
+        model = get_peft_model(encoder, APLConfig(**{**config.to_dict(), "peft_type": None}))
+        set_peft_model_state_dict(model, get_peft_model_state_dict(source))
+        model.eval()
+        return model
+    if isinstance(source, (str, os.PathLike)):
+        model = PeftModel.from_pretrained(encoder, str(source))
+        model.eval()
+        return model
+    raise APLAdapterError(f"adapter must be a folder path or a PeftModel, got {type(source).__name__}")
+
+
+@contextlib.contextmanager
+def _adapters_disabled(models: list[PeftModel]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(model.disable_adapter())
+        yield
+
+
+def _positive_prompt_only(encode_prompt: Callable, models: list[PeftModel]) -> Callable:
+    """Wrap ``encode_prompt`` so the prefix reaches the positive prompt and not the negative one.
+
+    Call 1 (adapter on) encodes the positive prompt only, once per prompt. Call 2 (adapter off)
+    receives it as ``prompt_embeds`` - so it is not encoded again - and does the rest exactly as
+    diffusers does: the negative prompt, repetition per image, dtype and device.
+    """
+    signature = inspect.signature(encode_prompt)
+
+    @functools.wraps(encode_prompt)
+    def wrapper(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        call = dict(arguments.arguments)
+        positive = encode_prompt(**{**call, "do_classifier_free_guidance": False, "num_images_per_prompt": 1})
+        call["prompt_embeds"] = positive[0]
+        if "pooled_prompt_embeds" in call:  # SDXL also pools the positive prompt
+            call["pooled_prompt_embeds"] = positive[2]
+        with _adapters_disabled(models):
+            return encode_prompt(**call)
+
+    return wrapper

@@ -1,0 +1,108 @@
+"""Safe reading and atomic writing of APL adapter folders (PEFT's format, safetensors only).
+
+A saved adapter is PEFT's folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
+Pickle checkpoints (``adapter_model.bin``, ``*.pt``) are refused: loading one can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import APLAdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_adapter_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Check that ``folder`` holds a loadable APL adapter and return its tensors.
+
+    Raises :class:`APLAdapterError` naming the problem and the fix for: a missing folder or
+    config, a pickle-only checkpoint, a truncated or corrupted safetensors file, a prefix with
+    NaN/Inf values, or a prefix whose shape disagrees with the config.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise APLAdapterError(f"No adapter folder at {folder}: pass the folder written by save_pretrained().")
+    config_path = folder / CONFIG_NAME
+    weights_path = folder / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise APLAdapterError(
+                f"{folder} holds only pickle checkpoints ({', '.join(pickles)}); apl-adapter loads safetensors only, "
+                "because unpickling can run arbitrary code. Re-save the adapter with save_pretrained() "
+                "(safe_serialization=True, the default)."
+            )
+        raise APLAdapterError(f"{weights_path} is missing: the adapter folder is incomplete; re-save it.")
+    if not config_path.is_file():
+        raise APLAdapterError(f"{config_path} is missing: the adapter folder is incomplete; re-save it.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise APLAdapterError(f"{config_path} is not valid JSON ({err}); the file is corrupted, re-save it.") from err
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is no dict
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers and data
+        raise APLAdapterError(
+            f"{weights_path} cannot be read ({type(err).__name__}: {err}); the file is truncated or corrupted. "
+            "Re-save the adapter or copy it again."
+        ) from err
+    prefixes = {k: v for k, v in tensors.items() if "apl_prefix" in k}
+    if not prefixes:
+        raise APLAdapterError(f"{weights_path} holds no APL prefix tensor (keys: {sorted(tensors)[:5]}).")
+    m = config.get("num_virtual_tokens")
+    for key, value in prefixes.items():
+        if not torch.isfinite(value).all():
+            raise APLAdapterError(
+                f"{weights_path}: prefix {key} contains NaN or Inf values; the training diverged. "
+                "Use an earlier checkpoint or lower the learning rate."
+            )
+        if value.ndim != 2 or (m is not None and value.shape[0] != m):
+            raise APLAdapterError(
+                f"{weights_path}: prefix {key} has shape {tuple(value.shape)}, but the config says "
+                f"num_virtual_tokens={m}; the folder mixes files of two adapters."
+            )
+    return tensors
+
+
+def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> Path:
+    """Atomically save a PEFT model's adapter: write into a temporary sibling folder, then rename.
+
+    A crash mid-save leaves the previous adapter (if any) intact and no partial folder behind.
+    Raises :class:`APLAdapterError` when ``save_directory`` exists as a file.
+    """
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise APLAdapterError(f"Cannot save the adapter to {target}: a file with that name exists. Choose a folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True, **kwargs)
+        check_adapter_folder(_adapter_dir(staging, kwargs))
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, backup)
+        os.replace(staging, target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _adapter_dir(root: Path, kwargs: dict) -> Path:
+    names = kwargs.get("selected_adapters") or ["default"]
+    name = names[0]
+    return root if name == "default" else root / name

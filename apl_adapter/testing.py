@@ -1,0 +1,147 @@
+"""Tiny real models for tests, docs and the demo (real classes, real configs, random weights)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .tokenizer import CLIP_VOCAB_SIZE
+
+
+def tiny_clip_text_config(
+    hidden_size: int = 32, layers: int = 2, heads: int = 4, projection_dim: int = 32, pad_token_id: int = 49407
+) -> CLIPTextConfig:
+    """A CLIP text config with the real vocabulary and 77 positions but a tiny width and depth."""
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_token_id,
+    )
+
+
+def tiny_clip_text_model(hidden_size: int = 32, seed: int = 0, with_projection: bool = False, **kwargs):
+    """A seeded tiny ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``) in eval mode."""
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(tiny_clip_text_config(hidden_size=hidden_size, **kwargs)).eval()
+
+
+def sd15_text_config() -> CLIPTextConfig:
+    """The real-size Stable Diffusion 1.x text encoder config (OpenAI CLIP ViT-L/14 text tower)."""
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 8, seed: int = 0, **extra):
+    """A ~0.4 M-parameter ``UNet2DConditionModel`` (4 latent channels, two blocks)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        **extra,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0):
+    """A tiny ``AutoencoderKL`` with one 2x downsampling (16x16 images <-> 8x8x4 latents)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).eval()
+
+
+def ddim_scheduler():
+    """DDIM as Stable Diffusion 1.5 configures it (scaled-linear betas, steps_offset 1)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def tiny_sd_pipeline(hidden_size: int = 32, seed: int = 0):
+    """A real ``StableDiffusionPipeline`` of tiny random models with the real CLIP tokenizer (16x16 images)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .tokenizer import load_clip_tokenizer
+
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_clip_text_model(hidden_size=hidden_size, seed=seed),
+        tokenizer=load_clip_tokenizer(),
+        unet=tiny_unet(cross_attention_dim=hidden_size, seed=seed),
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A real ``StableDiffusionXLPipeline`` of tiny random models: encoders of width 32 and 48."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .tokenizer import load_clip_tokenizer
+
+    width_1, width_2 = 32, 48
+    unet = tiny_unet(
+        cross_attention_dim=width_1 + width_2,
+        seed=seed,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=width_2 + 6 * 8,
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_clip_text_model(hidden_size=width_1, seed=seed),
+        text_encoder_2=tiny_clip_text_model(
+            hidden_size=width_2, seed=seed + 1, with_projection=True, projection_dim=width_2, pad_token_id=0
+        ),
+        tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=ddim_scheduler(),
+    )
