@@ -23,7 +23,7 @@ encoder applies the prefix without any change to the pipeline.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -288,7 +288,7 @@ class APLModel(BaseTuner):
 
     prefix: str = "apl_"
     tuner_layer_cls = APLEmbedding
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: APLConfig, model_config: dict) -> APLConfig:
         peft_config.target_modules = ["embeddings"]

@@ -66,7 +66,8 @@ def _byte_symbols() -> list[str]:
 def read_clip_bpe(bpe_file: str | os.PathLike | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Read the BPE file into CLIP's ``(vocab, merges)``: token -> id, and the ordered merge pairs."""
     bpe_file = Path(bpe_file) if bpe_file is not None else find_bpe_file()
-    lines = gzip.open(bpe_file, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_file, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     symbols = _byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
