@@ -37,7 +37,7 @@ def _extensions() -> tuple[list, dict]:
     cu_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
     if not cpp_sources:
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) or os.environ.get("APL_FORCE_CUDA") == "1"
     if with_cuda and cu_sources:
         ext = CUDAExtension(
@@ -45,7 +45,7 @@ def _extensions() -> tuple[list, dict]:
             cpp_sources + cu_sources,
             include_dirs=[str(CSRC)],
             define_macros=[("APL_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
             extra_link_args=["-fopenmp"],
         )
     else:

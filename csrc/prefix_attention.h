@@ -1,0 +1,144 @@
+// Prefix attention: the per-row math, shared by the C++ CPU kernel, the CUDA kernel and the TensorRT plugin.
+//
+//   out[b,h,i] = softmax([q k_prefix^T | q k^T (causal)] * scale) [v_prefix ; v]
+//
+// computed without the concatenated key/value tensor: one online softmax runs over the prefix keys, then over the
+// visible request keys. Keys are taken in blocks of kKeyBlock so the running maximum is corrected once per block,
+// not once per key. Everything accumulates in fp32 whatever the storage type T (float, c10::Half, c10::BFloat16).
+//
+// This header has no torch dependency: launchers fill a PrefixAttentionParams<T> and call
+// prefix_attention_compute_row() once per (batch, head, query row).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define APL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define APL_HOST_DEVICE inline __attribute__((always_inline))
+#endif
+
+// `omp simd` lets the host compiler vectorize the fp32 reductions over the head dimension (it may not reorder float
+// sums on its own). nvcc gets nothing: one CUDA thread owns one row.
+#if defined(__CUDA_ARCH__) || !defined(_OPENMP)
+#define APL_SIMD_SUM(var)
+#define APL_SIMD
+#else
+#define APL_PRAGMA(x) _Pragma(#x)
+#define APL_SIMD_SUM(var) APL_PRAGMA(omp simd reduction(+ : var))
+#define APL_SIMD APL_PRAGMA(omp simd)
+#endif
+
+namespace apl {
+
+// Keys scored per online-softmax step.
+constexpr int kKeyBlock = 16;
+// Largest head dimension of the generic (runtime head dim) path; 64 and 128 get their own instantiations.
+constexpr int kMaxHeadDim = 256;
+
+// Pointers and element strides of a (batch, heads, length, head_dim) tensor with a unit stride on head_dim.
+template <typename T>
+struct TensorView4 {
+  T* data;
+  int64_t batch_stride;  // 0 for a tensor shared by the whole batch (the prefix): no per-batch copy
+  int64_t head_stride;
+  int64_t row_stride;
+};
+
+template <typename T>
+struct PrefixAttentionParams {
+  TensorView4<const T> q, k, v, k_prefix, v_prefix;
+  TensorView4<T> out;
+  int64_t batch, heads, q_len, kv_len, prefix_len, head_dim;
+  float scale;
+  bool causal;  // bottom-right aligned: query i sees request keys j <= i + (kv_len - q_len), and every prefix key
+};
+
+template <typename T>
+APL_HOST_DEVICE float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// Running state of one row's online softmax: max and sum of exp(score - max); the fp32 accumulator lives beside it.
+struct OnlineSoftmax {
+  float max_score;
+  float sum_exp;
+};
+
+// Folds keys [0, n_keys) of one key range into (state, acc). `qf` is the query row, already multiplied by scale.
+template <typename T, int D>
+APL_HOST_DEVICE void accumulate_key_range(const float* qf, const T* keys, int64_t key_stride, const T* values,
+                                          int64_t value_stride, int64_t n_keys, int d, OnlineSoftmax& state,
+                                          float* acc) {
+  float scores[kKeyBlock];
+  for (int64_t start = 0; start < n_keys; start += kKeyBlock) {
+    const int count = static_cast<int>(n_keys - start < kKeyBlock ? n_keys - start : kKeyBlock);
+    float block_max = -INFINITY;
+    for (int j = 0; j < count; ++j) {
+      const T* key = keys + (start + j) * key_stride;
+      float s = 0.f;
+      APL_SIMD_SUM(s)
+      for (int c = 0; c < d; ++c) s += qf[c] * to_float(key[c]);
+      scores[j] = s;
+      block_max = s > block_max ? s : block_max;
+    }
+    const float new_max = block_max > state.max_score ? block_max : state.max_score;
+    // exp(-inf) = 0 on the first block: the empty accumulator is scaled by zero, which it already is.
+    const float correction = expf(state.max_score - new_max);
+    state.sum_exp *= correction;
+    APL_SIMD
+    for (int c = 0; c < d; ++c) acc[c] *= correction;
+    for (int j = 0; j < count; ++j) {
+      const float p = expf(scores[j] - new_max);
+      const T* value = values + (start + j) * value_stride;
+      state.sum_exp += p;
+      APL_SIMD
+      for (int c = 0; c < d; ++c) acc[c] += p * to_float(value[c]);
+    }
+    state.max_score = new_max;
+  }
+}
+
+// One output row (b, h, i) for flat row index  row = (b * heads + h) * q_len + i.
+// D > 0 fixes the head dimension at compile time; D == 0 reads it from params (at most kMaxHeadDim).
+template <typename T, int D>
+APL_HOST_DEVICE void prefix_attention_compute_row(const PrefixAttentionParams<T>& p, int64_t row) {
+  constexpr int kWidth = D > 0 ? D : kMaxHeadDim;
+  const int d = D > 0 ? D : static_cast<int>(p.head_dim);
+  const int64_t i = row % p.q_len;
+  const int64_t h = (row / p.q_len) % p.heads;
+  const int64_t b = row / (p.q_len * p.heads);
+
+  const T* q = p.q.data + b * p.q.batch_stride + h * p.q.head_stride + i * p.q.row_stride;
+  float qf[kWidth];
+  float acc[kWidth];
+  for (int c = 0; c < d; ++c) {
+    qf[c] = to_float(q[c]) * p.scale;
+    acc[c] = 0.f;
+  }
+  OnlineSoftmax state{-INFINITY, 0.f};
+
+  const int64_t prefix_offset = b * p.k_prefix.batch_stride + h * p.k_prefix.head_stride;
+  const int64_t prefix_value_offset = b * p.v_prefix.batch_stride + h * p.v_prefix.head_stride;
+  accumulate_key_range<T, D>(qf, p.k_prefix.data + prefix_offset, p.k_prefix.row_stride,
+                             p.v_prefix.data + prefix_value_offset, p.v_prefix.row_stride, p.prefix_len, d, state,
+                             acc);
+
+  int64_t visible = p.kv_len;
+  if (p.causal) {
+    const int64_t last = i + 1 + (p.kv_len - p.q_len);
+    visible = last < 0 ? 0 : (last < p.kv_len ? last : p.kv_len);
+  }
+  const int64_t kv_offset = b * p.k.batch_stride + h * p.k.head_stride;
+  const int64_t v_offset = b * p.v.batch_stride + h * p.v.head_stride;
+  accumulate_key_range<T, D>(qf, p.k.data + kv_offset, p.k.row_stride, p.v.data + v_offset, p.v.row_stride, visible, d,
+                             state, acc);
+
+  // A row that sees no key at all (only possible with an empty prefix and a causal offset) writes zeros.
+  const float inv_sum = state.sum_exp > 0.f ? 1.f / state.sum_exp : 0.f;
+  T* out = p.out.data + b * p.out.batch_stride + h * p.out.head_stride + i * p.out.row_stride;
+  for (int c = 0; c < d; ++c) out[c] = static_cast<T>(acc[c] * inv_sum);
+}
+
+}  // namespace apl
