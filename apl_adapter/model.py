@@ -147,6 +147,16 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
         self.num_virtual_tokens[adapter_name] = config.num_virtual_tokens
         self.set_adapter(self.active_adapters)
 
+    # The wrapped module's embeddings stay reachable where callers expect them
+    # (``CLIPTextModel.get_input_embeddings()`` returns ``embeddings.token_embedding``).
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.base_layer.token_embedding
+
+    @property
+    def position_embedding(self) -> nn.Embedding:
+        return self.base_layer.position_embedding
+
     @property
     def active_prefix(self) -> torch.Tensor | None:
         """The prefix of the active adapter, ``None`` when adapters are disabled."""

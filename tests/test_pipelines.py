@@ -1,0 +1,144 @@
+"""The diffusers integration on real pipelines saved to and loaded from local folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from peft import get_peft_model
+from PIL import Image
+
+from apl_adapter import APLAdapterError, APLConfig
+from apl_adapter.pipelines import apl_models, apply_apl, remove_apl
+from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+PROMPT = "a photo of Ann Lee"
+STEPS = dict(num_inference_steps=3, output_type="np")
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    get_peft_model(tiny_clip_text_model(), APLConfig(init_seed=5)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def sd(sd_folder):
+    return StableDiffusionPipeline.from_pretrained(sd_folder).to("cpu")
+
+
+def _plain_encode(pipe, prompt, n=1):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, "cpu", n, True, negative_prompt="blurry")
+
+
+def test_prefix_goes_to_the_positive_prompt_only(sd, adapter_folder):
+    plain_pos, plain_neg = _plain_encode(sd, PROMPT, n=2)
+    apply_apl(sd, adapter_folder)
+    pos, neg = _plain_encode(sd, PROMPT, n=2)
+    assert pos.shape == plain_pos.shape == (2, 77, 32)
+    assert torch.equal(neg, plain_neg), "the negative prompt must be encoded without the prefix"
+    assert not torch.allclose(pos, plain_pos)
+    # The positive embedding equals the adapter's own PeftModel output.
+    model = apl_models(sd)["text_encoder"]
+    ids = sd.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        direct = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(pos[0:1], direct, atol=0, rtol=0)
+    torch.testing.assert_close(pos[1:2], direct, atol=0, rtol=0)
+
+
+def test_images_change_with_apl_and_come_back_after_removal(sd, adapter_folder):
+    before = sd(PROMPT, generator=_gen(), **STEPS).images
+    apply_apl(sd, adapter_folder)
+    with_apl = sd(PROMPT, generator=_gen(), num_images_per_prompt=2, **STEPS).images
+    assert with_apl.shape == (2, 16, 16, 3)
+    assert np.abs(with_apl[:1] - before).max() > 1e-3
+    remove_apl(sd)
+    after = sd(PROMPT, generator=_gen(), **STEPS).images
+    np.testing.assert_array_equal(after, before)
+    assert "encode_prompt" not in sd.__dict__
+
+
+def test_prompt_embeds_passthrough_is_untouched(sd, adapter_folder):
+    embeds = torch.randn(1, 77, 32, generator=_gen(3))
+    before = sd(prompt_embeds=embeds, generator=_gen(), **STEPS).images
+    apply_apl(sd, adapter_folder)
+    after = sd(prompt_embeds=embeds, generator=_gen(), **STEPS).images
+    np.testing.assert_array_equal(after, before)
+
+
+def test_negative_prompt_option_prefixes_both(sd, adapter_folder):
+    _, plain_neg = _plain_encode(sd, PROMPT)
+    apply_apl(sd, adapter_folder, apply_to_negative_prompt=True)
+    _, neg = _plain_encode(sd, PROMPT)
+    assert not torch.allclose(neg, plain_neg)
+
+
+def test_peft_model_from_training_applies_in_place(sd):
+    model = get_peft_model(sd.text_encoder, APLConfig(init_seed=9))
+    apply_apl(sd, model)
+    assert apl_models(sd)["text_encoder"] is model
+    image = sd(PROMPT, generator=_gen(), **STEPS).images
+    assert np.isfinite(image).all()
+
+
+def test_img2img_pipeline(sd_folder, adapter_folder):
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)
+    init = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8"))
+    before = pipe(PROMPT, image=init, strength=0.8, generator=_gen(), **STEPS).images
+    apply_apl(pipe, adapter_folder)
+    after = pipe(PROMPT, image=init, strength=0.8, generator=_gen(), **STEPS).images
+    assert after.shape == before.shape and np.abs(after - before).max() > 1e-3
+
+
+def test_sdxl_pipeline_with_both_encoders(tmp_path):
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
+    kwargs = dict(height=16, width=16, num_inference_steps=2, output_type="np")
+    before = pipe(PROMPT, generator=_gen(), **kwargs).images
+    with torch.no_grad():
+        plain = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    first = get_peft_model(pipe.text_encoder, APLConfig())
+    second = get_peft_model(pipe.text_encoder_2, APLConfig())
+    second.save_pretrained(tmp_path / "adapter_2")
+    second.unload()
+    apply_apl(pipe, first, tmp_path / "adapter_2")
+    with torch.no_grad():
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+            PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+    assert pos.shape == plain[0].shape == (1, 77, 32 + 48)
+    assert not torch.allclose(pos, plain[0]) and not torch.allclose(pooled, plain[2])
+    assert torch.equal(neg, plain[1]) and torch.equal(neg_pooled, plain[3])
+    with_apl = pipe(PROMPT, generator=_gen(), **kwargs).images
+    assert np.abs(with_apl - before).max() > 1e-3
+    remove_apl(pipe)
+    np.testing.assert_array_equal(pipe(PROMPT, generator=_gen(), **kwargs).images, before)
+
+
+def test_applying_twice_or_removing_nothing_is_an_error(sd, adapter_folder):
+    with pytest.raises(APLAdapterError, match="no APL prefix"):
+        remove_apl(sd)
+    apply_apl(sd, adapter_folder)
+    with pytest.raises(APLAdapterError, match="already has an APL prefix"):
+        apply_apl(sd, adapter_folder)
+
+
+def test_width_mismatch_through_the_pipeline(sd, tmp_path):
+    get_peft_model(tiny_clip_text_model(hidden_size=64), APLConfig()).save_pretrained(tmp_path / "wide")
+    with pytest.raises(APLAdapterError, match=r"width 64.*width 32"):
+        apply_apl(sd, tmp_path / "wide")

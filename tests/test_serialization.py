@@ -1,0 +1,138 @@
+"""Saving and loading APL adapters in PEFT's format: round trips, transfer, and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from apl_adapter import APLAdapterError, APLConfig, check_adapter_folder, save_adapter
+from apl_adapter.testing import tiny_clip_text_model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = get_peft_model(tiny_clip_text_model(), APLConfig(num_virtual_tokens=6, init_seed=3))
+    folder = tmp_path / "apl-prefix"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_save_writes_peft_format_with_apl_type(saved):
+    model, folder = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "APL"
+    assert config["num_virtual_tokens"] == 6
+    assert config["token_dim"] == 32
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert list(tensors) == ["base_model.model.embeddings.apl_prefix"]
+    assert torch.equal(
+        tensors["base_model.model.embeddings.apl_prefix"],
+        model.get_base_model().embeddings.apl_prefix["default"].detach(),
+    )
+
+
+def test_plug_and_play_transfer_to_another_encoder_of_the_same_width(saved, prompt_ids):
+    model, folder = saved
+    other = tiny_clip_text_model(seed=11)  # a "sibling" encoder: same width, other weights
+    restored = PeftModel.from_pretrained(other, folder)
+    assert isinstance(restored.base_model, type(model.base_model))
+    assert torch.equal(
+        restored.get_base_model().embeddings.apl_prefix["default"],
+        model.get_base_model().embeddings.apl_prefix["default"],
+    )
+    with torch.no_grad():
+        a = model(input_ids=prompt_ids).last_hidden_state
+        b = PeftModel.from_pretrained(tiny_clip_text_model(), folder)(input_ids=prompt_ids).last_hidden_state
+    assert torch.equal(a, b)  # same base weights + same prefix = same output
+
+
+def test_width_mismatch_names_both_widths(saved):
+    _, folder = saved
+    with pytest.raises(APLAdapterError, match=r"width 32.*width 64"):
+        PeftModel.from_pretrained(tiny_clip_text_model(hidden_size=64), folder)
+
+
+def test_truncated_weights_are_refused(saved):
+    _, folder = saved
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    with pytest.raises(APLAdapterError, match="truncated or corrupted"):
+        PeftModel.from_pretrained(tiny_clip_text_model(), folder)
+
+
+def test_corrupted_header_is_refused(saved):
+    _, folder = saved
+    (folder / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(APLAdapterError, match="truncated or corrupted"):
+        PeftModel.from_pretrained(tiny_clip_text_model(), folder)
+
+
+def test_corrupted_config_is_refused(saved):
+    _, folder = saved
+    (folder / "adapter_config.json").write_text('{"peft_type": "APL", ')
+    with pytest.raises(APLAdapterError, match="not valid JSON"):
+        check_adapter_folder(folder)
+
+
+def test_pickle_checkpoints_are_refused(saved):
+    _, folder = saved
+    tensors = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(tensors, folder / "adapter_model.bin")
+    with pytest.raises(APLAdapterError, match="safetensors only"):
+        PeftModel.from_pretrained(tiny_clip_text_model(), folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_prefix_is_refused(saved, bad):
+    _, folder = saved
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(iter(tensors))
+    tensors[key][2, 5] = bad
+    save_file(tensors, path)
+    with pytest.raises(APLAdapterError, match="NaN or Inf"):
+        PeftModel.from_pretrained(tiny_clip_text_model(), folder)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(APLAdapterError, match="No adapter folder"):
+        check_adapter_folder(tmp_path / "nope")
+
+
+def test_save_adapter_is_atomic_and_replaces(tmp_path, prompt_ids):
+    target = tmp_path / "ckpt"
+    first = get_peft_model(tiny_clip_text_model(), APLConfig(init_seed=1))
+    save_adapter(first, target)
+    second = get_peft_model(tiny_clip_text_model(), APLConfig(init_seed=2))
+    save_adapter(second, target)
+    loaded = load_file(target / "adapter_model.safetensors")["base_model.model.embeddings.apl_prefix"]
+    assert torch.equal(loaded, second.get_base_model().embeddings.apl_prefix["default"].detach())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no staging or backup folders left behind"
+
+
+def test_failed_save_leaves_the_previous_adapter_intact(tmp_path):
+    target = tmp_path / "ckpt"
+    model = get_peft_model(tiny_clip_text_model(), APLConfig(init_seed=1))
+    save_adapter(model, target)
+    before = (target / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError):
+        save_adapter(model, target, selected_adapters=["no-such-adapter"])
+    assert (target / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_saving_onto_a_file_is_refused(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("keep me")
+    model = get_peft_model(tiny_clip_text_model(), APLConfig())
+    with pytest.raises(APLAdapterError, match="a file with that name exists"):
+        save_adapter(model, path)
+    assert path.read_text() == "keep me"
+    with pytest.raises(ValueError):  # PEFT's own save refuses too
+        model.save_pretrained(path)
+    assert path.read_text() == "keep me"
