@@ -14,6 +14,11 @@
 #include <cstdint>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#if defined(__CUDACC__)
 #define APL_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define APL_HOST_DEVICE inline __attribute__((always_inline))
@@ -55,9 +60,58 @@ struct PrefixAttentionParams {
   bool causal;  // bottom-right aligned: query i sees request keys j <= i + (kv_len - q_len), and every prefix key
 };
 
+// Storage <-> fp32. Host types (float, c10::Half, c10::BFloat16) convert by cast; the CUDA types use intrinsics, which
+// work whatever __CUDA_NO_HALF_CONVERSIONS__-style switches the build sets.
 template <typename T>
 APL_HOST_DEVICE float to_float(T x) {
   return static_cast<float>(x);
+}
+template <typename T>
+APL_HOST_DEVICE T from_float(float x) {
+  return static_cast<T>(x);
+}
+#if defined(__CUDACC__)
+template <>
+APL_HOST_DEVICE float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+APL_HOST_DEVICE __half from_float<__half>(float x) {
+  return __float2half(x);
+}
+template <>
+APL_HOST_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+APL_HOST_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+#endif
+
+// The same parameter block over another storage type of identical bits (c10::Half -> __half for the CUDA launcher).
+template <typename To, typename From>
+PrefixAttentionParams<To> reinterpret_params(const PrefixAttentionParams<From>& p) {
+  static_assert(sizeof(To) == sizeof(From), "storage types must have the same size");
+  auto view = [](const TensorView4<const From>& t) {
+    return TensorView4<const To>{reinterpret_cast<const To*>(t.data), t.batch_stride, t.head_stride, t.row_stride};
+  };
+  PrefixAttentionParams<To> r;
+  r.q = view(p.q);
+  r.k = view(p.k);
+  r.v = view(p.v);
+  r.k_prefix = view(p.k_prefix);
+  r.v_prefix = view(p.v_prefix);
+  r.out = {reinterpret_cast<To*>(p.out.data), p.out.batch_stride, p.out.head_stride, p.out.row_stride};
+  r.batch = p.batch;
+  r.heads = p.heads;
+  r.q_len = p.q_len;
+  r.kv_len = p.kv_len;
+  r.prefix_len = p.prefix_len;
+  r.head_dim = p.head_dim;
+  r.scale = p.scale;
+  r.causal = p.causal;
+  return r;
 }
 
 // Running state of one row's online softmax: max and sum of exp(score - max); the fp32 accumulator lives beside it.
@@ -138,7 +192,7 @@ APL_HOST_DEVICE void prefix_attention_compute_row(const PrefixAttentionParams<T>
   // A row that sees no key at all (only possible with an empty prefix and a causal offset) writes zeros.
   const float inv_sum = state.sum_exp > 0.f ? 1.f / state.sum_exp : 0.f;
   T* out = p.out.data + b * p.out.batch_stride + h * p.out.head_stride + i * p.out.row_stride;
-  for (int c = 0; c < d; ++c) out[c] = static_cast<T>(acc[c] * inv_sum);
+  for (int c = 0; c < d; ++c) out[c] = from_float<T>(acc[c] * inv_sum);
 }
 
 }  // namespace apl
