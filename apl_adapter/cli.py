@@ -1,0 +1,68 @@
+"""``apl-adapter``: look inside a saved APL adapter before deploying it.
+
+apl-adapter inspect apl-prefix/          # config, prefix shape and norms; exit 2 if unusable
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import APLAdapterError
+from .serialization import CONFIG_NAME, check_adapter_folder
+
+
+def _inspect(folder: str) -> dict:
+    tensors = check_adapter_folder(folder)
+    with open(f"{folder}/{CONFIG_NAME}") as handle:
+        config = json.load(handle)
+    prefixes = {key: value for key, value in tensors.items() if "apl_prefix" in key}
+    return {
+        "folder": folder,
+        "peft_type": config.get("peft_type"),
+        "num_virtual_tokens": config.get("num_virtual_tokens"),
+        "token_dim": config.get("token_dim"),
+        "prefix_init": config.get("prefix_init"),
+        "apply_to_negative_prompt": config.get("apply_to_negative_prompt"),
+        "tensors": {
+            key: {
+                "shape": list(value.shape),
+                "dtype": str(value.dtype),
+                "row_norms": value.float().norm(dim=1).tolist(),
+            }
+            for key, value in prefixes.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="apl-adapter",
+        description="Inspect a saved APL adapter (PEFT folder: adapter_config.json + adapter_model.safetensors).",
+        epilog="Example: apl-adapter inspect runs/apl/adapter",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="validate an adapter folder and print its config and prefix statistics")
+    inspect.add_argument("folder", help="adapter folder written by save_pretrained() or apl-train")
+    inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    try:
+        info = _inspect(args.folder)
+    except APLAdapterError as err:
+        print(f"apl-adapter: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"APL adapter at {info['folder']}")
+    print(f"  prefix: {info['num_virtual_tokens']} vectors x {info['token_dim']} (init: {info['prefix_init']})")
+    print(f"  negative prompt prefixed: {info['apply_to_negative_prompt']}")
+    for key, tensor in info["tensors"].items():
+        norms = ", ".join(f"{n:.2f}" for n in tensor["row_norms"])
+        print(f"  {key}: {tuple(tensor['shape'])} {tensor['dtype']}, row norms [{norms}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
