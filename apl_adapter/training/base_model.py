@@ -1,0 +1,69 @@
+"""Load the frozen parts of a local diffusers Stable Diffusion folder for APL training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import APLAdapterError
+
+
+@dataclass
+class FrozenParts:
+    """The base model's components; every weight here is frozen (``requires_grad=False``)."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: object
+
+    @property
+    def image_size(self) -> int:
+        """The native image side in pixels (UNet sample size x VAE downsampling)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def check_base_folder(base: str | Path) -> Path:
+    """Raise a clear error unless ``base`` is a local diffusers Stable Diffusion folder."""
+    base = Path(base)
+    if not base.is_dir():
+        raise APLAdapterError(
+            f"Base model folder {base} does not exist. Pass a local diffusers folder (e.g. one written by "
+            "StableDiffusionPipeline.save_pretrained, or the shipped world: `apl-world info` prints its path)."
+        )
+    index = base / "model_index.json"
+    if not index.is_file():
+        raise APLAdapterError(
+            f"{base} is not a diffusers pipeline folder: model_index.json is missing. Convert a single-file "
+            "checkpoint with diffusers' convert scripts, or pass the folder that holds model_index.json."
+        )
+    components = json.loads(index.read_text())
+    missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if name not in components]
+    if missing:
+        raise APLAdapterError(f"{base} lacks the component(s) {missing}; APL needs a Stable Diffusion 1.x/2.x folder.")
+    return base
+
+
+def load_frozen_parts(base: str | Path) -> FrozenParts:
+    """Load tokenizer, text encoder, UNet, VAE and a DDPM noise scheduler from ``base``, all frozen, eval mode."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = check_base_folder(base)
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False)
+        module.eval()
+    return FrozenParts(tokenizer, text_encoder, unet, vae, noise_scheduler)

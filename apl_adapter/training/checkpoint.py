@@ -1,0 +1,99 @@
+"""Training checkpoints: a PEFT adapter folder plus the optimizer state, written atomically.
+
+``checkpoint-N/`` = ``adapter_config.json`` + ``adapter_model.safetensors`` (loadable by
+``apply_apl`` like any adapter) + ``optimizer.safetensors`` (Adam's moments and step) +
+``trainer_state.json`` (``{"step": N}``). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import APLAdapterError
+from ..serialization import check_adapter_folder, save_adapter
+
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def save_checkpoint(peft_model, optimizer: torch.optim.Optimizer, step: int, out: str | Path) -> Path:
+    """Write ``out/checkpoint-<step>``: a temporary folder first, renamed when complete."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"checkpoint-{step}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=out))
+    try:
+        save_adapter(peft_model, staging / "adapter")
+        for item in (staging / "adapter").iterdir():
+            os.replace(item, staging / item.name)
+        (staging / "adapter").rmdir()
+        save_file(_optimizer_tensors(optimizer), str(staging / OPTIMIZER_NAME))
+        (staging / STATE_NAME).write_text(json.dumps({"step": step}) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+def find_checkpoint(resume: str, out: str | Path) -> Path:
+    """Resolve ``--resume``: a checkpoint folder, or ``latest`` = the highest ``checkpoint-N`` in ``out``."""
+    if resume == "latest":
+        found = sorted(
+            (int(match.group(1)), path)
+            for path in Path(out).glob("checkpoint-*")
+            if (match := _CHECKPOINT_RE.match(path.name)) and (path / STATE_NAME).is_file()
+        )
+        if not found:
+            raise APLAdapterError(f"--resume latest: no checkpoint-N folder in {out}; train without --resume first.")
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise APLAdapterError(
+            f"--resume {resume}: not a training checkpoint ({STATE_NAME} missing). Pass a checkpoint-N folder "
+            "written by apl-train, or 'latest'."
+        )
+    return path
+
+
+def load_checkpoint(path: Path, prefix: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> int:
+    """Copy the checkpoint's prefix into ``prefix`` and its Adam state into ``optimizer``; return its step."""
+    tensors = check_adapter_folder(path)
+    saved = next(value for key, value in tensors.items() if "apl_prefix" in key)
+    if saved.shape != prefix.shape:
+        raise APLAdapterError(
+            f"Checkpoint {path} holds a prefix of shape {tuple(saved.shape)} (m x width) but this run builds "
+            f"{tuple(prefix.shape)}: the width of the base model's text encoder or --prefix-len differs. Resume "
+            "with the same base model and --prefix-len, or start a new run."
+        )
+    with torch.no_grad():
+        prefix.copy_(saved.to(prefix.device, prefix.dtype))
+    state_dict = optimizer.state_dict()
+    moments = load_file(str(path / OPTIMIZER_NAME))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value.to(prefix.device) if name != "step" else value
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+    return int(json.loads((path / STATE_NAME).read_text())["step"])

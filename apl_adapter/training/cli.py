@@ -1,0 +1,164 @@
+"""``apl-train``: train an APL prefix, or sample its training data from the base model.
+
+Run ``apl-train --help`` and ``apl-train generate-identity-data --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from ..errors import APLAdapterError
+from .config import TrainConfig
+
+DESCRIPTION = textwrap.dedent(
+    """\
+    Train an Anonymization Prompt Learning (APL) prefix: m learnable vectors after BOS in the frozen
+    text encoder, so that prompts naming a person give an anonymous face and other prompts are unchanged.
+
+    The loss (Shi et al., IJCV 2026):  || eps(z_t, t, [AP]+c1) - stopgrad(eps(z_t, t, c2)) ||^2
+    on identity triplets (image of a person, c1 = "a photo of <Name>", c2 = an anonymous attribute
+    description) and preservation pairs (image without a person, c1 = c2 = its caption), mixed 50/50.
+
+    data format (--data): a folder with images and metadata.jsonl, one JSON object per line:
+      {"file_name": "images/0.png", "kind": "identity", "c1": "a photo of Ann Lee",
+       "c2": "a photo of a woman, short brown hair", "identity": "Ann Lee"}
+      {"file_name": "images/1.png", "kind": "preservation", "c1": "a red cube on a table",
+       "c2": "a red cube on a table"}
+    Make one with `apl-world data --out DIR` (the shipped world) or `apl-train generate-identity-data`
+    (any base model, as the authors do: N images per name sampled from the base model).
+
+    output (--out): adapter/ (the final PEFT adapter, for apply_apl or apl-bench), checkpoint-N/ (adapter +
+    optimizer state, for --resume), loss.csv, train_config.json, tensorboard/ (when tensorboard is installed).
+
+    several GPUs or nodes: accelerate launch --num_processes 2 -m apl_adapter.training.cli --base ... (no code change).
+    """
+)
+
+EXAMPLES = textwrap.dedent(
+    """\
+    examples:
+      apl-train --base world/base --data apl-data --out runs/apl --steps 600 --batch-size 8
+      apl-train --base /models/sd15 --data apl-data --out runs/sd15 --steps 20000 --mixed-precision bf16
+      apl-train --base /models/sd15 --data apl-data --out runs/sd15 --steps 20000 --resume latest
+      apl-train generate-identity-data --base /models/sd15 --identities names.tsv --captions captions.txt --out apl-data
+    """
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    helps = TrainConfig.help_texts()
+    parser = argparse.ArgumentParser(
+        prog="apl-train", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base", required=True, help=helps["base"])
+    parser.add_argument("--data", required=True, help=helps["data"])
+    parser.add_argument("--out", required=True, help=helps["out"])
+    parser.add_argument("--steps", type=int, default=1000, help=helps["steps"] + " Default: 1000.")
+    parser.add_argument("--lr", type=float, default=1e-3, help=helps["lr"])
+    parser.add_argument("--prefix-len", type=int, default=10, help=helps["prefix_len"])
+    parser.add_argument("--prefix-init", choices=["random_uniform", "text", "vocab"], default="random_uniform")
+    parser.add_argument("--c2", choices=["attribute", "empty"], default="attribute", help=helps["c2"])
+    parser.add_argument("--identity-fraction", type=float, default=0.5, help=helps["identity_fraction"])
+    parser.add_argument("--batch-size", type=int, default=1, help=helps["batch_size"])
+    parser.add_argument("--seed", type=int, default=0, help=helps["seed"])
+    parser.add_argument("--checkpoint-every", type=int, default=0, help=helps["checkpoint_every"])
+    parser.add_argument("--resume", default=None, help=helps["resume"])
+    parser.add_argument("--resolution", type=int, default=None, help=helps["resolution"])
+    parser.add_argument("--latent-mode", choices=["sample", "mean"], default="sample", help=helps["latent_mode"])
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help=helps["mixed_precision"]
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help=helps["gradient_checkpointing"])
+    parser.add_argument("--log-every", type=int, default=1, help=helps["log_every"])
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads. On a busy CPU (other jobs running) 1 can be many times faster than the default.",
+    )
+    return parser
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apl-train generate-identity-data",
+        description="Sample APL training data from the base model, as the authors do: --per-name images per name "
+        "with the name prompt (DDIM, CFG 7) as identity triplets, and --per-caption images per caption as "
+        "preservation pairs. Writes the data folder apl-train --data reads (temporary folder, then renamed).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--base", required=True, help="Local diffusers folder of the base model.")
+    parser.add_argument(
+        "--identities",
+        required=True,
+        help="Text file: one 'Name<TAB>anonymous description prompt' per line, e.g. "
+        "'Ann Lee<TAB>a photo of a woman, short brown hair' (no description = empty c2).",
+    )
+    parser.add_argument("--out", required=True, help="New data folder to write (must not exist).")
+    parser.add_argument("--per-name", type=int, default=100, help="Images per name (the authors: 100).")
+    parser.add_argument("--templates", default=None, help="Text file of prompt templates with {name}, one a line.")
+    parser.add_argument("--captions", default=None, help="Text file of captions without a person, one a line.")
+    parser.add_argument("--per-caption", type=int, default=10, help="Images per caption.")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps.")
+    parser.add_argument("--guidance-scale", type=float, default=7.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per pipeline call.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the first image (image k uses seed + k).")
+    return parser
+
+
+def run_generate(argv: list[str]) -> int:
+    from .generate import generate_identity_data, read_identity_file, read_lines
+
+    args = build_generate_parser().parse_args(argv)
+    if args.per_name < 1 or args.per_caption < 0:
+        raise APLAdapterError("--per-name must be >= 1 and --per-caption >= 0.")
+    templates = tuple(read_lines(args.templates, "Template")) if args.templates else ("a photo of {name}",)
+    out = generate_identity_data(
+        args.base,
+        read_identity_file(args.identities),
+        args.out,
+        per_name=args.per_name,
+        templates=templates,
+        captions=read_lines(args.captions, "Caption") if args.captions else None,
+        per_caption=args.per_caption,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    print(f"training data written to {out}")
+    return 0
+
+
+def run_train(argv: list[str]) -> int:
+    import torch
+
+    from .loop import train
+
+    args = vars(build_parser().parse_args(argv))
+    threads = args.pop("num_threads")
+    if threads:
+        torch.set_num_threads(threads)
+    result = train(TrainConfig(**{key.replace("-", "_"): value for key, value in args.items()}))
+    print(
+        f"adapter saved to {result.adapter_dir} ({result.steps} steps, final loss {result.final_loss:.4g}, "
+        f"{result.seconds:.0f} s)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "generate-identity-data":
+            return run_generate(argv[1:])
+        return run_train(argv)
+    except APLAdapterError as err:
+        print(f"apl-train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""TrainConfig: every setting of an APL training run, with the paper's defaults."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from ..errors import APLAdapterError
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`apl_adapter.training.train`. Defaults follow the paper (Adam, lr 1e-3, batch 1, m = 10).
+
+    Example:
+
+    ```python
+    >>> from apl_adapter.training import TrainConfig
+    >>> TrainConfig(base="sd15", data="apl-data", out="runs/apl", steps=2000, batch_size=4).c2
+    'attribute'
+    ```
+    """
+
+    base: str = field(
+        metadata={"help": "Local diffusers folder of the base model (model_index.json, unet/, vae/ ...)."}
+    )
+    data: str = field(
+        metadata={"help": "Training data folder: metadata.jsonl + images (see apl_adapter.training.data)."}
+    )
+    out: str = field(metadata={"help": "Run folder: adapter/ (final), checkpoint-N/, loss.csv, train_config.json."})
+    steps: int = field(default=1000, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (the paper: 1e-3)."})
+    prefix_len: int = field(default=10, metadata={"help": "Prefix length m (the paper: 10)."})
+    prefix_init: Literal["random_uniform", "text", "vocab"] = field(
+        default="random_uniform", metadata={"help": "Prefix initialisation (the authors: U[0,1))."}
+    )
+    c2: Literal["attribute", "empty"] = field(
+        default="attribute",
+        metadata={"help": "Identity target: 'attribute' = the row's description (paper figure), 'empty' = ''."},
+    )
+    identity_fraction: float = field(
+        default=0.5, metadata={"help": "Probability that a batch element is an identity triplet (the paper: 0.5)."}
+    )
+    batch_size: int = field(default=1, metadata={"help": "Examples per step and process (the paper: 1)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the prefix init and of every step's sampling."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Save checkpoint-N every N steps (0 = only at end)."})
+    resume: str | None = field(
+        default=None, metadata={"help": "A checkpoint-N folder to continue from, or 'latest' (newest in --out)."}
+    )
+    resolution: int | None = field(
+        default=None, metadata={"help": "Resize images to this square size; default: they must match the model."}
+    )
+    latent_mode: Literal["sample", "mean"] = field(
+        default="sample", metadata={"help": "z0 = a VAE posterior sample per step (the authors) or its mean."}
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "Autocast precision (Accelerate); frozen weights stay in their dtype."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute UNet/encoder activations in backward: less memory, slower."}
+    )
+    log_every: int = field(default=1, metadata={"help": "Write the loss to loss.csv (and TensorBoard) every N steps."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.prefix_len >= 1, f"prefix_len must be >= 1, got {self.prefix_len}"),
+            (
+                0.0 <= self.identity_fraction <= 1.0,
+                f"identity_fraction must be in [0, 1], got {self.identity_fraction}",
+            ),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
+            (
+                self.latent_mode in ("sample", "mean"),
+                f"latent_mode must be 'sample' or 'mean', got {self.latent_mode!r}",
+            ),
+            (
+                self.resolution is None or self.resolution % 8 == 0,
+                f"resolution must be a multiple of 8: {self.resolution}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise APLAdapterError(message)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        """Field name -> help text (the CLI builds its options from these)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -1,0 +1,129 @@
+"""``generate-identity-data``: sample APL training data from the base model itself, as the authors do.
+
+For each name, ``per_name`` images are sampled with the name prompt (DDIM 20 steps, CFG 7 by
+default) and written as identity triplets; optional captions give preservation pairs the same
+way. The output is a data folder in the format of :mod:`apl_adapter.training.data`, written
+to a temporary folder first and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import APLAdapterError
+from .base_model import check_base_folder
+from .data import METADATA_NAME
+
+
+@dataclass(frozen=True)
+class IdentitySpec:
+    """A name to anonymize and its anonymous target prompt ``c2`` (``""`` = the authors' empty prompt)."""
+
+    name: str
+    c2: str = ""
+
+
+def read_identity_file(path: str | os.PathLike) -> list[IdentitySpec]:
+    """Read ``Name<TAB>anonymous description prompt`` lines (the description is optional; ``#`` comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise APLAdapterError(f"Identity file {path} does not exist; write one 'Name<TAB>description' per line.")
+    specs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, c2 = line.partition("\t")
+            specs.append(IdentitySpec(name.strip(), c2.strip()))
+    if not specs:
+        raise APLAdapterError(f"Identity file {path} lists no names; write one 'Name<TAB>description' per line.")
+    return specs
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Non-empty, non-comment lines of a text file (templates, captions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise APLAdapterError(f"{what} file {path} does not exist; write one per line.")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise APLAdapterError(f"{what} file {path} is empty; write one per line.")
+    return lines
+
+
+def generate_identity_data(
+    base: str | os.PathLike,
+    identities: list[IdentitySpec],
+    out: str | os.PathLike,
+    per_name: int = 100,
+    templates: tuple[str, ...] = ("a photo of {name}",),
+    captions: list[str] | None = None,
+    per_caption: int = 10,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 7.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> Path:
+    """Sample identity triplets (and optional preservation pairs) from the base model into ``out``.
+
+    Image ``k`` of name ``i`` uses template ``k % len(templates)`` and the seed ``seed + running index``,
+    so a run is reproducible. Returns ``out``.
+
+    Example:
+
+    ```python
+    >>> from apl_adapter.training.generate import IdentitySpec, generate_identity_data
+    >>> generate_identity_data("world-base", [IdentitySpec("Ann Lee", "a photo of a woman, brown hair")],
+    ...                        "apl-data", per_name=100, captions=["a red cube on a table"])
+    PosixPath('apl-data')
+    ```
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    out = Path(out)
+    if out.exists():
+        raise APLAdapterError(f"{out} already exists; choose a new --out or delete it first.")
+    for template in templates:
+        if "{name}" not in template:
+            raise APLAdapterError(f"Template {template!r} has no '{{name}}' placeholder, e.g. 'a photo of {{name}}'.")
+    pipe = StableDiffusionPipeline.from_pretrained(check_base_folder(base), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    jobs: list[dict] = []
+    for spec in identities:
+        for k in range(per_name):
+            c1 = templates[k % len(templates)].format(name=spec.name)
+            jobs.append({"kind": "identity", "c1": c1, "c2": spec.c2, "identity": spec.name})
+    for caption in captions or []:
+        jobs.extend({"kind": "preservation", "c1": caption, "c2": caption} for _ in range(per_caption))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    try:
+        (staging / "images").mkdir()
+        with (staging / METADATA_NAME).open("w", encoding="utf-8") as metadata:
+            for start in tqdm(range(0, len(jobs), batch_size), desc="generate data", disable=not show_progress):
+                chunk = jobs[start : start + batch_size]
+                generators = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
+                images = pipe(
+                    [job["c1"] for job in chunk],
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                ).images
+                for j, (job, image) in enumerate(zip(chunk, images)):
+                    file_name = f"images/{start + j:06d}.png"
+                    image.save(staging / file_name)
+                    metadata.write(json.dumps({"file_name": file_name, **job}) + "\n")
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

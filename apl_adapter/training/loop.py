@@ -1,0 +1,252 @@
+"""The APL training loop under Hugging Face Accelerate (CPU, one GPU, or many through ``accelerate launch``).
+
+Each step draws, per batch element, an identity triplet with probability ``identity_fraction``
+(else a preservation pair), a timestep ``t ~ U{0..T-1}`` and noise, and minimises
+:func:`~apl_adapter.training.objective.apl_loss`. Images are encoded by the VAE once at the start
+(posterior mean and std are cached; a posterior sample is drawn per step), so the VAE is not
+run during the loop.
+
+Every step's randomness comes from a generator seeded by ``(seed, step, process)``: a resumed run
+draws exactly what the uninterrupted run would have, so the two end with the same prefix.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+from tqdm.auto import tqdm
+
+from ..config import APLConfig
+from ..errors import APLAdapterError
+from ..serialization import save_adapter
+from .base_model import FrozenParts, load_frozen_parts
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import DataFormatError, Example, load_images, read_metadata
+from .objective import apl_loss, noisy_latents
+
+LOSS_LOG_NAME = "loss.csv"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    losses: list[tuple[int, float]]
+
+
+@dataclass
+class EncodedData:
+    """Cached latents ``(N, 4, h, w)`` (mean and std, already times the VAE scaling factor) and ids ``(N, 77)``."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    c1_ids: torch.Tensor
+    c2_ids: torch.Tensor
+    identity_rows: torch.Tensor
+    preservation_rows: torch.Tensor
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """``(N, 77)`` padded ids, as diffusers' ``encode_prompt`` makes them."""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_data(
+    parts: FrozenParts, examples: list[Example], resolution: int | None, device: torch.device, chunk: int = 16
+) -> EncodedData:
+    """Run the VAE over every image once and tokenize every prompt."""
+    images = load_images(examples, resolution=resolution, expected_size=parts.image_size)
+    if images.shape[-1] % parts.vae_scale_factor:
+        raise DataFormatError(f"Image size {images.shape[-1]} is not a multiple of {parts.vae_scale_factor}.")
+    vae = parts.vae.to(device)
+    scale = vae.config.scaling_factor
+    means, stds = [], []
+    for start in tqdm(range(0, len(images), chunk), desc="encode images", leave=False):
+        posterior = vae.encode(images[start : start + chunk].to(device, vae.dtype)).latent_dist
+        means.append(posterior.mean.float().cpu() * scale)
+        stds.append(posterior.std.float().cpu() * scale)
+    kinds = torch.tensor([example.kind == "identity" for example in examples])
+    return EncodedData(
+        latent_mean=torch.cat(means),
+        latent_std=torch.cat(stds),
+        c1_ids=tokenize(parts.tokenizer, [example.c1 for example in examples]),
+        c2_ids=tokenize(parts.tokenizer, [example.c2 for example in examples]),
+        identity_rows=kinds.nonzero().flatten(),
+        preservation_rows=(~kinds).nonzero().flatten(),
+    )
+
+
+def draw_batch(
+    data: EncodedData, config: TrainConfig, step: int, process: int, num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of one step: ``(z0, noise, t, c1_ids, c2_ids)``, a pure function of ``(seed, step, process)``."""
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + process)
+    batch = config.batch_size
+    is_identity = torch.rand(batch, generator=generator) < config.identity_fraction
+    position = torch.rand(batch, generator=generator)
+    rows = []
+    for identity, where in zip(is_identity.tolist(), position.tolist()):
+        pool = data.identity_rows if identity else data.preservation_rows  # _check_mixture: never empty here
+        rows.append(int(pool[int(where * len(pool))]))
+    rows = torch.tensor(rows)
+    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    noise = torch.randn(data.latent_mean[rows].shape, generator=generator)
+    latents = data.latent_mean[rows]
+    if config.latent_mode == "sample":
+        latents = latents + data.latent_std[rows] * torch.randn(latents.shape, generator=generator)
+    return latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows]
+
+
+def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
+    if config.identity_fraction > 0 and len(data.identity_rows) == 0:
+        raise DataFormatError(
+            f"identity_fraction={config.identity_fraction} but {config.data} has no kind='identity' rows; add "
+            "identity triplets (apl-train generate-identity-data) or set --identity-fraction 0."
+        )
+    if config.identity_fraction < 1 and len(data.preservation_rows) == 0:
+        raise DataFormatError(
+            f"identity_fraction={config.identity_fraction} but {config.data} has no kind='preservation' rows; add "
+            "captioned images without people or set --identity-fraction 1 (then nothing keeps other prompts intact)."
+        )
+
+
+def _open_tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _read_loss_log(path: Path, up_to: int) -> list[tuple[int, float]]:
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        rows = [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+    return [row for row in rows if row[0] <= up_to]
+
+
+def _write_loss_log(path: Path, losses: list[tuple[int, float]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "loss"])
+        writer.writerows((step, f"{loss:.6g}") for step, loss in losses)
+    tmp.replace(path)
+
+
+def train(config: TrainConfig, accelerator: Accelerator | None = None, show_progress: bool = True) -> TrainResult:
+    """Train an APL prefix on ``config.data`` against the frozen ``config.base``; return where it was saved.
+
+    The final adapter lands in ``<out>/adapter`` (``apply_apl(pipe, "<out>/adapter")`` uses it).
+
+    Example:
+
+    ```python
+    >>> from apl_adapter.training import TrainConfig, train
+    >>> result = train(TrainConfig(base="world-base", data="apl-data", out="runs/apl", steps=300, batch_size=8))
+    >>> result.adapter_dir
+    PosixPath('runs/apl/adapter')
+    ```
+    """
+    started = time.perf_counter()
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    out = Path(config.out)
+    parts = load_frozen_parts(config.base)
+    examples = read_metadata(config.data, c2_mode=config.c2)
+    data = encode_data(parts, examples, config.resolution, accelerator.device)
+    _check_mixture(data, config)
+
+    text_encoder = get_peft_model(
+        parts.text_encoder,
+        APLConfig(num_virtual_tokens=config.prefix_len, prefix_init=config.prefix_init, init_seed=config.seed),
+    )
+    text_encoder.eval()  # CLIP has no dropout by default; eval keeps it deterministic if a config adds some
+    prefix = text_encoder.base_model.model.embeddings.apl_prefix["default"]
+    unet = parts.unet.to(accelerator.device)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode; the SD UNet has no dropout
+        text_encoder.base_model.model.gradient_checkpointing_enable()
+        text_encoder.base_model.model.train()
+    optimizer = torch.optim.Adam([prefix], lr=config.lr)
+    start_step = 0
+    if config.resume:
+        start_step = load_checkpoint(find_checkpoint(config.resume, out), prefix, optimizer)
+        if start_step > config.steps:
+            raise APLAdapterError(f"Checkpoint is at step {start_step}, past --steps {config.steps}; raise --steps.")
+    encode, optimizer = accelerator.prepare(text_encoder, optimizer)
+
+    losses = _read_loss_log(out / LOSS_LOG_NAME, start_step) if accelerator.is_main_process else []
+    writer = None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "train_config.json")
+        writer = _open_tensorboard(out)
+    num_train_timesteps = parts.noise_scheduler.config.num_train_timesteps
+    progress = tqdm(
+        range(start_step, config.steps),
+        initial=start_step,
+        total=config.steps,
+        desc="apl-train",
+        disable=not (show_progress and accelerator.is_main_process),
+    )
+    loss_value = math.nan
+    for step in progress:
+        latents, noise, timesteps, c1_ids, c2_ids = (
+            tensor.to(accelerator.device)
+            for tensor in draw_batch(data, config, step, accelerator.process_index, num_train_timesteps)
+        )
+        with accelerator.autocast():
+            noisy = noisy_latents(parts.noise_scheduler, latents, noise, timesteps)
+            loss = apl_loss(unet, text_encoder, noisy, timesteps, c1_ids, c2_ids, encode=encode)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            if not math.isfinite(loss_value):
+                raise APLAdapterError(f"The loss became {loss_value} at step {done}; lower --lr or use fp32.")
+            losses.append((done, loss_value))
+            progress.set_postfix(loss=f"{loss_value:.4g}")
+            if writer is not None:
+                writer.add_scalar("loss", loss_value, done)
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(accelerator, text_encoder, optimizer, done, out, losses)
+    progress.close()
+    accelerator.wait_for_everyone()
+    adapter_dir = out / ADAPTER_DIR
+    if accelerator.is_main_process:
+        _save_checkpoint(accelerator, text_encoder, optimizer, config.steps, out, losses)
+        save_adapter(text_encoder, adapter_dir)
+        if writer is not None:
+            writer.close()
+    accelerator.wait_for_everyone()
+    if config.gradient_checkpointing:
+        unet.eval()
+    return TrainResult(adapter_dir, config.steps, loss_value, time.perf_counter() - started, losses)
+
+
+def _save_checkpoint(accelerator, text_encoder, optimizer, step: int, out: Path, losses) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(text_encoder, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, step, out)
+        _write_loss_log(out / LOSS_LOG_NAME, losses)
+    accelerator.wait_for_everyone()

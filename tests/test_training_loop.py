@@ -1,0 +1,145 @@
+"""APL training on a tiny real SD pipeline: the loss by hand, gradients, resume, Accelerate multi-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model
+from PIL import Image
+from safetensors.torch import load_file
+
+from apl_adapter import APLConfig
+from apl_adapter.testing import tiny_sd_pipeline
+from apl_adapter.training import TrainConfig, apl_loss, train
+from apl_adapter.training.data import write_data_folder
+from apl_adapter.training.loop import tokenize
+from apl_adapter.training.objective import noisy_latents
+
+from .reference import reference_encode
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine's 2 cores are shared; one thread avoids OpenMP spin-waiting against other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train") / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+def toy_rows(count: int = 8, size: int = 16, seed: int = 0) -> list[tuple[Image.Image, dict]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(count):
+        image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        if index % 2:
+            fields = {"kind": "identity", "c1": "a photo of Zorvan Kelt", "c2": "a photo of a man", "identity": "Z K"}
+        else:
+            fields = {"kind": "preservation", "c1": "a red star on white", "c2": "a red star on white"}
+        rows.append((image, fields))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    return write_data_folder(tmp_path_factory.mktemp("train") / "data", toy_rows())
+
+
+def test_loss_matches_hand_computation(tokenizer):
+    """The loss equals MSE(eps(z_t, t, [AP]+c1), eps(z_t, t, c2)) computed with the hand-built encoder and DDPM math."""
+    pipe = tiny_sd_pipeline()
+    encoder = get_peft_model(pipe.text_encoder, APLConfig(num_virtual_tokens=3))
+    prefix = encoder.base_model.model.embeddings.apl_prefix["default"]
+    c1 = tokenize(tokenizer, ["a photo of Zorvan Kelt", "a red star on white"])
+    c2 = tokenize(tokenizer, ["a photo of a man", "a red star on white"])
+    generator = torch.Generator().manual_seed(1)
+    z0 = torch.randn(2, 4, 8, 8, generator=generator)
+    noise = torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([10, 900])
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    loss = apl_loss(pipe.unet, encoder, noisy_latents(scheduler, z0, noise, t), t, c1, c2)
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled_linear
+    alpha_bar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
+    z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise
+    text_model = encoder.base_model.model
+    with torch.no_grad():
+        prefixed = reference_encode(text_model, c1, prefix.detach())[0]
+        plain = reference_encode(text_model, c2, None)[0]
+        expected = ((pipe.unet(z_t, t, prefixed).sample - pipe.unet(z_t, t, plain).sample) ** 2).mean()
+    assert loss.item() > 1e-6  # a random prefix changes the prediction
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_reaches_only_the_prefix(tokenizer):
+    pipe = tiny_sd_pipeline()
+    for module in (pipe.unet, pipe.vae):
+        module.requires_grad_(False)
+    encoder = get_peft_model(pipe.text_encoder, APLConfig(num_virtual_tokens=3))
+    ids = tokenize(tokenizer, ["a photo of Zorvan Kelt"])
+    loss = apl_loss(pipe.unet, encoder, torch.randn(1, 4, 8, 8), torch.tensor([500]), ids, tokenize(tokenizer, [""]))
+    loss.backward()
+    with_grad = [name for name, p in encoder.named_parameters() if p.grad is not None]
+    assert with_grad == ["base_model.model.embeddings.apl_prefix.default"]
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert encoder.base_model.model.embeddings.apl_prefix["default"].grad.abs().sum() > 0
+
+
+def _prefix(folder: Path) -> torch.Tensor:
+    return next(v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "apl_prefix" in k)
+
+
+def test_training_lowers_loss_and_writes_run_folder(base_folder, data_folder, tmp_path):
+    config = TrainConfig(
+        base=str(base_folder), data=str(data_folder), out=str(tmp_path / "run"), steps=40, batch_size=4, lr=3e-2
+    )
+    result = train(config, show_progress=False)
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-40" / "optimizer.safetensors").is_file()
+    assert (tmp_path / "run" / "loss.csv").read_text().count("\n") == 41
+
+
+def test_resume_gives_the_same_prefix_as_an_uninterrupted_run(base_folder, data_folder, tmp_path):
+    common = {"base": str(base_folder), "data": str(data_folder), "batch_size": 2, "lr": 1e-2}
+    full = train(TrainConfig(out=str(tmp_path / "full"), steps=6, **common), show_progress=False)
+    train(TrainConfig(out=str(tmp_path / "split"), steps=3, **common), show_progress=False)
+    resumed = train(TrainConfig(out=str(tmp_path / "split"), steps=6, resume="latest", **common), show_progress=False)
+    torch.testing.assert_close(_prefix(resumed.adapter_dir), _prefix(full.adapter_dir), rtol=0, atol=1e-6)
+    assert [step for step, _ in resumed.losses] == list(range(1, 7))
+    # and a different seed really gives a different prefix (the comparison above can fail)
+    other = train(TrainConfig(out=str(tmp_path / "other"), steps=6, seed=1, **common), show_progress=False)
+    assert not torch.allclose(_prefix(other.adapter_dir), _prefix(full.adapter_dir))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(base_folder, data_folder, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "apl_adapter.training.cli",
+        "--base", str(base_folder), "--data", str(data_folder), "--out", str(out), "--steps", "3", "--batch-size", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "loss.csv").read_text().count("\n") == 4
