@@ -1,0 +1,1 @@
+"""apl_export: ONNX / TensorRT export of APL pipelines."""

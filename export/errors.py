@@ -1,0 +1,13 @@
+"""Errors raised by apl-export, each naming the problem and the fix."""
+
+
+class ExportError(RuntimeError):
+    """Bad input to the exporter, or an export that failed its validation."""
+
+
+class ValidationError(ExportError):
+    """An exported model disagrees with its PyTorch reference (names, shapes or values)."""
+
+
+class TensorRTUnavailableError(ExportError):
+    """No TensorRT builder is installed (neither ``tensorrt`` nor the TensorRT-RTX wheels)."""

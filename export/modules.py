@@ -1,0 +1,134 @@
+"""Small ``nn.Module`` wrappers with plain tensor signatures: the graphs that get exported.
+
+Each wrapper calls the diffusers / transformers submodules directly, so the traced graph holds no
+hooks, no dataclass outputs and no Python control flow that depends on data.
+
+The prefixed text encoder rebuilds CLIP's forward from its parts (token embedding, position
+embedding, causal encoder, final layer norm, EOS pooling) with an explicit additive causal mask,
+and inserts the APL prefix exactly as :mod:`apl_adapter.model` does: the ids are shifted by
+:func:`insert_prefix_ids` and the prefix replaces the token embeddings at positions ``1..m``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from apl_adapter.model import clip_eos_token_id, clip_text_model_of, insert_prefix_ids, splice_prefix
+
+from .errors import ExportError
+
+
+class CLIPTextEncoderGraph(nn.Module):
+    """CLIP text encoder taking int32 ``input_ids`` ``(B, 77)``, optionally with an APL prefix.
+
+    Modes:
+        - ``prefix=None, prefix_as_input=False``: the plain encoder (for the negative prompt).
+        - ``prefix`` given: *baked*; the prefix ``(m, D)`` is a constant of the graph and
+          ``input_ids`` is the only input, so no caller can encode a prompt without it.
+        - ``prefix_as_input=True``: the prefix ``(m, D)`` is the second input; ``num_virtual_tokens``
+          fixes ``m`` (a new prefix of the same ``m`` needs no rebuild).
+
+    Outputs: ``last_hidden_state`` ``(B, 77, D)`` and ``pooler_output`` ``(B, D)`` (``text_embeds``
+    ``(B, P)`` instead for ``CLIPTextModelWithProjection``), pooled at the (shifted) EOS.
+    """
+
+    def __init__(
+        self,
+        text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
+        prefix: torch.Tensor | None = None,
+        prefix_as_input: bool = False,
+        num_virtual_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        if prefix is not None and prefix_as_input:
+            raise ExportError("Give either a baked prefix or prefix_as_input=True, not both.")
+        if prefix_as_input and not num_virtual_tokens:
+            raise ExportError("prefix_as_input=True needs num_virtual_tokens (the m of the prefix input).")
+        clip = clip_text_model_of(text_encoder)
+        # With an APL adapter attached, `embeddings` is the APLEmbedding wrapper: take the CLIP module inside.
+        self.embeddings = getattr(clip.embeddings, "base_layer", clip.embeddings)
+        self.encoder = clip.encoder
+        self.final_layer_norm = clip.final_layer_norm
+        self.text_projection = getattr(text_encoder, "text_projection", None)
+        self.eos_token_id = clip_eos_token_id(clip.config)
+        self.seq_len = clip.config.max_position_embeddings
+        self.hidden_size = clip.config.hidden_size
+        self.prefix_as_input = prefix_as_input
+        if prefix is not None:
+            if prefix.ndim != 2 or prefix.shape[1] != self.hidden_size:
+                raise ExportError(
+                    f"The APL prefix has shape {tuple(prefix.shape)} but this text encoder has width "
+                    f"{self.hidden_size}; export an adapter trained for this encoder width."
+                )
+            self.register_buffer("prefix", prefix.detach().float().clone(), persistent=False)
+            self.num_virtual_tokens = prefix.shape[0]
+        else:
+            self.prefix = None
+            self.num_virtual_tokens = num_virtual_tokens or 0
+        # Additive causal mask, built once: position i attends to positions <= i.
+        causal = torch.full((self.seq_len, self.seq_len), torch.finfo(torch.float32).min).triu(1)
+        self.register_buffer("causal_mask", causal[None, None], persistent=False)
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["last_hidden_state", "text_embeds" if self.text_projection is not None else "pooler_output"]
+
+    def forward(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = input_ids.to(torch.int64)
+        prefix = prefix if self.prefix_as_input else self.prefix
+        if prefix is not None:
+            ids = insert_prefix_ids(ids, self.num_virtual_tokens, self.eos_token_id, max_positions=self.seq_len)
+        token_embeds = self.embeddings.token_embedding(ids)
+        if prefix is not None:
+            token_embeds = splice_prefix(token_embeds, prefix)
+        hidden = self.embeddings(inputs_embeds=token_embeds)
+        mask = self.causal_mask.to(hidden.dtype)
+        hidden = self.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        hidden = self.final_layer_norm(hidden)
+        # Pool at the first EOS of the (shifted) ids, as CLIPTextModel does.
+        eos_index = (ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return hidden, pooled
+
+
+class UNetGraph(nn.Module):
+    """``UNet2DConditionModel`` with a tensor signature.
+
+    Inputs: ``sample`` ``(N, C, h, w)``, ``timestep`` ``(1,)`` float32 (broadcast over the batch),
+    ``encoder_hidden_states`` ``(N, 77, D)``. Output: ``out_sample`` ``(N, C, h, w)``.
+    ``N`` is twice the prompt batch under classifier-free guidance.
+    """
+
+    input_names = ("sample", "timestep", "encoder_hidden_states")
+    output_names = ("out_sample",)
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        if getattr(unet.config, "addition_embed_type", None) is not None:
+            raise ExportError(
+                f"This UNet uses addition_embed_type={unet.config.addition_embed_type!r} (SDXL-style extra "
+                "conditioning), which apl-export does not export yet; export a Stable Diffusion 1.x/2.x pipeline."
+            )
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VAEDecoderGraph(nn.Module):
+    """The VAE decoder: ``latent_sample`` ``(B, 4, h, w)`` (already divided by the scaling factor)
+    to ``sample`` ``(B, 3, h * f, w * f)`` in [-1, 1], as ``AutoencoderKL.decode``."""
+
+    input_names = ("latent_sample",)
+    output_names = ("sample",)
+
+    def __init__(self, vae) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
