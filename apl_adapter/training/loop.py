@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..config import APLConfig
 from ..errors import APLAdapterError
 from ..serialization import save_adapter
-from .base_model import FrozenParts, load_frozen_parts
+from .base_model import FrozenParts, check_base_folder, load_frozen_parts
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DataFormatError, Example, load_images, read_metadata
@@ -168,8 +168,9 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     out = Path(config.out)
+    check_base_folder(config.base)
+    examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
     parts = load_frozen_parts(config.base)
-    examples = read_metadata(config.data, c2_mode=config.c2)
     data = encode_data(parts, examples, config.resolution, accelerator.device)
     _check_mixture(data, config)
 

@@ -1,0 +1,168 @@
+"""Bad inputs to apl-train give one clear message (problem + fix), exit code 2 and no partial output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apl_adapter.testing import tiny_sd_pipeline
+from apl_adapter.training.cli import main
+from apl_adapter.training.data import write_data_folder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("errors") / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+def rows(size: int = 16, kinds=("identity", "preservation")) -> list[tuple[Image.Image, dict]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for kind in kinds:
+        image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        out.append((image, {"kind": kind, "c1": "a photo of Ann Lee", "c2": "a photo of a woman", "identity": "A"}))
+    return out
+
+
+def run(capsys, base, data, out, *extra) -> tuple[int, str]:
+    code = main(["--base", str(base), "--data", str(data), "--out", str(out), "--steps", "2", *extra])
+    return code, capsys.readouterr().err
+
+
+def assert_clean_failure(code: int, err: str, out: Path, *phrases: str) -> None:
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("apl-train: error:")
+    for phrase in phrases:
+        assert phrase in err, err
+    assert not (out / "adapter").exists()
+
+
+def test_unknown_base_folder(capsys, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, tmp_path / "no-such-model", data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "does not exist", "diffusers folder")
+
+
+def test_base_folder_without_model_index(capsys, tmp_path):
+    (tmp_path / "not-a-pipeline").mkdir()
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, tmp_path / "not-a-pipeline", data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "model_index.json is missing")
+
+
+def test_empty_metadata(capsys, base_folder, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text("\n")
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "is empty")
+
+
+def test_missing_metadata_file(capsys, base_folder, tmp_path):
+    (tmp_path / "data").mkdir()
+    code, err = run(capsys, base_folder, tmp_path / "data", tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "metadata.jsonl is missing")
+
+
+def test_missing_image(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    (data / "images" / "000001.png").unlink()
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "000001.png does not exist", "line 2")
+
+
+def test_bad_json_line_and_unknown_kind(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    metadata = data / "metadata.jsonl"
+    metadata.write_text(metadata.read_text() + "{not json\n")
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "line 3 is not valid JSON")
+    lines = metadata.read_text().splitlines()[:2]
+    lines[0] = json.dumps({**json.loads(lines[0]), "kind": "celebrity"})
+    metadata.write_text("\n".join(lines) + "\n")
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "kind 'celebrity' is unknown")
+
+
+def test_image_size_mismatch_with_model(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows(size=24))  # the tiny model makes 16 x 16 images
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "24x24", "16x16", "--resolution 16")
+    # the suggested fix works
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--resolution", "16")
+    assert code == 0, err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_mixture_needs_both_kinds(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows(kinds=("identity",)))
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert_clean_failure(code, err, tmp_path / "run", "no kind='preservation' rows")
+
+
+def test_resume_with_another_prefix_length(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-len", "4")
+    assert code == 0, err
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-len", "5", "--resume", "latest")
+    assert code == 2
+    assert "shape (4, 32)" in err and "--prefix-len" in err
+
+
+def test_prefix_width_mismatch_on_resume(capsys, tmp_path):
+    """A checkpoint of a 32-wide encoder cannot resume on a 48-wide one (the 'width mismatch' case)."""
+    narrow, wide = tmp_path / "narrow", tmp_path / "wide"
+    tiny_sd_pipeline(hidden_size=32).save_pretrained(narrow)
+    tiny_sd_pipeline(hidden_size=48).save_pretrained(wide)
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, narrow, data, tmp_path / "run", "--prefix-len", "4")
+    assert code == 0, err
+    code, err = run(capsys, wide, data, tmp_path / "run", "--prefix-len", "4", "--resume", "latest")
+    assert code == 2
+    assert "(4, 32)" in err and "(4, 48)" in err and "width" in err
+
+
+def test_generate_refuses_existing_out_and_bad_template(capsys, base_folder, tmp_path):
+    names = tmp_path / "names.tsv"
+    names.write_text("Ann Lee\ta photo of a woman\n")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of someone\n")
+    code = main(
+        ["generate-identity-data", "--base", str(base_folder), "--identities", str(names), "--out",
+         str(tmp_path / "gen"), "--templates", str(templates)]
+    )  # fmt: skip
+    assert code == 2 and "no '{name}' placeholder" in capsys.readouterr().err
+    assert not (tmp_path / "gen").exists()
+
+
+def test_generate_identity_data_writes_a_trainable_folder(capsys, base_folder, tmp_path):
+    names = tmp_path / "names.tsv"
+    names.write_text("# name<TAB>description\nAnn Lee\ta photo of a woman\nBo Kim\n")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red cube on a table\n")
+    out = tmp_path / "gen"
+    common = ["--base", str(base_folder), "--identities", str(names), "--out", str(out), "--steps", "2"]
+    code = main(["generate-identity-data", *common, "--per-name", "3", "--captions", str(captions)])
+    assert code == 0, capsys.readouterr().err
+    rows_written = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [row["kind"] for row in rows_written] == ["identity"] * 6 + ["preservation"] * 10
+    assert rows_written[0]["c1"] == "a photo of Ann Lee" and rows_written[0]["c2"] == "a photo of a woman"
+    assert rows_written[3]["c2"] == ""  # no description = the authors' empty c2
+    assert Image.open(out / rows_written[0]["file_name"]).size == (16, 16)
+    code, err = run(capsys, base_folder, out, tmp_path / "run")
+    assert code == 0, err
