@@ -62,12 +62,13 @@ def load_pipeline(base: str | os.PathLike, device: str = "cpu", dtype: str = "fl
             f"--base {folder} is not a diffusers pipeline folder (no model_index.json). Fix: pass a folder "
             "saved with pipe.save_pretrained(...) (e.g. a local Stable Diffusion 1.5 copy)."
         )
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    extra = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs = {"local_files_only": True}
+    if dtype != "float32":  # the default; passing it would only trigger diffusers' torch_dtype deprecation note
+        kwargs["torch_dtype"] = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True, **extra)
+        pipe = DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False, **kwargs)
     except TypeError:  # pipelines without a safety checker argument
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
