@@ -1,0 +1,158 @@
+"""TensorRT engines from the exported ONNX files: one profile per engine, strongly typed.
+
+The builder module is chosen at run time: ``tensorrt`` where installed (GPU machines), else the
+TensorRT-RTX wheels (module ``tensorrt_rtx``, or ``tensorrt_rtx_bindings`` as the standalone wheel
+names it), which parse ONNX and build serialized engines on a CPU-only machine. The two must not
+be loaded in one process, so only the first found is imported.
+
+Precision comes from the ONNX file (strongly typed network, as TensorRT demo/Diffusion): export
+with ``--fp16`` for fp16 engines. ``tensorrt`` engines use and update a shared timing cache
+(``engines/timing.cache``); TensorRT-RTX ignores timing caches (it tunes at load time, with its
+runtime cache), so none is written for it.
+
+Without a GPU an engine cannot be deserialized, so what is checked here is the parsed network
+(I/O names, dtypes, ranks), the profile that was set, and that the builder returned a plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from .errors import ExportError, TensorRTUnavailableError
+
+ENGINE_DIR = "engines"
+TIMING_CACHE = "timing.cache"
+BUILDER_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
+BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT demo/Diffusion's default: good engines, bounded build time
+_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
+
+
+def load_tensorrt(prefer: str | None = None) -> ModuleType:
+    """Import the first TensorRT builder available (``prefer`` first, if given)."""
+    names = (prefer, *BUILDER_MODULES) if prefer else BUILDER_MODULES
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "Builder"):  # the `tensorrt` placeholder wheel on PyPI has no Builder
+            return module
+    raise TensorRTUnavailableError(
+        "--trt needs a TensorRT builder, and none is installed: install `tensorrt` on a GPU machine, or the "
+        "TensorRT-RTX wheels anywhere (pip install 'apl-adapter[trt]'). The ONNX export is complete without it."
+    )
+
+
+def builder_name(trt: ModuleType) -> str:
+    return f"{trt.__name__.split('_bindings')[0]} {trt.__version__}"
+
+
+def build_engines(staging: Path, manifest: dict, fp16: bool, progress: Callable[[str], None] = print) -> dict:
+    """Build one engine per exported model into ``<staging>/engines``; returns the manifest's ``engines`` entry."""
+    trt = load_tensorrt()
+    engine_dir = staging / ENGINE_DIR
+    engine_dir.mkdir(exist_ok=True)
+    engines = {}
+    for name, model in manifest["models"].items():
+        progress(f"  {name}: building with {builder_name(trt)}")
+        engines[name] = build_engine(
+            trt,
+            staging / model["path"],
+            engine_dir / f"{name}.plan",
+            inputs=model["inputs"],
+            outputs=model["outputs"],
+            profile=model["profile"],
+            timing_cache=engine_dir / TIMING_CACHE,
+        )
+        engines[name]["path"] = f"{ENGINE_DIR}/{name}.plan"
+    return {"builder": builder_name(trt), "fp16": fp16, "models": engines}
+
+
+def build_engine(
+    trt: ModuleType,
+    onnx_path: Path,
+    engine_path: Path,
+    inputs: list[dict],
+    outputs: list[dict],
+    profile: dict[str, list[list[int]]],
+    timing_cache: Path | None = None,
+) -> dict:
+    """Parse ``onnx_path``, check its I/O against the manifest, build with one min/opt/max profile."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    io = network_io(network)
+    check_network_io(io, inputs, outputs, onnx_path)
+
+    config = builder.create_builder_config()
+    config.builder_optimization_level = BUILDER_OPTIMIZATION_LEVEL
+    trt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        trt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    config.add_optimization_profile(trt_profile)
+    set_profile = {name: [list(s) for s in trt_profile.get_shape(name)] for name in profile}
+    if set_profile != {k: [list(s) for s in v] for k, v in profile.items()}:
+        raise ExportError(f"{onnx_path}: TensorRT kept profile {set_profile}, asked for {profile}.")
+
+    use_cache = timing_cache is not None and not trt.__name__.startswith("tensorrt_rtx")
+    if use_cache:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        plan = builder.build_serialized_network(network, config)
+    if plan is None or plan.nbytes == 0:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path}; see the messages above.")
+    build_s = time.perf_counter() - start
+    tmp = engine_path.with_suffix(".plan.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(memoryview(plan))
+    tmp.replace(engine_path)
+    if use_cache:
+        timing_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    return {"io": io, "profile": set_profile, "bytes": engine_path.stat().st_size, "build_s": round(build_s, 2)}
+
+
+def network_io(network) -> dict[str, dict]:
+    """``{name: {"mode", "dtype", "shape"}}`` of a parsed network (-1 marks a dynamic dim)."""
+    io = {}
+    for mode, count, get in (("input", network.num_inputs, network.get_input),
+                             ("output", network.num_outputs, network.get_output)):  # fmt: skip
+        for i in range(count):
+            tensor = get(i)
+            dtype = _DTYPES.get(tensor.dtype.name)
+            io[tensor.name] = {
+                "mode": mode,
+                "dtype": str(np.dtype(dtype)) if dtype else tensor.dtype.name,
+                "shape": list(tensor.shape),
+            }
+    return io
+
+
+def check_network_io(io: dict[str, dict], inputs: list[dict], outputs: list[dict], where: Path) -> None:
+    """The parsed network must have the manifest's I/O: names in order, dtypes, fixed dims."""
+    for mode, expected in (("input", inputs), ("output", outputs)):
+        names = [n for n, v in io.items() if v["mode"] == mode]
+        if names != [t["name"] for t in expected]:
+            raise ExportError(f"{where}: TensorRT sees {mode}s {names}, expected {[t['name'] for t in expected]}.")
+        for tensor in expected:
+            got = io[tensor["name"]]
+            dims = [d if isinstance(d, int) else -1 for d in tensor["dims"]]
+            if got["dtype"] != tensor["dtype"] or got["shape"] != dims:
+                raise ExportError(
+                    f"{where}: TensorRT {mode} {tensor['name']} is {got['dtype']}{got['shape']}, "
+                    f"expected {tensor['dtype']}{dims}."
+                )
