@@ -49,7 +49,7 @@ def _transforms(image: Image.Image) -> dict[str, Image.Image]:
 def test_the_astronaut_face_is_found_and_embedded(embedder, astronaut):
     faces = embedder.detect_and_embed(astronaut)
     assert faces, "dlib must find Eileen Collins' face"
-    left, top, right, bottom = faces[0].box
+    left, top, right, _ = faces[0].box
     assert 150 < left < 200 and 50 < top < 110 and right - left > 60, faces[0].box  # her face, not the suit patch
     assert faces[0].embedding.shape == (128,) and faces[0].embedding.dtype == np.float32
     assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
@@ -83,7 +83,10 @@ def test_gallery_skips_bad_references_and_says_why(embedder, astronaut, tmp_path
     Image.fromarray(skimage_data.chelsea()).save(tmp_path / "cat.png")
     gallery = build_gallery(
         embedder,
-        {"astronaut": [tmp_path / "good.png", tmp_path / "broken.jpg", tmp_path / "cat.png"], "cat": [tmp_path / "cat.png"]},
+        {
+            "astronaut": [tmp_path / "good.png", tmp_path / "broken.jpg", tmp_path / "cat.png"],
+            "cat": [tmp_path / "cat.png"],
+        },
     )
     assert list(gallery.embeddings) == ["astronaut"] and gallery.embeddings["astronaut"].shape == (1, 128)
     assert gallery.used_images["astronaut"] == [str(tmp_path / "good.png")]

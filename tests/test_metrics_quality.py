@@ -29,7 +29,9 @@ def test_pair_similarity_identical_and_different():
     image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     same = pair_similarity(image, image.copy())
     assert same == {"ssim": pytest.approx(1.0), "psnr": float("inf")}
-    noisy = Image.fromarray(np.clip(np.asarray(image, int) + rng.integers(-20, 21, (32, 32, 3)), 0, 255).astype(np.uint8))
+    noisy = Image.fromarray(
+        np.clip(np.asarray(image, int) + rng.integers(-20, 21, (32, 32, 3)), 0, 255).astype(np.uint8)
+    )
     changed = pair_similarity(image, noisy)
     assert 0 < changed["ssim"] < 0.99 and 20 < changed["psnr"] < 40
     assert pair_similarity(image.resize((5, 5)), image.resize((5, 5)))["ssim"] == pytest.approx(1.0)  # tiny images

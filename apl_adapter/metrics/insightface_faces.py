@@ -61,7 +61,7 @@ def find_insightface_models(pack: str | os.PathLike) -> tuple[Path, Path]:
         wanted = (("an SCRFD detector (9 outputs)", detector), ("an ArcFace recognizer (112x112 input)", recognizer))
         missing = " and ".join(what for what, found in wanted if found is None)
         present = [p.name for p in folder.glob("*.onnx")]
-        raise FileNotFoundError(f"{folder} has no {missing} ONNX model (ONNX files there: {present})")
+        raise FileNotFoundError(f"{folder} lacks {missing} ONNX model (ONNX files there: {present})")
     return detector, recognizer
 
 
