@@ -1,0 +1,235 @@
+"""The paper's experimental protocol, independent of where models and recognizers come from.
+
+For each identity split (seen / unseen / late) x person template x seed, images are generated
+with and without the APL prefix from the same seed (DDIM, 20 steps, CFG 7, prefix on the
+positive prompt only) and measured by an identity :class:`~apl_adapter.metrics.Recognizer`
+(top-1 accuracy, mean identity score, face presence) and an attribute reader (does the
+anonymous face keep the attributes of the named person?). Prompts without a person are generated
+the same way and measured by a scene reader (scene accuracy with and without APL) and by the
+same-seed pixel change. The base model covers seen and unseen names and scenes; the sibling
+model (prefix trained on the base, applied unchanged) covers transfer; the DreamBooth model
+covers the late names.
+
+The world's CNN recognizers plug in through :mod:`apl_adapter.bench.world`; real recognizers
+implement the same three small interfaces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..metrics.base import Recognizer, identity_metrics
+from ..pipelines import apply_apl, remove_apl
+
+
+class AttributeReader(Protocol):
+    """Reads the coarse attributes (e.g. ``{"sex": "male", "hair": "brown"}``) of the face in each image."""
+
+    def read_attributes(self, images: Sequence[Image.Image]) -> list[dict[str, str]]: ...
+
+
+class SceneReader(Protocol):
+    """Names the scene (a label such as ``"red star on white"``) shown in each image."""
+
+    def read_scenes(self, images: Sequence[Image.Image]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Person:
+    """A named person to prompt for, the attributes an anonymous rendering should keep, and the split."""
+
+    name: str
+    attributes: dict[str, str]
+    split: str
+
+
+@dataclass(frozen=True)
+class SceneCase:
+    """A prompt without a person and the scene label a scene reader should return for it."""
+
+    prompt: str
+    label: str
+
+
+@dataclass
+class BenchSpec:
+    """What to generate. ``train_templates`` marks which person templates the prefix was trained on."""
+
+    persons: list[Person]
+    person_templates: list[str]
+    scenes: list[SceneCase]
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.0
+    batch_size: int = 16
+    train_templates: list[str] = field(default_factory=list)
+
+    def person_prompts(self, split: str) -> list[tuple[Person, int, str, int]]:
+        """``(person, template index, prompt, seed)`` for every person of ``split``."""
+        return [
+            (person, index, template.format(person.name), seed)
+            for person in self.persons
+            if person.split == split
+            for index, template in enumerate(self.person_templates)
+            for seed in self.seeds
+        ]
+
+
+@dataclass
+class BenchModels:
+    """Pipelines to measure; ``sibling`` and ``dreambooth`` may be ``None`` (their sections are skipped)."""
+
+    base: object
+    sibling: object | None = None
+    dreambooth: object | None = None
+
+
+@dataclass
+class BenchReaders:
+    identity: Recognizer
+    attributes: AttributeReader
+    scenes: SceneReader
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec, desc: str) -> list[Image.Image]:
+    """Images for ``prompts``, image ``i`` from ``torch.Generator().manual_seed(seeds[i])`` (same seed = same noise)."""
+    images: list[Image.Image] = []
+    for start in tqdm(range(0, len(prompts), spec.batch_size), desc=desc, leave=False):
+        chunk = list(prompts[start : start + spec.batch_size])
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + spec.batch_size]]
+        images += pipe(
+            chunk,
+            num_inference_steps=spec.num_inference_steps,
+            guidance_scale=spec.guidance_scale,
+            generator=generators,
+        ).images
+    return images
+
+
+def generate_pair(pipe, adapter, prompts, seeds, spec: BenchSpec, desc: str) -> tuple[list, list]:
+    """``(without APL, with APL)`` images of the same prompts and seeds."""
+    plain = generate(pipe, prompts, seeds, spec, f"{desc} base")
+    apply_apl(pipe, adapter)
+    try:
+        anonymized = generate(pipe, prompts, seeds, spec, f"{desc} APL")
+    finally:
+        remove_apl(pipe)
+    return plain, anonymized
+
+
+def pixel_change(first: Sequence[Image.Image], second: Sequence[Image.Image]) -> float:
+    """Mean absolute pixel difference in [0, 1] between same-seed images (0 = identical)."""
+    diffs = [
+        np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean() / 255.0
+        for a, b in zip(first, second)
+    ]
+    return float(np.mean(diffs))
+
+
+def attribute_agreement(read: Sequence[dict[str, str]], expected: Sequence[dict[str, str]]) -> dict:
+    """Agreement of read attributes with the named person's: per attribute, averaged, and all-at-once.
+
+    An image where nothing could be read (no face: an empty dict) disagrees on every attribute.
+    """
+    keys = sorted({key for attrs in expected for key in attrs})
+    per_key = {key: float(np.mean([r.get(key) == e.get(key) for r, e in zip(read, expected)])) for key in keys}
+    all_match = float(np.mean([all(r.get(k) == e.get(k) for k in e) for r, e in zip(read, expected)]))
+    return {
+        "mean_agreement": float(np.mean(list(per_key.values()))),
+        "all_match_rate": all_match,
+        "per_attribute": per_key,
+    }
+
+
+def fall_ratio(before: float, after: float) -> float:
+    """How many times a rate fell (``inf`` when it fell to 0 from a positive rate, 1 when both are 0)."""
+    if after == 0:
+        return float("inf") if before > 0 else 1.0
+    return before / after
+
+
+def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders, desc: str) -> dict:
+    """Generate the cases with and without APL and measure identity, face presence and attributes."""
+    prompts = [prompt for _, _, prompt, _ in cases]
+    seeds = [seed for *_, seed in cases]
+    targets = [person.name for person, *_ in cases]
+    plain, anonymized = generate_pair(pipe, adapter, prompts, seeds, spec, desc)
+    result: dict = {"num_images": len(cases)}
+    for label, images in (("base", plain), ("apl", anonymized)):
+        observations = readers.identity.observe(images)
+        metrics = identity_metrics(observations, targets)
+        # attributes are only read off a face: an image without one disagrees on every attribute
+        read = [
+            attrs if obs.face_present else {}
+            for attrs, obs in zip(readers.attributes.read_attributes(images), observations)
+        ]
+        metrics["attributes"] = attribute_agreement(read, [person.attributes for person, *_ in cases])
+        metrics["per_template"] = {
+            spec.person_templates[index]: identity_metrics(
+                [obs for obs, case in zip(observations, cases) if case[1] == index],
+                [case[0].name for case in cases if case[1] == index],
+            )["top1_accuracy"]
+            for index in sorted({case[1] for case in cases})
+        }
+        result[label] = metrics
+    result["accuracy_fall"] = fall_ratio(result["base"]["top1_accuracy"], result["apl"]["top1_accuracy"])
+    result["same_seed_pixel_change"] = pixel_change(plain, anonymized)
+    result["_images"] = (plain, anonymized, cases)
+    return result
+
+
+def measure_scenes(pipe, adapter, spec: BenchSpec, readers: BenchReaders, desc: str) -> dict:
+    """Scene accuracy with and without APL on prompts without a person, and the same-seed image change."""
+    cases = [(scene, seed) for scene in spec.scenes for seed in spec.seeds]
+    prompts = [scene.prompt for scene, _ in cases]
+    seeds = [seed for _, seed in cases]
+    plain, anonymized = generate_pair(pipe, adapter, prompts, seeds, spec, desc)
+    labels = [scene.label for scene, _ in cases]
+
+    def accuracy(images) -> float:
+        return float(np.mean([read == label for read, label in zip(readers.scenes.read_scenes(images), labels)]))
+
+    base_acc, apl_acc = accuracy(plain), accuracy(anonymized)
+    return {
+        "num_images": len(cases),
+        "base": {"scene_accuracy": base_acc},
+        "apl": {"scene_accuracy": apl_acc},
+        "accuracy_drop_points": 100 * (base_acc - apl_acc),
+        "same_seed_pixel_change": pixel_change(plain, anonymized),
+        "_images": (plain, anonymized, cases),
+    }
+
+
+def run_protocol(
+    spec: BenchSpec, models: BenchModels, readers: BenchReaders, adapter: str | os.PathLike
+) -> dict[str, dict]:
+    """All sections of the protocol: ``{"seen", "unseen", "late", "transfer", "scenes", "scenes_sibling"}``.
+
+    Sections whose model or persons are missing are left out. Each section keeps its images under
+    ``"_images"`` for the report's grid (the report drops that key from the JSON).
+    """
+    sections: dict[str, dict] = {}
+    for split in ("seen", "unseen"):
+        cases = spec.person_prompts(split)
+        if cases:
+            sections[split] = measure_persons(models.base, adapter, cases, spec, readers, split)
+    if spec.scenes:
+        sections["scenes"] = measure_scenes(models.base, adapter, spec, readers, "scenes")
+    late = spec.person_prompts("late")
+    if models.dreambooth is not None and late:
+        sections["late"] = measure_persons(models.dreambooth, adapter, late, spec, readers, "late (DreamBooth)")
+    if models.sibling is not None:
+        cases = spec.person_prompts("seen") + spec.person_prompts("unseen")
+        if cases:
+            sections["transfer"] = measure_persons(models.sibling, adapter, cases, spec, readers, "transfer (sibling)")
+        if spec.scenes:
+            sections["scenes_sibling"] = measure_scenes(models.sibling, adapter, spec, readers, "scenes (sibling)")
+    return sections

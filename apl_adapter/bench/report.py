@@ -1,0 +1,214 @@
+"""apl-bench reports: ``report.json``, ``report.md`` (goals + details), ``grid.png`` (identities x {base, APL})."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+PERSON_SECTIONS = ("seen", "unseen", "late", "transfer")
+SECTION_TITLES = {
+    "seen": "seen identities (base model)",
+    "unseen": "unseen identities (base model)",
+    "late": "late identities (DreamBooth model)",
+    "transfer": "transfer: seen + unseen on the sibling model",
+}
+# (section, goal fall factor) - the issue's goals
+FALL_GOALS = {"seen": 10.0, "unseen": 5.0, "late": 5.0, "transfer": 5.0}
+FACE_PRESENCE_GOAL = 0.95
+ATTRIBUTE_GOAL = 0.80
+SCENE_DROP_GOAL_POINTS = 2.0
+
+
+def pooled(sections: dict, key_path: tuple[str, ...]) -> float | None:
+    """Image-weighted mean of a metric over the person sections present (``None`` if none)."""
+    total, weight = 0.0, 0
+    for name in PERSON_SECTIONS:
+        if name in sections:
+            value = sections[name]
+            for key in key_path:
+                value = value[key]
+            total += value * sections[name]["num_images"]
+            weight += sections[name]["num_images"]
+    return total / weight if weight else None
+
+
+def goals(sections: dict) -> list[dict]:
+    """One row per goal: measured values, the goal and whether it is met (``None`` = not measured)."""
+    rows = []
+    for name, factor in FALL_GOALS.items():
+        if name not in sections:
+            rows.append({"measure": f"{name}: top-1 accuracy falls", "goal": f">= {factor:g}x", "met": None})
+            continue
+        section = sections[name]
+        fall = section["accuracy_fall"]
+        rows.append(
+            {
+                "measure": f"{SECTION_TITLES[name]}: top-1 identity accuracy, base / APL",
+                "value": f"{_pct(section['base']['top1_accuracy'])} / {_pct(section['apl']['top1_accuracy'])} "
+                f"(falls {_times(fall)})",
+                "goal": f"falls >= {factor:g}x",
+                "met": fall >= factor,
+            }
+        )
+    presence = pooled(sections, ("apl", "face_presence_rate"))
+    rows.append(_threshold_row("face presence with APL (all person prompts)", presence, FACE_PRESENCE_GOAL))
+    agreement = pooled(sections, ("apl", "attributes", "all_match_rate"))
+    rows.append(
+        _threshold_row("attribute agreement with APL (all 4 attributes of the named person)", agreement, ATTRIBUTE_GOAL)
+    )
+    if "scenes" in sections:
+        scenes = sections["scenes"]
+        drop = scenes["accuracy_drop_points"]
+        rows.append(
+            {
+                "measure": "scene accuracy, base minus APL (prompts without a person)",
+                "value": f"{_pct(scenes['base']['scene_accuracy'])} - {_pct(scenes['apl']['scene_accuracy'])} "
+                f"= {drop:+.1f} points",
+                "goal": f"<= {SCENE_DROP_GOAL_POINTS:g} points",
+                "met": drop <= SCENE_DROP_GOAL_POINTS,
+            }
+        )
+    return rows
+
+
+def _threshold_row(measure: str, value: float | None, goal: float) -> dict:
+    if value is None:
+        return {"measure": measure, "goal": f">= {_pct(goal)}", "met": None}
+    return {"measure": measure, "value": _pct(value), "goal": f">= {_pct(goal)}", "met": value >= goal}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _times(value: float) -> str:
+    return "inf x (to 0)" if math.isinf(value) else f"{value:.1f}x"
+
+
+def to_markdown(report: dict) -> str:
+    """The report as Markdown: goals table first, then per-section details."""
+    lines = ["# apl-bench report", ""]
+    lines.append(
+        f"Adapter `{report['adapter']}`; {report['settings']['num_inference_steps']} DDIM steps, CFG "
+        f"{report['settings']['guidance_scale']:g}, seeds {report['settings']['seeds']}, prefix on the positive "
+        f"prompt only. Recognizers: {report['recognizers']}."
+    )
+    lines += ["", "| measure | measured | goal | met |", "|---|---|---|---|"]
+    for row in report["goals"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+        lines.append(f"| {row['measure']} | {row.get('value', '-')} | {row['goal']} | {met} |")
+    sections = report["sections"]
+    person_rows = [name for name in PERSON_SECTIONS if name in sections]
+    if person_rows:
+        lines += [
+            "",
+            "## Identity prompts",
+            "",
+            "| section | images | top-1 base | top-1 APL | fall | id-score base | id-score APL | face base | face APL "
+            "| attributes base | attributes APL | pixel change |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in person_rows:
+            s = sections[name]
+            b, a = s["base"], s["apl"]
+            lines.append(
+                f"| {name} | {s['num_images']} | {_pct(b['top1_accuracy'])} | {_pct(a['top1_accuracy'])} "
+                f"| {_times(s['accuracy_fall'])} | {b['mean_identity_score']:.3f} | {a['mean_identity_score']:.3f} "
+                f"| {_pct(b['face_presence_rate'])} | {_pct(a['face_presence_rate'])} "
+                f"| {_pct(b['attributes']['all_match_rate'])} | {_pct(a['attributes']['all_match_rate'])} "
+                f"| {s['same_seed_pixel_change']:.3f} |"
+            )
+        trained = report["settings"]["train_templates"]
+        note = "*held out* = never used in training" if trained else "pass --train-data to mark held-out templates"
+        lines += ["", f"Top-1 accuracy per template (base / APL); {note}:", ""]
+        lines += ["| template | " + " | ".join(person_rows) + " |", "|---|" + "---|" * len(person_rows)]
+        for template in report["settings"]["person_templates"]:
+            held_out = " *held out*" if trained and template not in trained else ""
+            cells = [
+                f"{_pct(sections[n]['base']['per_template'][template])} / "
+                f"{_pct(sections[n]['apl']['per_template'][template])}"
+                for n in person_rows
+            ]
+            lines.append(f"| `{template}`{held_out} | " + " | ".join(cells) + " |")
+    for name in ("scenes", "scenes_sibling"):
+        if name in sections:
+            s = sections[name]
+            lines.append(
+                f"\n**{name}** ({s['num_images']} images): scene accuracy base {_pct(s['base']['scene_accuracy'])}, "
+                f"APL {_pct(s['apl']['scene_accuracy'])} ({s['accuracy_drop_points']:+.1f} points); same-seed "
+                f"pixel change {s['same_seed_pixel_change']:.4f} (0 = identical images)."
+            )
+    lines += ["", f"Generated {report['num_images']} images in {report['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def make_grid(sections: dict, per_section: int = 3, scale: int = 2) -> Image.Image:
+    """Rows = a few identities per section (and scenes), columns = base | APL for the first template and seeds."""
+    rows: list[tuple[str, list[Image.Image]]] = []
+    for name in (*PERSON_SECTIONS, "scenes"):
+        if name not in sections:
+            continue
+        plain, anonymized, cases = sections[name]["_images"]
+        labels_seen: list[str] = []
+        for index, case in enumerate(cases):
+            label = case[0].name if name in PERSON_SECTIONS else case[0].label
+            if label in labels_seen:
+                continue
+            labels_seen.append(label)
+            if len(labels_seen) > per_section:
+                break
+            rows.append((f"{name}: {label}", [plain[index], anonymized[index]]))
+    if not rows:
+        return Image.new("RGB", (1, 1))
+    side = rows[0][1][0].width * scale
+    label_width, header = 230, 16
+    grid = Image.new("RGB", (label_width + 2 * side, header + len(rows) * side), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((label_width + 4, 2), "base", fill="black")
+    draw.text((label_width + side + 4, 2), "APL", fill="black")
+    for row, (label, images) in enumerate(rows):
+        top = header + row * side
+        draw.text((4, top + side // 2 - 6), label[:36], fill="black")
+        for column, image in enumerate(images):
+            grid.paste(image.resize((side, side), Image.NEAREST), (label_width + column * side, top))
+    return grid
+
+
+def write_report(report: dict, sections: dict, out: str | os.PathLike) -> Path:
+    """Write ``report.json``, ``report.md`` and ``grid.png`` into ``out`` (each via a temporary file)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "report.json", json.dumps(_finite(report), indent=2) + "\n")
+    _atomic_write(out / "report.md", to_markdown(report))
+    handle, tmp = tempfile.mkstemp(prefix=".grid-", suffix=".png", dir=out)
+    os.close(handle)
+    make_grid(sections).save(tmp)
+    os.replace(tmp, out / "grid.png")
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _finite(value):
+    """Strict JSON has no Infinity: a fall to 0 is written as the string "inf"."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strip_images(sections: dict) -> dict:
+    """The sections without their in-memory images (for JSON)."""
+    return {name: {k: v for k, v in section.items() if k != "_images"} for name, section in sections.items()}

@@ -1,0 +1,154 @@
+"""The synthetic world as benchmark inputs: persons, templates, scene prompts, models and recognizers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from ..errors import APLAdapterError
+from .protocol import BenchModels, BenchReaders, BenchSpec, Person, SceneCase
+
+SPLITS = ("seen", "unseen", "late")
+
+
+def scene_label(scene) -> str:
+    """The label scene readers return for a world scene, e.g. ``"red star on white"``."""
+    return f"{scene.color} {scene.shape} on {scene.background}"
+
+
+def pick_scenes(world, count: int) -> list[SceneCase]:
+    """``count`` scenes spread evenly over all of the world's scenes, captions cycling through its templates."""
+    scenes = list(world.scenes)
+    if count <= 0:
+        return []
+    # a stride coprime with the number of scenes visits every background/colour/shape pattern, where a
+    # plain scenes[::k] would keep hitting the same position in the shape x colour x background order
+    stride = max(len(scenes) // count, 1)
+    while math.gcd(stride, len(scenes)) != 1:
+        stride += 1
+    picked = [scenes[(k * stride) % len(scenes)] for k in range(min(count, len(scenes)))]
+    return [SceneCase(scene.caption(index), scene_label(scene)) for index, scene in enumerate(picked)]
+
+
+def read_identity_list(path: str | os.PathLike, world) -> list[Person]:
+    """Names (one a line, or ``split<TAB>name``) -> persons of ``world``; unknown names are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise APLAdapterError(f"Identity file {path} does not exist; write one world name per line.")
+    persons = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        split, _, name = line.partition("\t") if "\t" in line else ("", "", line)
+        name = name.strip()
+        try:
+            identity = world.identity(name)
+        except KeyError as err:
+            raise APLAdapterError(f"{path}: {err.args[0]}") from err
+        split = split.strip() or identity.split
+        if split not in SPLITS:
+            raise APLAdapterError(f"{path}: split {split!r} for {name!r} is unknown; use one of {SPLITS}.")
+        persons.append(Person(identity.name, dict(identity.attributes), split))
+    if not persons:
+        raise APLAdapterError(f"Identity file {path} lists no names.")
+    return persons
+
+
+def read_templates(path: str | os.PathLike) -> list[str]:
+    """Person templates, one a line, with ``{}`` or ``{name}`` where the name goes (stored with ``{}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise APLAdapterError(f"Template file {path} does not exist; write one template per line.")
+    templates = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        template = line.replace("{name}", "{}")
+        if template.count("{}") != 1:
+            raise APLAdapterError(f"{path}: template {line!r} needs exactly one {{}} or {{name}} for the name.")
+        templates.append(template)
+    if not templates:
+        raise APLAdapterError(f"Template file {path} lists no templates.")
+    return templates
+
+
+def templates_in_training_data(folder: str | os.PathLike, templates: list[str], persons: list[Person]) -> list[str]:
+    """The templates whose name prompt appears as a ``c1`` in a training data folder's ``metadata.jsonl``."""
+    metadata = Path(folder) / "metadata.jsonl"
+    if not metadata.is_file():
+        raise APLAdapterError(f"--train-data {folder}: metadata.jsonl is missing.")
+    prompts = {json.loads(line)["c1"] for line in metadata.read_text(encoding="utf-8").splitlines() if line.strip()}
+    return [t for t in templates if any(t.format(p.name) in prompts for p in persons)]
+
+
+def world_bench_inputs(
+    world_seed: int = 0,
+    assets: str | os.PathLike | None = None,
+    identities_file: str | os.PathLike | None = None,
+    templates_file: str | os.PathLike | None = None,
+    train_data: str | os.PathLike | None = None,
+    seeds: list[int] | None = None,
+    num_scenes: int = 24,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 7.0,
+    batch_size: int = 64,
+    transfer: bool = True,
+    late: bool = True,
+) -> tuple[BenchSpec, BenchModels, BenchReaders]:
+    """Everything :func:`~apl_adapter.bench.runner.run_bench` needs, from the shipped world."""
+    from ..world.models import load_world_pipeline
+    from ..world.spec import WorldSpec
+
+    world = WorldSpec.from_seed(world_seed)
+    if identities_file:
+        persons = read_identity_list(identities_file, world)
+    else:
+        persons = [Person(i.name, dict(i.attributes), i.split) for i in world.identities]
+    templates = read_templates(templates_file) if templates_file else list(world.person_templates)
+    spec = BenchSpec(
+        persons=persons,
+        person_templates=templates,
+        scenes=pick_scenes(world, num_scenes),
+        seeds=seeds or [0, 1],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        train_templates=templates_in_training_data(train_data, templates, persons) if train_data else [],
+    )
+    models = BenchModels(
+        base=load_world_pipeline("base", assets),
+        sibling=load_world_pipeline("sibling", assets) if transfer else None,
+        dreambooth=load_world_pipeline("dreambooth", assets) if late else None,
+    )
+    recognizer_dir = Path(assets) / "recognizer" if assets else None
+    return spec, models, world_readers(recognizer_dir)
+
+
+class _AttributeReader:
+    def __init__(self, recognizer) -> None:
+        self.recognizer = recognizer
+
+    def read_attributes(self, images):
+        return self.recognizer.attributes(images)
+
+
+class _SceneReader:
+    def __init__(self, recognizer) -> None:
+        self.recognizer = recognizer
+
+    def read_scenes(self, images):
+        return [scene_label(scene) for scene in self.recognizer.scenes(images)]
+
+
+def world_readers(recognizer_dir: str | os.PathLike | None = None) -> BenchReaders:
+    """The world's shipped recognizers (one CNN, three heads) behind the bench's three interfaces."""
+    from ..world.recognizers import WorldAttributeRecognizer, WorldIdentityRecognizer, WorldSceneRecognizer
+
+    return BenchReaders(
+        identity=WorldIdentityRecognizer.from_pretrained(recognizer_dir),
+        attributes=_AttributeReader(WorldAttributeRecognizer.from_pretrained(recognizer_dir)),
+        scenes=_SceneReader(WorldSceneRecognizer.from_pretrained(recognizer_dir)),
+    )

@@ -1,0 +1,141 @@
+"""apl-bench building blocks: metrics, goals, reports, world inputs and CLI errors (no generation here)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from apl_adapter.bench.cli import main
+from apl_adapter.bench.protocol import Person, attribute_agreement, fall_ratio, pixel_change
+from apl_adapter.bench.report import goals, strip_images, to_markdown, write_report
+from apl_adapter.bench.world import pick_scenes, read_identity_list, read_templates, templates_in_training_data
+from apl_adapter.errors import APLAdapterError
+from apl_adapter.world.spec import WorldSpec
+
+
+def test_attribute_agreement_counts_per_attribute_and_all_at_once():
+    expected = [{"sex": "male", "hair": "red"}, {"sex": "female", "hair": "black"}, {"sex": "male", "hair": "grey"}]
+    read = [{"sex": "male", "hair": "red"}, {"sex": "female", "hair": "brown"}, {}]  # last: no face
+    result = attribute_agreement(read, expected)
+    assert result["per_attribute"] == {"hair": pytest.approx(1 / 3), "sex": pytest.approx(2 / 3)}
+    assert result["mean_agreement"] == pytest.approx(0.5)
+    assert result["all_match_rate"] == pytest.approx(1 / 3)
+
+
+def test_fall_ratio():
+    assert fall_ratio(0.9, 0.09) == pytest.approx(10.0)
+    assert math.isinf(fall_ratio(0.5, 0.0))
+    assert fall_ratio(0.0, 0.0) == 1.0
+    assert fall_ratio(0.2, 0.4) == pytest.approx(0.5)  # a rise shows as a factor below 1
+
+
+def test_pixel_change():
+    black, white, grey = (Image.new("RGB", (4, 4), c) for c in ("black", "white", (51, 51, 51)))
+    assert pixel_change([black, black], [black, black]) == 0.0
+    assert pixel_change([black, black], [white, grey]) == pytest.approx((1.0 + 0.2) / 2)
+
+
+def _section(base_acc, apl_acc, presence=1.0, attrs=0.9, n=10):
+    def side(acc):
+        return {
+            "top1_accuracy": acc,
+            "mean_identity_score": acc,
+            "face_presence_rate": presence,
+            "attributes": {"mean_agreement": attrs, "all_match_rate": attrs, "per_attribute": {}},
+            "per_template": {"a photo of {}": acc},
+        }
+
+    return {
+        "num_images": n,
+        "base": side(base_acc),
+        "apl": side(apl_acc),
+        "accuracy_fall": fall_ratio(base_acc, apl_acc),
+        "same_seed_pixel_change": 0.1,
+        "_images": (
+            [Image.new("RGB", (8, 8))],
+            [Image.new("RGB", (8, 8), "red")],
+            [(Person("Ann Lee", {}, "seen"), 0, "a photo of Ann Lee", 0)],
+        ),
+    }
+
+
+def test_goals_are_judged_on_the_measured_numbers(tmp_path):
+    sections = {
+        "seen": _section(0.9, 0.05),  # 18x: met
+        "unseen": _section(0.8, 0.4),  # 2x: missed
+        "scenes": {
+            "num_images": 4,
+            "base": {"scene_accuracy": 0.95},
+            "apl": {"scene_accuracy": 0.90},
+            "accuracy_drop_points": 5.0,
+            "same_seed_pixel_change": 0.01,
+            "_images": ([Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))], []),
+        },
+    }
+    rows = {row["measure"].split(":")[0].split(",")[0]: row["met"] for row in goals(strip_images(sections))}
+    assert rows["seen identities (base model)"] is True
+    assert rows["unseen identities (base model)"] is False
+    assert rows["late"] is None and rows["transfer"] is None  # not measured, said so
+    assert rows["scene accuracy"] is False  # a 5-point drop misses the 2-point goal
+    report = {
+        "adapter": "a",
+        "recognizers": "r",
+        "settings": {"num_inference_steps": 20, "guidance_scale": 7.0, "seeds": [0], "person_templates":
+                     ["a photo of {}"], "train_templates": []},
+        "goals": goals(strip_images(sections)),
+        "sections": strip_images(sections),
+        "num_images": 48,
+        "seconds": 1.0,
+    }  # fmt: skip
+    markdown = to_markdown(report)
+    assert "| seen | 10 | 90.0% | 5.0% | 18.0x |" in markdown
+    assert "**no**" in markdown and "not measured" in markdown
+    write_report(report, sections, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["sections"]["seen"]["accuracy_fall"] == 18.0
+    assert Image.open(tmp_path / "out" / "grid.png").size[1] > 16
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grid.png", "report.json", "report.md"]
+
+
+def test_world_identity_and_template_files(tmp_path):
+    world = WorldSpec.from_seed(0)
+    names = tmp_path / "names.txt"
+    names.write_text(f"# comment\n{world.seen[0].name}\nlate\t{world.unseen[0].name}\n")
+    persons = read_identity_list(names, world)
+    assert [(p.name, p.split) for p in persons] == [(world.seen[0].name, "seen"), (world.unseen[0].name, "late")]
+    assert persons[0].attributes == world.seen[0].attributes
+    names.write_text("Nobody Atall\n")
+    with pytest.raises(APLAdapterError, match="not a person of this world"):
+        read_identity_list(names, world)
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a sketch of {name}\n{} at the beach\n")
+    assert read_templates(templates) == ["a sketch of {}", "{} at the beach"]
+    templates.write_text("a sketch of someone\n")
+    with pytest.raises(APLAdapterError, match="exactly one"):
+        read_templates(templates)
+
+
+def test_held_out_templates_come_from_the_training_data(tmp_path):
+    persons = [Person("Ann Lee", {}, "seen")]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"c1": "a photo of Ann Lee"}) + "\n")
+    used = templates_in_training_data(tmp_path, ["a photo of {}", "a headshot of {}"], persons)
+    assert used == ["a photo of {}"]
+
+
+def test_scene_prompts_spread_over_the_world():
+    world = WorldSpec.from_seed(0)
+    scenes = pick_scenes(world, 24)
+    assert len(scenes) == 24 and len({s.label for s in scenes}) == 24
+    assert {s.label.split(" on ")[1] for s in scenes} == {"white", "black", "sky blue", "grass green"}
+
+
+def test_cli_rejects_bad_adapter_and_seeds(capsys, tmp_path):
+    assert main(["--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
+    assert "No adapter folder" in capsys.readouterr().err
+    with pytest.raises(APLAdapterError, match="comma list"):
+        from apl_adapter.bench.cli import parse_seeds
+
+        parse_seeds("0,x")
+    assert not (tmp_path / "out").exists()
