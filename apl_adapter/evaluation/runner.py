@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..metrics.faces import FaceEmbedder, FaceGalleryRecognizer, FaceMatch, build_gallery, load_rgb
+from ..serialization import check_adapter_folder
 from .generation import GenerationSettings, Job, generate, load_pipeline, slug
 from .specs import EvalInputError, Identity, PromptSet, load_identities, load_prompts
 
@@ -81,6 +83,8 @@ def check_paths(settings: EvalSettings) -> None:
         raise EvalInputError("--recognizer insightface needs --insightface-pack <folder of the pack's ONNX files>")
     if settings.fid_reference and not settings.fid_model:
         raise EvalInputError("--fid-reference needs --fid-model (the feature network the FID is computed with)")
+    if settings.adapter is not None and Path(settings.adapter).exists():
+        check_adapter_folder(settings.adapter)  # a broken adapter fails now, not after the base images
     if not settings.seeds:
         raise EvalInputError("--seeds is empty: give at least one seed")
     out = Path(settings.out)
@@ -167,6 +171,10 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
     from ..pipelines import apply_apl, remove_apl
 
     pipe = load_pipeline(settings.base, settings.device, settings.dtype)
+    try:  # the adapter must fit this pipeline's text encoder; find out before generating anything
+        remove_apl(apply_apl(pipe, settings.adapter))
+    except (APLAdapterError, RuntimeError, ValueError) as error:
+        raise EvalInputError(f"--adapter {settings.adapter} does not fit the pipeline in --base: {error}") from error
     generation = GenerationSettings(
         seeds=settings.seeds,
         steps=settings.steps,
