@@ -1,0 +1,80 @@
+"""The bench protocol end to end on tiny real pipelines and the world's recognizer network (random weights).
+
+This checks the plumbing - same seeds give the same images, the prefix reaches only the positive
+prompt of the right model, every section and report file is produced - not the world's numbers
+(those are measured by tests/test_training_world.py on the shipped world).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model
+
+from apl_adapter import APLConfig, save_adapter
+from apl_adapter.bench.protocol import BenchModels, BenchReaders, BenchSpec, Person, SceneCase, generate
+from apl_adapter.bench.runner import run_bench
+from apl_adapter.bench.world import _AttributeReader, _SceneReader
+from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline
+from apl_adapter.world.recognizers import (
+    WorldAttributeRecognizer,
+    WorldIdentityRecognizer,
+    WorldRecognizerNet,
+    WorldSceneRecognizer,
+)
+from apl_adapter.world.spec import WorldSpec
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_protocol_end_to_end_on_tiny_models(tmp_path):
+    world = WorldSpec.from_seed(0)
+    names = world.names
+    torch.manual_seed(0)
+    net = WorldRecognizerNet(len(names))
+    readers = BenchReaders(
+        identity=WorldIdentityRecognizer(net, names),
+        attributes=_AttributeReader(WorldAttributeRecognizer(net, names)),
+        scenes=_SceneReader(WorldSceneRecognizer(net, names)),
+    )
+    persons = [Person(i.name, dict(i.attributes), i.split) for i in (world.seen[0], world.unseen[0], world.late[0])]
+    spec = BenchSpec(
+        persons=persons,
+        person_templates=["a photo of {}", "a headshot of {}"],
+        scenes=[SceneCase("a red star on a white background", "red star on white")],
+        seeds=[0, 1],
+        num_inference_steps=3,
+        batch_size=4,
+    )
+    adapter = save_adapter(get_peft_model(tiny_clip_text_model(), APLConfig(num_virtual_tokens=4)), tmp_path / "ad")
+    models = BenchModels(
+        base=tiny_sd_pipeline(seed=0), sibling=tiny_sd_pipeline(seed=1), dreambooth=tiny_sd_pipeline(seed=2)
+    )
+    for pipe in (models.base, models.sibling, models.dreambooth):
+        pipe.set_progress_bar_config(disable=True)
+    report = run_bench(spec, models, readers, adapter, tmp_path / "out")
+
+    sections = report["sections"]
+    assert set(sections) == {"seen", "unseen", "late", "transfer", "scenes", "scenes_sibling"}
+    assert sections["seen"]["num_images"] == 4 and sections["transfer"]["num_images"] == 8
+    assert report["num_images"] == 2 * (4 + 4 + 4 + 8 + 2 + 2)
+    for name in ("seen", "late", "transfer", "scenes"):
+        assert sections[name]["same_seed_pixel_change"] > 0  # a random prefix changes person and scene images
+    assert len(report["goals"]) == 7
+    assert set(sections["seen"]["apl"]["per_template"]) == {"a photo of {}", "a headshot of {}"}
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["num_images"] == report["num_images"]
+    assert "| measure | measured | goal | met |" in (tmp_path / "out" / "report.md").read_text()
+    # the pipeline is back to its plain state afterwards, and a seed fixes the image
+    again = generate(models.base, ["a photo of " + persons[0].name], [0], spec, "check")
+    first = generate(models.base, ["a photo of " + persons[0].name], [0], spec, "check")
+    assert np.array_equal(np.asarray(again[0]), np.asarray(first[0]))
+    assert not hasattr(models.base, "_apl_state") or models.base._apl_state is None
