@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import ExportError
+from .errors import ExportError, TensorRTUnavailableError
 from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
 from .specs import ModelSpec, ShapeRanges, text_encoder_spec, unet_spec, vae_decoder_spec
@@ -63,7 +63,7 @@ class ExportOptions:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     exporter: Exporter = "dynamo"
-    text_encoder: Literal["standard"] = "standard"  # room for a "fast" (fused prefix-attention) encoder
+    text_encoder: str = "standard"  # a key of TEXT_ENCODER_VARIANTS
     trt: bool = False
     triton: bool = False
     overwrite: bool = False
@@ -91,6 +91,12 @@ class LoadedPipeline:
 
 Progress = Callable[[str], None]
 
+# Graph builders for the prefixed text encoder: (clip, baked prefix or None, prefix_as_input, m) -> module.
+# A fused prefix-attention variant (TensorRT plugin) registers itself here as "fast".
+TEXT_ENCODER_VARIANTS: dict[str, Callable[..., torch.nn.Module]] = {
+    "standard": lambda clip, prefix, as_input, m: CLIPTextEncoderGraph(clip, prefix, as_input, m),
+}
+
 
 def export_pipeline(
     model_dir: str | os.PathLike,
@@ -111,11 +117,15 @@ def export_pipeline(
         manifest = export_onnx_models(loaded, staging, options, progress)
         progress("[4/5] folder layout: configs, tokenizer, scheduler, model_index.json")
         write_layout(loaded, staging, manifest)
+        trt_missing = None
         if options.trt:
             from .engines import build_engines
 
             progress("[5/5] TensorRT engines")
-            manifest["engines"] = build_engines(staging, manifest, fp16=options.fp16, progress=progress)
+            try:
+                manifest["engines"] = build_engines(staging, manifest, fp16=options.fp16, progress=progress)
+            except TensorRTUnavailableError as err:
+                trt_missing = err  # publish the validated ONNX, then report the missing builder
         if options.triton:
             from .triton import write_triton_repository
 
@@ -126,6 +136,8 @@ def export_pipeline(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if trt_missing is not None:
+        raise TensorRTUnavailableError(f"{trt_missing} The validated ONNX export is in {out}.")
     progress(f"done: {out}")
     return out
 
@@ -254,8 +266,12 @@ class PeftTextEncoderReference(torch.nn.Module):
 
 def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOptions, progress: Progress) -> dict:
     """Export and validate every model; returns the manifest (without engines)."""
-    if options.text_encoder != "standard":
-        raise ExportError(f"--text-encoder {options.text_encoder!r} is not available in this build; use 'standard'.")
+    if options.text_encoder not in TEXT_ENCODER_VARIANTS:
+        raise ExportError(
+            f"--text-encoder {options.text_encoder!r} is not available in this build; "
+            f"choose one of {sorted(TEXT_ENCODER_VARIANTS)}."
+        )
+    make_text_encoder = TEXT_ENCODER_VARIANTS[options.text_encoder]
     clip = loaded.clip
     width = clip.config.hidden_size
     m = loaded.prefix.shape[0]
@@ -263,8 +279,7 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
     baked = options.prefix_mode == "baked"
     models: dict[str, dict] = {}
 
-    graph = CLIPTextEncoderGraph(clip, prefix=loaded.prefix if baked else None, prefix_as_input=not baked,
-                                 num_virtual_tokens=m)  # fmt: skip
+    graph = make_text_encoder(clip, loaded.prefix if baked else None, not baked, m)
     # The graph runs CLIP's submodules directly: the PEFT hook must not shift the ids a second time.
     spec = text_encoder_spec(TEXT_ENCODER, width, graph.output_names[1], width, ranges, prefix_len=0 if baked else m)
     reference = PeftTextEncoderReference(loaded.text_encoder, spec.output_names, prefix_as_input=not baked)

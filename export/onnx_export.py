@@ -138,11 +138,14 @@ def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """Weights and activations to fp16; inputs and outputs stay fp32, so callers need not change."""
+    import onnx_graphsurgeon as gs
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # Shape inference needs a serialized proto: skip it past protobuf's limit.
     big = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=big)
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=big)
+    # The converter appends the boundary casts at the end of the node list: sort again.
+    return gs.export_onnx(gs.import_onnx(model).toposort(), do_type_check=False)
 
 
 def name_io_dims(model: onnx.ModelProto, spec: ModelSpec) -> None:

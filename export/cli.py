@@ -1,0 +1,103 @@
+"""``apl-export``: a Stable Diffusion folder + an APL adapter -> validated ONNX (+ TensorRT, + Triton)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import ExportError
+from .onnx_export import DEFAULT_OPSET, MIN_OPSET
+from .specs import ShapeRange, ShapeRanges
+
+EPILOG = """\
+stages (each prints its progress):
+  1 load      the diffusers folder and the adapter (its PyTorch forward is the reference)
+  2 onnx      text_encoder (with the APL prefix), negative_text_encoder (plain, for the negative
+              prompt), unet, vae_decoder; graph cleanup; fp16 with --fp16
+  3 validate  onnx.checker, I/O names and shapes, onnxruntime vs PyTorch on real and random inputs
+              (fp32: text encoder 1e-4, UNet 1e-3, VAE 3e-4; fp16: 2e-2). Any failure stops the export.
+  4 layout    <out>/<model>/model.onnx + config.json, tokenizer/, scheduler/, model_index.json,
+              apl_export.json (I/O, profiles, validation results)
+  5 engines   --trt: <out>/engines/<model>.plan, one min/opt/max profile each
+    triton    --triton: <out>/triton/<model>/config.pbtxt + 1/model.{plan,onnx}, CLIENT.md
+
+prefix modes:
+  baked   the prefix is a constant of text_encoder, whose only input is input_ids: no caller can
+          encode a prompt without it (default, for production apps)
+  input   the prefix (m, D) is a second input: a new adapter of the same m needs no re-export
+
+examples:
+  apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-onnx/
+  apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-trt/ --trt --fp16 --batch 1:1:4 --height 512:512:768
+  apl-export sd15/ --adapter apl-prefix/ --out repo/ --triton --prefix-mode input --overwrite
+
+The output is written next to --out and renamed at the end: a failed export leaves nothing behind.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apl-export",
+        description="Export a Stable Diffusion 1.x/2.x pipeline whose text encoder always applies an APL "
+        "anonymization prefix, to validated ONNX and optionally TensorRT engines and a Triton repository.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="diffusers pipeline folder (from save_pretrained), e.g. sd15/")
+    parser.add_argument("--adapter", required=True, help="APL adapter folder (adapter_config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="output folder; must not exist or be empty (or --overwrite)")
+    parser.add_argument("--onnx", action="store_true", help="export ONNX (always done; the default stage)")
+    parser.add_argument("--trt", action="store_true", help="also build TensorRT engines (tensorrt or TensorRT-RTX)")
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights and activations (fp32 inputs/outputs)")
+    parser.add_argument("--prefix-mode", choices=["baked", "input"], default="baked", help="see 'prefix modes'")
+    parser.add_argument("--batch", default="1:1:4", help="prompts per call, N or MIN:OPT:MAX (default 1:1:4)")
+    parser.add_argument("--height", default="512", help="image height in pixels, N or MIN:OPT:MAX (default 512)")
+    parser.add_argument("--width", default="512", help="image width in pixels, N or MIN:OPT:MAX (default 512)")
+    parser.add_argument("--triton", action="store_true", help="also write a Triton Inference Server repository")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default 19)")
+    parser.add_argument(
+        "--exporter",
+        choices=["dynamo", "torchscript"],
+        default="dynamo",
+        help="torch.onnx exporter: dynamo (default, robust) or torchscript (tracing, ~10x faster to export)",
+    )
+    parser.add_argument(
+        "--text-encoder",
+        default="standard",
+        help="text-encoder graph variant: 'standard' (default); 'fast' once the fused prefix-attention plugin is "
+        "installed",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .exporter import ExportOptions, export_pipeline
+
+    try:
+        ranges = ShapeRanges(
+            batch=ShapeRange.parse(args.batch, "batch"),
+            height=ShapeRange.parse(args.height, "height"),
+            width=ShapeRange.parse(args.width, "width"),
+        )
+        options = ExportOptions(
+            prefix_mode=args.prefix_mode,
+            ranges=ranges,
+            fp16=args.fp16,
+            opset=args.opset,
+            exporter=args.exporter,
+            text_encoder=args.text_encoder,
+            trt=args.trt,
+            triton=args.triton,
+            overwrite=args.overwrite,
+        )
+        export_pipeline(args.model, args.adapter, args.out, options, progress=lambda s: print(s, flush=True))
+    except ExportError as err:
+        print(f"apl-export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
