@@ -1,0 +1,75 @@
+"""Acceptance: a short APL training run on the shipped world lowers seen-identity accuracy and keeps scenes.
+
+Everything is real: training images are sampled from the world base model with name prompts (as
+the authors do), the prefix is trained by ``apl_adapter.training.train``, and the numbers come from
+the world's recognizers through the bench protocol. Nothing is tuned to the assertion: it compares
+measured base vs APL numbers on the same prompts and seeds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apl_adapter.world.models import model_path
+
+try:
+    WORLD_BASE = model_path("base")
+except FileNotFoundError:  # the world's weights are produced by `apl-world build` and shipped in the package
+    WORLD_BASE = None
+
+pytestmark = pytest.mark.skipif(WORLD_BASE is None, reason="world weights not built (run `apl-world build`)")
+
+NUM_NAMES = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path):
+    from apl_adapter.bench.protocol import BenchModels, BenchSpec, Person, run_protocol
+    from apl_adapter.bench.world import pick_scenes, world_readers
+    from apl_adapter.training import TrainConfig, train
+    from apl_adapter.training.generate import IdentitySpec, generate_identity_data
+    from apl_adapter.world.models import load_world_pipeline
+    from apl_adapter.world.spec import WorldSpec
+
+    world = WorldSpec.from_seed(0)
+    seen = world.seen[:NUM_NAMES]
+    data = generate_identity_data(
+        WORLD_BASE,
+        [IdentitySpec(p.name, world.attribute_prompt(p.name, 0)) for p in seen],
+        tmp_path / "data",
+        per_name=8,
+        captions=[scene.caption(i) for i, scene in enumerate(world.scenes[::2])],
+        per_caption=1,
+        batch_size=64,
+        show_progress=False,
+    )
+    result = train(
+        TrainConfig(base=str(WORLD_BASE), data=str(data), out=str(tmp_path / "run"), steps=150, batch_size=8, lr=1e-2),
+        show_progress=False,
+    )
+    spec = BenchSpec(
+        persons=[Person(p.name, dict(p.attributes), "seen") for p in seen],
+        person_templates=["a photo of {}"],
+        scenes=pick_scenes(world, 12),
+        seeds=[100, 101],
+        batch_size=64,
+    )
+    sections = run_protocol(spec, BenchModels(base=load_world_pipeline("base")), world_readers(), result.adapter_dir)
+    seen_section, scenes = sections["seen"], sections["scenes"]
+    print(
+        f"seen top-1 {seen_section['base']['top1_accuracy']:.2f} -> {seen_section['apl']['top1_accuracy']:.2f}, "
+        f"scenes {scenes['base']['scene_accuracy']:.2f} -> {scenes['apl']['scene_accuracy']:.2f}"
+    )
+    assert seen_section["base"]["top1_accuracy"] >= 0.6  # the base model draws these people
+    assert seen_section["apl"]["top1_accuracy"] <= seen_section["base"]["top1_accuracy"] / 3
+    assert seen_section["apl"]["face_presence_rate"] >= 0.8  # anonymous faces, not no faces
+    assert scenes["apl"]["scene_accuracy"] >= scenes["base"]["scene_accuracy"] - 1 / 12  # at most one scene lost
