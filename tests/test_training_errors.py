@@ -166,3 +166,11 @@ def test_generate_identity_data_writes_a_trainable_folder(capsys, base_folder, t
     assert Image.open(out / rows_written[0]["file_name"]).size == (16, 16)
     code, err = run(capsys, base_folder, out, tmp_path / "run")
     assert code == 0, err
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert code == 0, err
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert code == 2 and "already holds a training run" in err and "--resume latest" in err

@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--adapter", required=True, help="APL adapter folder (apl-train writes <out>/adapter).")
     parser.add_argument("--out", required=True, help="Report folder (created; report files are replaced).")
-    parser.add_argument("--world-seed", type=int, default=0, help="World whose names/attributes are used (default 0, "
-                        "the one the shipped models were trained on).")  # fmt: skip
-    parser.add_argument("--assets", default=None, help="Folder of world models (default: the shipped ones).")
+    parser.add_argument("--world-seed", type=int, default=0, help="World whose names, attributes and splits are used "
+                        "(default 0 = the shipped models). Another seed needs models built for it: "
+                        "`apl-world build --seed N` and --assets pointing to that build.")  # fmt: skip
+    parser.add_argument("--assets", default=None, help="Folder of world models with base/, sibling/, dreambooth/, "
+                        "recognizer/ (default: the shipped ones).")  # fmt: skip
     parser.add_argument("--identities", default=None, help="File of names to measure (default: all world names).")
     parser.add_argument("--templates", default=None, help="File of person templates (default: the world's five).")
     parser.add_argument("--train-data", default=None, help="The prefix's training data folder: templates used "

@@ -10,6 +10,7 @@ description), preservation images from scene captions; the other person template
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ def run_demo(
         make_world_training_data(data, per_name, per_caption)
     data_seconds = time.perf_counter() - started
     print(f"[2/3] training the APL prefix ({steps} steps, batch {batch_size})")
+    shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
     result = train(
         TrainConfig(
             base=str(model_path("base")), data=str(data), out=str(out / "run"), steps=steps, batch_size=batch_size,

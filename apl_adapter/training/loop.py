@@ -169,6 +169,11 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     out = Path(config.out)
     check_base_folder(config.base)
+    if not config.resume and any(out.glob("checkpoint-*")):
+        raise APLAdapterError(
+            f"{out} already holds a training run (checkpoint-N folders). Pass --resume latest to continue it, "
+            "or choose a new --out."
+        )
     examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
     parts = load_frozen_parts(config.base)
     data = encode_data(parts, examples, config.resolution, accelerator.device)
