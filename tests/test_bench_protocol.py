@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from peft import get_peft_model
 
@@ -27,13 +26,7 @@ from apl_adapter.world.recognizers import (
 )
 from apl_adapter.world.spec import WorldSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
 
 
 def test_protocol_end_to_end_on_tiny_models(tmp_path):

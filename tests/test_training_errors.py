@@ -7,20 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from apl_adapter.testing import tiny_sd_pipeline
 from apl_adapter.training.cli import main
 from apl_adapter.training.data import write_data_folder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ measured base vs APL numbers on the same prompts and seeds.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from apl_adapter.world.models import model_path
+
+from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
 
 try:
     WORLD_BASE = model_path("base")
@@ -21,14 +22,6 @@ except FileNotFoundError:  # the world's weights are produced by `apl-world buil
 pytestmark = pytest.mark.skipif(WORLD_BASE is None, reason="world weights not built (run `apl-world build`)")
 
 NUM_NAMES = 6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

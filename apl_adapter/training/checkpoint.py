@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import APLAdapterError
 from ..serialization import check_adapter_folder, save_adapter
+from .atomic import atomic_folder
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -30,20 +29,13 @@ def save_checkpoint(peft_model, optimizer: torch.optim.Optimizer, step: int, out
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"checkpoint-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=out))
-    try:
+    with atomic_folder(target, replace=True) as staging:
         save_adapter(peft_model, staging / "adapter")
         for item in (staging / "adapter").iterdir():
             os.replace(item, staging / item.name)
         (staging / "adapter").rmdir()
         save_file(_optimizer_tensors(optimizer), str(staging / OPTIMIZER_NAME))
         (staging / STATE_NAME).write_text(json.dumps({"step": step}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -180,15 +180,12 @@ def write_data_folder(out: str | os.PathLike, rows: list[tuple[Image.Image, dict
     'preservation'
     ```
     """
-    import shutil
-    import tempfile
+    from .atomic import atomic_folder
 
     out = Path(out)
     if out.exists():
         raise DataFormatError(f"{out} already exists; choose a new folder or delete it first.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         (staging / "images").mkdir()
         with (staging / METADATA_NAME).open("w", encoding="utf-8") as metadata:
             for index, (image, fields) in enumerate(rows):
@@ -197,8 +194,4 @@ def write_data_folder(out: str | os.PathLike, rows: list[tuple[Image.Image, dict
                 file_name = f"images/{index:06d}.png"
                 image.save(staging / file_name)
                 metadata.write(json.dumps({"file_name": file_name, **fields}) + "\n")
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

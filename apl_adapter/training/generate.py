@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import APLAdapterError
+from .atomic import atomic_folder
 from .base_model import check_base_folder
 from .data import METADATA_NAME
 
@@ -104,9 +103,7 @@ def generate_identity_data(
             jobs.append({"kind": "identity", "c1": c1, "c2": spec.c2, "identity": spec.name})
     for caption in captions or []:
         jobs.extend({"kind": "preservation", "c1": caption, "c2": caption} for _ in range(per_caption))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         (staging / "images").mkdir()
         with (staging / METADATA_NAME).open("w", encoding="utf-8") as metadata:
             for start in tqdm(range(0, len(jobs), batch_size), desc="generate data", disable=not show_progress):
@@ -122,8 +119,4 @@ def generate_identity_data(
                     file_name = f"images/{start + j:06d}.png"
                     image.save(staging / file_name)
                     metadata.write(json.dumps({"file_name": file_name, **job}) + "\n")
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
