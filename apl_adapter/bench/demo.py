@@ -20,7 +20,7 @@ from ..errors import APLAdapterError
 TRAIN_TEMPLATE = "a photo of {name}"
 
 
-def make_world_training_data(out: Path, per_name: int, per_caption: int, seed: int = 0) -> Path:
+def make_world_training_data(out: Path, per_name: int, per_caption: int, seed: int = 0, assets=None) -> Path:
     """Identity triplets for the seen names + preservation pairs for every scene, sampled from the world base."""
     from ..training.generate import IdentitySpec, generate_identity_data
     from ..world.models import model_path
@@ -30,7 +30,7 @@ def make_world_training_data(out: Path, per_name: int, per_caption: int, seed: i
     identities = [IdentitySpec(p.name, world.attribute_prompt(p.name, 0)) for p in world.seen]
     captions = [scene.caption(index) for index, scene in enumerate(world.scenes)]
     return generate_identity_data(
-        model_path("base"),
+        model_path("base", assets),
         identities,
         out,
         per_name=per_name,
@@ -50,6 +50,7 @@ def run_demo(
     per_caption: int = 2,
     seeds: tuple[int, ...] = (0, 1),
     lr: float = 1e-3,
+    assets: str | Path | None = None,
 ) -> dict:
     """Data -> training -> bench; returns the bench report and prints its Markdown.
 
@@ -67,18 +68,18 @@ def run_demo(
     data = out / "data"
     if not (data / "metadata.jsonl").is_file():
         print(f"[1/3] sampling training data from the world base model into {data}")
-        make_world_training_data(data, per_name, per_caption)
+        make_world_training_data(data, per_name, per_caption, assets=assets)
     data_seconds = time.perf_counter() - started
     print(f"[2/3] training the APL prefix ({steps} steps, batch {batch_size})")
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
     result = train(
         TrainConfig(
-            base=str(model_path("base")), data=str(data), out=str(out / "run"), steps=steps, batch_size=batch_size,
-            lr=lr, log_every=10,
+            base=str(model_path("base", assets)), data=str(data), out=str(out / "run"), steps=steps,
+            batch_size=batch_size, lr=lr, log_every=10,
         )
     )  # fmt: skip
     print("[3/3] apl-bench")
-    spec, models, readers = world_bench_inputs(seeds=list(seeds), train_data=data)
+    spec, models, readers = world_bench_inputs(seeds=list(seeds), train_data=data, assets=assets)
     extra = {"training": {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": result.seconds,
                           "final_loss": result.final_loss, "data_seconds": data_seconds}}  # fmt: skip
     report = run_bench(spec, models, readers, result.adapter_dir, out / "bench", extra=extra)
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="Training batch size.")
     parser.add_argument("--per-name", type=int, default=16, help="Training images per seen name.")
     parser.add_argument("--seeds", default="0,1", help="Bench seeds.")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
+    parser.add_argument("--assets", default=None, help="World models folder (default: the shipped ones).")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (1 on a busy CPU).")
     args = parser.parse_args(argv)
     import torch
@@ -105,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.num_threads)
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
-        run_demo(args.out, steps=args.steps, batch_size=args.batch_size, per_name=args.per_name, seeds=seeds)
+        run_demo(
+            args.out, steps=args.steps, batch_size=args.batch_size, per_name=args.per_name, seeds=seeds, lr=args.lr,
+            assets=args.assets,
+        )  # fmt: skip
     except (APLAdapterError, FileNotFoundError, ValueError) as err:
         print(f"apl demo: error: {err}", file=sys.stderr)
         return 2
