@@ -147,8 +147,10 @@ def check_triton_repository(root: Path) -> list[str]:
             raise ExportError(f"{where}: model file 1/{filename} is missing or empty.")
         platform = config.get("platform")
         onnx_file = model_file if platform == "onnxruntime_onnx" else root.parent / name / "model.onnx"
-        if platform not in ("onnxruntime_onnx", "tensorrt_plan") or not onnx_file.is_file():
-            raise ExportError(f"{where}: platform {platform!r} or its source {onnx_file} is unknown.")
+        if platform not in ("onnxruntime_onnx", "tensorrt_plan"):
+            raise ExportError(f"{where}: platform {platform!r} is not one this exporter writes.")
+        if not onnx_file.is_file():
+            raise ExportError(f"{where}: the ONNX file {onnx_file} its I/O is checked against is missing.")
         graph = onnx.load(str(onnx_file), load_external_data=False).graph
         initializers = {t.name for t in graph.initializer}
         for kind, values in (("inputs", [v for v in graph.input if v.name not in initializers]),

@@ -1,0 +1,200 @@
+"""End to end: a tiny Stable Diffusion pipeline + an APL adapter through apl-export.
+
+One baked export (ONNX + TensorRT-RTX engines + Triton repository) is shared by the tests of
+this module; the input-mode export also checks that a missing TensorRT builder leaves the
+validated ONNX in place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from apl_export import engines as engines_module
+from apl_export.errors import ExportError, TensorRTUnavailableError, ValidationError
+from apl_export.exporter import ExportOptions, PeftTextEncoderReference, export_pipeline, load_pipeline
+from apl_export.runtime_ort import ORTAPLPipeline
+from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec
+from apl_export.triton import check_triton_repository
+from apl_export.validate import compare_with_torch
+from peft import get_peft_model
+
+from apl_adapter import APLConfig, save_adapter
+from apl_adapter.pipelines import apply_apl, remove_apl
+from apl_adapter.testing import tiny_sd_pipeline
+
+pytestmark = pytest.mark.slow
+
+RANGES = ShapeRanges(batch=ShapeRange(1, 1, 2), height=ShapeRange(16, 16, 32), width=ShapeRange(16, 16, 32))
+PROMPTS = ["a photo of Ann Lee", "a red cube on a table"]
+
+
+def _has_trt_builder() -> bool:
+    try:
+        engines_module.load_tensorrt()
+    except TensorRTUnavailableError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A saved tiny SD pipeline and a saved adapter for its text encoder (width 32, m = 10)."""
+    root = tmp_path_factory.mktemp("export-sources")
+    tiny_sd_pipeline().save_pretrained(root / "sd")
+    save_adapter(get_peft_model(tiny_sd_pipeline().text_encoder, APLConfig()), root / "adapter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def baked(sources):
+    """A baked export with TensorRT engines (where a builder is installed) and a Triton repository."""
+    options = ExportOptions(ranges=RANGES, exporter="torchscript", trt=_has_trt_builder(), triton=True)
+    out = export_pipeline(sources / "sd", sources / "adapter", sources / "baked", options, progress=lambda s: None)
+    return out
+
+
+def _reference_images(sources, prompts, negatives=None, adapter=True, steps=3):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sources / "sd", safety_checker=None, requires_safety_checker=False)
+    if adapter:
+        apply_apl(pipe, sources / "adapter")
+    images = pipe(prompts, negative_prompt=negatives, num_inference_steps=steps, height=16, width=16,
+                  generator=torch.Generator().manual_seed(7), output_type="np").images  # fmt: skip
+    if adapter:
+        remove_apl(pipe)
+    return images
+
+
+def test_layout_and_manifest(baked):
+    manifest = json.loads((baked / "apl_export.json").read_text())
+    assert set(manifest["models"]) == {"text_encoder", "negative_text_encoder", "unet", "vae_decoder"}
+    for name, model in manifest["models"].items():
+        assert (baked / model["path"]).is_file()
+        assert (baked / name / "config.json").is_file()
+        validation = model["validation"]
+        assert 0 <= max(validation["max_abs_error"].values()) <= validation["atol"]
+    assert (baked / "tokenizer" / "tokenizer_config.json").is_file()
+    assert (baked / "scheduler" / "scheduler_config.json").is_file()
+    index = json.loads((baked / "model_index.json").read_text())
+    assert {"text_encoder", "negative_text_encoder", "unet", "vae_decoder", "tokenizer", "scheduler"} <= set(index)
+    assert not list(baked.parent.glob(".baked.export-*")), "the staging folder must be gone"
+
+
+def test_baked_text_encoder_has_only_input_ids_and_applies_the_prefix(baked, sources):
+    model = onnx.load(str(baked / "text_encoder" / "model.onnx"))
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    assert [i.name for i in inputs] == ["input_ids"]
+    assert inputs[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
+
+    loaded = load_pipeline(sources / "sd", sources / "adapter")
+    ids = loaded.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = loaded.text_encoder(input_ids=ids).last_hidden_state.numpy()
+        with loaded.text_encoder.disable_adapter():
+            plain = loaded.text_encoder(input_ids=ids).last_hidden_state.numpy()
+    feed = {"input_ids": ids.numpy().astype(np.int32)}
+    prefixed = ort.InferenceSession(str(baked / "text_encoder" / "model.onnx")).run(None, feed)[0]
+    negative = ort.InferenceSession(str(baked / "negative_text_encoder" / "model.onnx")).run(None, feed)[0]
+    assert prefixed.shape == (2, 77, 32)
+    np.testing.assert_allclose(prefixed, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(negative, plain, atol=1e-4, rtol=0)
+    assert np.abs(prefixed - plain).max() > 1e-2, "the baked graph must not equal the plain encoder"
+
+
+def test_validation_rejects_a_graph_that_differs_from_pytorch(baked, sources):
+    """The validator can fail: the plain encoder's ONNX against the prefixed PyTorch reference."""
+    loaded = load_pipeline(sources / "sd", sources / "adapter")
+    spec = text_encoder_spec("text_encoder", 32, "pooler_output", 32, RANGES)
+    reference = PeftTextEncoderReference(loaded.text_encoder, spec.output_names)
+    ids = loaded.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="np").input_ids
+    with pytest.raises(ValidationError, match="differs from PyTorch"):
+        compare_with_torch(baked / "negative_text_encoder" / "model.onnx", reference, spec,
+                           [{"input_ids": ids.astype(np.int32)}], atol=1e-4, progress=lambda s: None)  # fmt: skip
+
+
+def test_onnxruntime_pipeline_matches_pytorch(baked, sources):
+    negatives = ["blurry", ""]
+    expected = _reference_images(sources, PROMPTS, negatives)
+    plain = _reference_images(sources, PROMPTS, negatives, adapter=False)
+    pipe = ORTAPLPipeline.from_pretrained(baked)
+    images = pipe(PROMPTS, negative_prompt=negatives, num_inference_steps=3, height=16, width=16,
+                  generator=torch.Generator().manual_seed(7))  # fmt: skip
+    assert images.shape == expected.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(images, expected, atol=1e-4, rtol=0)  # same seed, same image (fp32)
+    assert np.abs(images - plain).max() > 1e-3, "the prefix must change the image"
+    with pytest.raises(ExportError, match="outside the exported range"):
+        pipe(PROMPTS, height=64, width=16)
+
+
+@pytest.mark.skipif(not _has_trt_builder(), reason="no TensorRT builder installed (tensorrt or TensorRT-RTX wheels)")
+def test_tensorrt_engines_io_and_profiles(baked):
+    manifest = json.loads((baked / "apl_export.json").read_text())
+    engines = manifest["engines"]
+    assert set(engines["models"]) == set(manifest["models"])
+    for name, engine in engines["models"].items():
+        model = manifest["models"][name]
+        assert (baked / engine["path"]).stat().st_size == engine["bytes"] > 0
+        inputs = [n for n, v in engine["io"].items() if v["mode"] == "input"]
+        outputs = [n for n, v in engine["io"].items() if v["mode"] == "output"]
+        assert inputs == [t["name"] for t in model["inputs"]]
+        assert outputs == [t["name"] for t in model["outputs"]]
+        assert engine["profile"] == model["profile"]
+    text = engines["models"]["text_encoder"]
+    assert text["io"]["input_ids"] == {"mode": "input", "dtype": "int32", "shape": [-1, 77]}
+    assert text["profile"]["input_ids"] == [[1, 77], [1, 77], [2, 77]]
+    unet = engines["models"]["unet"]
+    assert unet["io"]["sample"]["shape"] == [-1, 4, -1, -1]
+    # UNet batch is twice the prompt batch (guidance); latents are the image / 2 for the tiny VAE.
+    assert unet["profile"]["sample"] == [[2, 4, 8, 8], [2, 4, 8, 8], [4, 4, 16, 16]]
+    assert unet["profile"]["encoder_hidden_states"] == [[2, 77, 32], [2, 77, 32], [4, 77, 32]]
+
+
+def test_triton_repository_structure(baked, tmp_path):
+    root = baked / "triton"
+    assert check_triton_repository(root) == ["negative_text_encoder", "text_encoder", "unet", "vae_decoder"]
+    assert (root / "CLIENT.md").is_file()
+    # The check can fail: a renamed input, then a missing model file.
+    shutil.copytree(baked, tmp_path / "copy")  # with the ONNX files the engines are checked against
+    broken = tmp_path / "copy" / "triton"
+    config = broken / "unet" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"sample"', '"latents"', 1))
+    with pytest.raises(ExportError, match="do not match"):
+        check_triton_repository(broken)
+    shutil.rmtree(broken / "unet")
+    (broken / "vae_decoder" / "1").rename(broken / "vae_decoder" / "2")
+    with pytest.raises(ExportError, match="missing"):
+        check_triton_repository(broken)
+
+
+def test_input_mode_without_trt_builder_keeps_onnx(sources, monkeypatch):
+    """Input mode end to end, with no TensorRT builder importable: a clear error, the ONNX published."""
+    monkeypatch.setattr(engines_module, "BUILDER_MODULES", ("apl_no_such_tensorrt_module",))
+    options = ExportOptions(ranges=RANGES, exporter="torchscript", prefix_mode="input", trt=True)
+    out = sources / "input"
+    with pytest.raises(TensorRTUnavailableError, match="needs a TensorRT builder"):
+        export_pipeline(sources / "sd", sources / "adapter", out, options, progress=lambda s: None)
+    manifest = json.loads((out / "apl_export.json").read_text())
+    assert "engines" not in manifest
+    model = onnx.load(str(out / "text_encoder" / "model.onnx"))
+    assert [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}] == [
+        "input_ids",
+        "prefix",
+    ]
+    # The ONNX Runtime pipeline feeds the exported prefix; another prefix changes the image.
+    expected = _reference_images(sources, PROMPTS[:1])
+    pipe = ORTAPLPipeline.from_pretrained(out)
+    images = pipe(PROMPTS[:1], num_inference_steps=3, height=16, width=16, generator=torch.Generator().manual_seed(7))
+    np.testing.assert_allclose(images, expected, atol=1e-4, rtol=0)
+    pipe.set_prefix(np.random.default_rng(0).uniform(0, 1, (10, 32)).astype(np.float32))
+    other = pipe(PROMPTS[:1], num_inference_steps=3, height=16, width=16, generator=torch.Generator().manual_seed(7))
+    assert np.abs(other - images).max() > 1e-3
+    with pytest.raises(ExportError, match="does not fit"):
+        pipe.set_prefix(np.zeros((10, 48), np.float32))
