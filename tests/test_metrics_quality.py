@@ -84,15 +84,14 @@ def test_missing_weights_paths_are_clear_errors(tmp_path):
         CLIPScorer.from_pretrained(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_folder(tmp_path_factory):
-    """A random tiny CLIPModel saved with a real-tokenizer CLIPProcessor: the on-disk layout of a real one."""
+def save_tiny_clip(folder):
+    """Save a random tiny CLIPModel + a real-tokenizer CLIPProcessor: the on-disk layout of a real CLIP folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+    from apl_adapter import load_clip_tokenizer
     from apl_adapter.testing import tiny_clip_text_config
 
-    folder = tmp_path_factory.mktemp("clip")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
     config = CLIPConfig(
         text_config=tiny_clip_text_config().to_dict(),
         vision_config={**vision, "image_size": 32, "patch_size": 8},
@@ -100,11 +99,14 @@ def tiny_clip_folder(tmp_path_factory):
     )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
-    from apl_adapter import load_clip_tokenizer
-
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=load_clip_tokenizer()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_folder(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_score_from_a_local_folder(tiny_clip_folder):

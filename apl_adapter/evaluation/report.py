@@ -76,6 +76,11 @@ def _identity_tables(identity: dict) -> list[str]:
         apl_row = identity["apl"]["per_identity"][name]
         per_rows.append([name, base_row["n"], *(row[key] for key, _ in columns for row in (base_row, apl_row))])
     mode = "open-set" if identity["open_set"] else "closed-set"
+    base_top1, apl_top1 = identity["base"]["top1_accuracy"], identity["apl"]["top1_accuracy"]
+    if base_top1 and apl_top1:
+        summary += f"\n\nTop-1 accuracy falls {base_top1 / apl_top1:.1f}-fold with the prefix."
+    elif base_top1:
+        summary += "\n\nTop-1 accuracy falls to 0 with the prefix (check face presence beside it)."
     return [
         f"Recognizer: **{identity['recognizer']}**, same person when distance < {identity['same_person_distance']}, "
         f"top-1 {mode}. Images without a face count as misses and score 0; read face presence beside every number.",

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
@@ -32,6 +33,7 @@ from .specs import EvalInputError, Identity, PromptSet, load_identities, load_pr
 
 logger = logging.getLogger(__name__)
 REPORT_VERSION = 1
+CHUNK = 64  # images held in memory at once while scoring
 
 
 @dataclass
@@ -221,8 +223,6 @@ def _identity_section(recognizer, embedder: FaceEmbedder, records: list[dict], w
     rows = [r for r in records if r["identity"] is not None]
     if recognizer is None or not rows:
         return {"skipped": "no identity with a usable reference face, or no {name} template"}
-    from tqdm.auto import tqdm
-
     section = {
         "recognizer": recognizer.name,
         "same_person_distance": embedder.same_person_distance,
@@ -305,12 +305,15 @@ def _clip_section(settings: EvalSettings, records: list[dict], work: Path, ident
         skipped.append(f"CLIP score: could not load {settings.clip_model}: {error}")
         return {"skipped": f"could not load {settings.clip_model}: {error}"}
     section: dict = {"model": settings.clip_model}
+    # identity images are also scored against the anonymous description the prefix should keep
+    anonymous = [_anonymous_prompt(r, identities) for r in records]
     for variant in ("base", "apl"):
-        images = [load_rgb(work / r[variant]) for r in records]
-        prompt_scores = scorer.score(images, [r["prompt"] for r in records])
-        # identity images are also scored against the anonymous description the prefix should keep
-        anonymous = [_anonymous_prompt(r, identities) for r in records]
-        described = scorer.score(images, anonymous)
+        prompt_scores, described = [], []
+        for start in tqdm(range(0, len(records), CHUNK), desc=f"CLIP score ({variant})", unit="chunk"):
+            chunk = records[start : start + CHUNK]
+            images = [load_rgb(work / r[variant]) for r in chunk]  # chunks keep memory flat on big runs
+            prompt_scores += scorer.score(images, [r["prompt"] for r in chunk])
+            described += scorer.score(images, anonymous[start : start + CHUNK])
         for row, score, desc_score in zip(records, prompt_scores, described):
             row[f"{variant}_clip"] = score
             if row["identity"] is not None:
@@ -344,7 +347,12 @@ def _fid_section(settings: EvalSettings, neutral: list[dict], work: Path, skippe
     except (OSError, RuntimeError, ValueError) as error:
         skipped.append(f"FID: could not load {settings.fid_model}: {error}")
         return {"skipped": f"could not load {settings.fid_model}: {error}"}
-    features = {v: extractor([load_rgb(work / r[v]) for r in neutral]) for v in ("base", "apl")}
+    features = {
+        v: np.concatenate(
+            [extractor([load_rgb(work / r[v]) for r in neutral[s : s + CHUNK]]) for s in range(0, len(neutral), CHUNK)]
+        )
+        for v in ("base", "apl")
+    }
     section = {
         "model": settings.fid_model,
         "num_images": len(neutral),

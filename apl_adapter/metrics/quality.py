@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -156,10 +157,12 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
     cov_a = np.atleast_2d(np.cov(features_a, rowvar=False))
     cov_b = np.atleast_2d(np.cov(features_b, rowvar=False))
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(root).all():  # near-singular product: regularise as pytorch-fid does
-        offset = np.eye(len(cov_a)) * 1e-6
-        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    with warnings.catch_warnings():  # few samples make the product singular; the caller reports N beside FID
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+        if not np.isfinite(root).all():  # regularise as pytorch-fid does
+            offset = np.eye(len(cov_a)) * 1e-6
+            root, _ = linalg.sqrtm((cov_a + offset) @ (cov_b + offset), disp=False)
     root = root.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
 
