@@ -42,7 +42,7 @@ from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 from .errors import APLAdapterError
 from .model import APLEmbedding, clip_eos_token_id, clip_text_model_of, insert_prefix_ids
-from .ops import prefix_attention
+from .ops import prefix_attention, prefix_attention_reference
 
 __all__ = ["CachedPrefixEncoder", "PrefixState"]
 
@@ -178,12 +178,8 @@ class CachedPrefixEncoder(nn.Module):
         q = self._split_heads(attn.q_proj(normed))
         k = self._split_heads(attn.k_proj(normed))
         v = self._split_heads(attn.v_proj(normed))
-        if self.use_kernel:
-            context = prefix_attention(q, k, v, k_prefix, v_prefix, causal=True, scale=attn.scale)
-        else:
-            from .ops import prefix_attention_reference
-
-            context = prefix_attention_reference(q, k, v, k_prefix, v_prefix, causal=True, scale=attn.scale)
+        attention = prefix_attention if self.use_kernel else prefix_attention_reference
+        context = attention(q, k, v, k_prefix, v_prefix, causal=True, scale=attn.scale)
         hidden = hidden + attn.out_proj(context.transpose(1, 2).reshape(batch, length, width))
         hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         return hidden, k, v
@@ -215,8 +211,15 @@ class CachedPrefixEncoder(nn.Module):
                 "CachedPrefixEncoder supports causal masking only (as Stable Diffusion uses CLIP); "
                 "pass no attention_mask, or use the full encoder for padded masks."
             )
+        return self.encode_with_state(input_ids, self.prefix_state(prefix), output_hidden_states, return_dict)
+
+    def encode_with_state(
+        self, input_ids: torch.Tensor, state: PrefixState, output_hidden_states: bool = False, return_dict: bool = True
+    ):
+        """Encode with a given prefix state (what ``forward`` does after its cache lookup; exporters call it with
+        the state's tensors as graph constants). No Python branch depends on tensor values: traceable."""
         tm = self.text_model
-        m = prefix.shape[0]
+        m = state.hidden_states[0].shape[1] - 1  # the state covers positions 0..m
         ids = insert_prefix_ids(
             input_ids.view(-1, input_ids.shape[-1]),
             m,
@@ -224,7 +227,6 @@ class CachedPrefixEncoder(nn.Module):
             max_positions=tm.config.max_position_embeddings,
         )
         batch, length = ids.shape
-        state = self.prefix_state(prefix)
 
         positions = tm.embeddings.position_embedding.weight[m + 1 : length]
         hidden = tm.embeddings.token_embedding(ids[:, m + 1 :]) + positions  # (B, L' - P, D)
@@ -237,9 +239,8 @@ class CachedPrefixEncoder(nn.Module):
             return torch.cat([prefix_part.expand(batch, -1, -1), request_part], dim=1)
 
         last_hidden = tm.final_layer_norm(full(state.hidden_states[-1], hidden))
-        pooled = last_hidden[
-            torch.arange(batch, device=last_hidden.device), self._pool_index(ids).to(last_hidden.device)
-        ]
+        rows = torch.arange(batch, device=last_hidden.device)
+        pooled = last_hidden[rows, self._pool_index(ids).to(last_hidden.device)]
         hidden_states = None
         if output_hidden_states:
             hidden_states = tuple(full(p, r) for p, r in zip(state.hidden_states, per_layer))
