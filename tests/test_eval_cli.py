@@ -122,6 +122,9 @@ def test_skipped_inputs_are_reported(run):
     assert "'Nobody Known'" in skipped and "identity skipped" in skipped
     assert "Nobody Known" not in {r["identity"] for r in report["images"]}
     assert "corrupt.png" in (out / "report.md").read_text()
+    gallery = report["identity"]["gallery"]["Eileen Collins"]
+    assert gallery["num_references"] == 4 and 0 < gallery["max_within_distance"] < 0.6  # 4 usable photos, one person
+    assert report["warnings"] == []
 
 
 @pytest.mark.slow

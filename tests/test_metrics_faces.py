@@ -11,6 +11,7 @@ pytest.importorskip("dlib", reason="dlib-bin is part of the eval extra")
 
 from apl_adapter.metrics import FaceGalleryRecognizer, build_gallery, identity_metrics  # noqa: E402
 from apl_adapter.metrics.dlib_faces import DlibFaceEmbedder  # noqa: E402
+from apl_adapter.metrics.faces import gallery_consistency  # noqa: E402
 
 THRESHOLD = DlibFaceEmbedder.same_person_distance
 
@@ -131,3 +132,21 @@ def test_recognizer_names_the_right_person_open_and_closed_set(astronaut, camera
     assert metrics["face_presence_rate"] == pytest.approx(2 / 3)
     assert metrics["top1_accuracy"] == pytest.approx(1 / 3)
     assert metrics["per_identity"]["astronaut"]["max_score"] == pytest.approx(a.scores["astronaut"])
+
+
+def test_gallery_consistency_flags_mixed_or_confusable_references():
+    gallery = {
+        "ann": np.array([[0.0, 0.0], [0.3, 0.4]]),  # 0.5 apart: one person
+        "bo": np.array([[0.0, 0.55], [2.0, 0.0]]),  # 2.07 apart: two people in one folder; 0.335 from ann's 2nd
+        "cy": np.array([[5.0, 5.0]]),
+    }
+    rows, warnings = gallery_consistency(gallery, threshold=0.6)
+    assert rows["ann"]["max_within_distance"] == pytest.approx(0.5)
+    assert rows["ann"]["nearest_other"] == "bo" and rows["ann"]["nearest_other_distance"] == pytest.approx(
+        0.3162, abs=1e-4
+    )
+    assert rows["cy"]["num_references"] == 1 and rows["cy"]["max_within_distance"] is None
+    text = "\n".join(warnings)
+    assert "identity 'bo': two references are 2.062 apart" in text
+    assert "identity 'ann': a reference lies within 0.6 of one of 'bo'" in text
+    assert "'cy'" not in text

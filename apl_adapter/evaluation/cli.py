@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in report["skipped"]:
         print(f"apl-eval: skipped: {line}", file=sys.stderr)
+    for line in report["warnings"]:
+        print(f"apl-eval: warning: {line}", file=sys.stderr)
     identity = report["identity"]
     if "skipped" not in identity:
         for variant in ("base", "apl"):

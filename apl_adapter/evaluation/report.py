@@ -81,12 +81,25 @@ def _identity_tables(identity: dict) -> list[str]:
         summary += f"\n\nTop-1 accuracy falls {base_top1 / apl_top1:.1f}-fold with the prefix."
     elif base_top1:
         summary += "\n\nTop-1 accuracy falls to 0 with the prefix (check face presence beside it)."
+    gallery_rows = [
+        [
+            name,
+            row["num_references"],
+            row["max_within_distance"],
+            row.get("nearest_other"),
+            row.get("nearest_other_distance"),
+        ]
+        for name, row in identity["gallery"].items()
+    ]
+    gallery = _table(["identity", "references", "max distance within", "nearest other", "its distance"], gallery_rows)
     return [
         f"Recognizer: **{identity['recognizer']}**, same person when distance < {identity['same_person_distance']}, "
         f"top-1 {mode}. Images without a face count as misses and score 0; read face presence beside every number.",
         summary,
         "### Per identity",
         _table(per_header, per_rows),
+        "### Reference gallery",
+        gallery,
     ]
 
 
@@ -134,6 +147,8 @@ def to_markdown(report: dict) -> str:
         "![base vs APL](grid.png)",
         "## Skipped",
         "\n".join(f"- {line}" for line in report["skipped"]) or "Nothing was skipped.",
+        "## Warnings",
+        "\n".join(f"- {line}" for line in report["warnings"]) or "None.",
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
-from ..metrics.faces import FaceEmbedder, FaceGalleryRecognizer, FaceMatch, build_gallery, load_rgb
+from ..metrics.faces import (
+    FaceEmbedder,
+    FaceGalleryRecognizer,
+    FaceMatch,
+    build_gallery,
+    gallery_consistency,
+    load_rgb,
+)
 from ..serialization import check_adapter_folder
 from .generation import GenerationSettings, Job, generate, load_pipeline, slug
 from .specs import EvalInputError, Identity, PromptSet, load_identities, load_prompts
@@ -207,27 +214,32 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
         for seed, base, apl in zip(settings.seeds, base_paths[job.key], apl_paths[job.key])
     ]
     identities_by_name = {i.name: i for i in identities}
+    warnings: list[str] = []
     report = {
         "apl_eval_version": REPORT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": asdict(settings),
         "skipped": skipped,
-        "identity": _identity_section(recognizer, embedder, records, work, identities_by_name),
+        "warnings": warnings,
+        "identity": _identity_section(recognizer, embedder, records, work, warnings),
         "quality": _quality_section(settings, records, work, identities_by_name, skipped),
         "images": records,
     }
     return _jsonable(report)
 
 
-def _identity_section(recognizer, embedder: FaceEmbedder, records: list[dict], work: Path, identities) -> dict:
+def _identity_section(recognizer, embedder: FaceEmbedder, records: list[dict], work: Path, warnings: list[str]) -> dict:
     rows = [r for r in records if r["identity"] is not None]
     if recognizer is None or not rows:
         return {"skipped": "no identity with a usable reference face, or no {name} template"}
+    gallery_rows, gallery_warnings = gallery_consistency(recognizer.gallery, embedder.same_person_distance)
+    warnings.extend(gallery_warnings)
     section = {
         "recognizer": recognizer.name,
         "same_person_distance": embedder.same_person_distance,
         "open_set": recognizer.open_set,
         "identities": recognizer.identities,
+        "gallery": gallery_rows,
     }
     targets = [r["identity"] for r in rows]
     for variant in ("base", "apl"):

@@ -166,6 +166,38 @@ def build_gallery(
     return gallery
 
 
+def gallery_consistency(gallery: Mapping[str, np.ndarray], threshold: float) -> tuple[dict[str, dict], list[str]]:
+    """Check the references before trusting numbers measured against them.
+
+    Returns per identity ``num_references``, ``max_within_distance`` (largest distance between two
+    of its references; ``None`` with one reference) and the ``nearest_other`` identity with its
+    ``nearest_other_distance`` (closest pair of references across the two), plus warnings for
+    references that look like two people or two identities that look like one.
+    """
+    rows, warnings = {}, []
+    for name, refs in gallery.items():
+        within = np.linalg.norm(refs[:, None] - refs[None], axis=-1)
+        row = {"num_references": len(refs), "max_within_distance": float(within.max()) if len(refs) > 1 else None}
+        others = {
+            o: float(np.linalg.norm(refs[:, None] - r[None], axis=-1).min()) for o, r in gallery.items() if o != name
+        }
+        if others:
+            nearest = min(others, key=others.__getitem__)
+            row.update(nearest_other=nearest, nearest_other_distance=others[nearest])
+            if others[nearest] < threshold:
+                warnings.append(
+                    f"identity {name!r}: a reference lies within {threshold} of one of {nearest!r} "
+                    f"({others[nearest]:.3f}); the recognizer may confuse them"
+                )
+        if row["max_within_distance"] is not None and row["max_within_distance"] >= threshold:
+            warnings.append(
+                f"identity {name!r}: two references are {row['max_within_distance']:.3f} apart (>= {threshold}); "
+                "check that every photo in its folder shows this person"
+            )
+        rows[name] = row
+    return rows, warnings
+
+
 def cosine_similarities(vector: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Cosine similarity of ``vector`` (D,) with each row of ``matrix`` (k, D) -> (k,)."""
     norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(vector)
