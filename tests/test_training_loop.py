@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -143,3 +144,15 @@ def test_accelerate_launch_two_cpu_processes(base_folder, data_folder, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "loss.csv").read_text().count("\n") == 4
+
+
+def test_gradient_checkpointing_gives_the_same_prefix_and_bf16_runs(base_folder, data_folder, tmp_path):
+    common = {"base": str(base_folder), "data": str(data_folder), "batch_size": 2, "lr": 1e-2, "steps": 3}
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), **common), show_progress=False)
+    checkpointed = train(
+        TrainConfig(out=str(tmp_path / "gc"), gradient_checkpointing=True, **common), show_progress=False
+    )
+    torch.testing.assert_close(_prefix(checkpointed.adapter_dir), _prefix(plain.adapter_dir), rtol=1e-5, atol=1e-6)
+    bf16 = train(TrainConfig(out=str(tmp_path / "bf16"), mixed_precision="bf16", **common), show_progress=False)
+    assert math.isfinite(bf16.final_loss)
+    assert not torch.equal(_prefix(bf16.adapter_dir), _prefix(plain.adapter_dir))  # autocast really ran

@@ -166,7 +166,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     ```
     """
     started = time.perf_counter()
-    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = accelerator or _new_accelerator(config.mixed_precision)
     out = Path(config.out)
     check_base_folder(config.base)
     if not config.resume and any(out.glob("checkpoint-*")):
@@ -248,6 +248,17 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     if config.gradient_checkpointing:
         unet.eval()
     return TrainResult(adapter_dir, config.steps, loss_value, time.perf_counter() - started, losses)
+
+
+def _new_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for this run. Accelerate keeps one global state per process and refuses a second run
+    (in the same notebook or test session) with another precision; the per-run part of that state is reset,
+    the process group (``PartialState``, set by ``accelerate launch``) is kept."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def _save_checkpoint(accelerator, text_encoder, optimizer, step: int, out: Path, losses) -> None:
