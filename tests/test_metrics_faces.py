@@ -146,6 +146,6 @@ def test_gallery_consistency_flags_mixed_or_confusable_references():
     assert rows["ann"]["nearest_other_distance"] == pytest.approx(0.3354, abs=1e-4)  # (0.3, 0.4) to (0, 0.55)
     assert rows["cy"]["num_references"] == 1 and rows["cy"]["max_within_distance"] is None
     text = "\n".join(warnings)
-    assert "identity 'bo': two references are 2.062 apart" in text
+    assert "identity 'bo': two references are 2.074 apart" in text
     assert "identity 'ann': a reference lies within 0.6 of one of 'bo'" in text
     assert "'cy'" not in text
