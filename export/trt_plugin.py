@@ -1,0 +1,395 @@
+"""The fused prefix attention in exported graphs: the ONNX custom node ``apl::PrefixAttention`` and its TensorRT plugin.
+
+The "fast" text encoder (:class:`FastCLIPTextEncoderGraph`) bakes the APL prefix as per-layer keys/values computed
+once (:class:`apl_adapter.prefix_cache.CachedPrefixEncoder`) and runs only the prompt positions; each layer's
+attention is one ``torch.ops.apl.prefix_attention`` call, exported as an ``apl::PrefixAttention`` node (opset
+domain ``apl``, version 1; attributes ``causal``, ``scale``, ``plugin_namespace="apl"``, ``plugin_version="1"``).
+
+TensorRT's ONNX parser imports that node as a plugin when a creator named ``PrefixAttention`` (namespace ``apl``,
+version ``1``) is registered: :func:`register_plugin` registers one written with TensorRT's Python plugin API
+(``IPluginV3`` + ``IPluginCreatorV3One``, the only kind TensorRT-RTX imports). It works with ``tensorrt`` and with
+the TensorRT-RTX bindings. At run time (GPU) its ``enqueue`` runs the CUDA kernel of ``apl_adapter._C`` on
+TensorRT's stream, so the process that deserializes the engine must call :func:`register_plugin` first.
+
+What has been checked where: on this project's CPU machines, TensorRT-RTX parses the exported graph and builds a
+serialized engine with the plugin (the builder calls the plugin's shape, type and format callbacks); ``enqueue``
+needs a GPU and has not run here.
+
+TensorRT-RTX 1.7's ONNX parser ``dlopen``s ``libtensorrt_rtx.so`` (unversioned) for plugin nodes, and the wheel
+ships only ``libtensorrt_rtx.so.1``: :func:`plugin_process_env` gives the environment (``LD_LIBRARY_PATH`` with a
+symlink) a builder process needs; without it the parser aborts the process.
+
+Example (builds in a child process, as the loader path must be set before TensorRT loads):
+
+```python
+>>> import subprocess, sys
+>>> from apl_export.trt_plugin import plugin_process_env
+>>> cmd = [sys.executable, "-m", "apl_export.trt_plugin", "--check-build"]
+>>> subprocess.run(cmd, env=plugin_process_env(), check=True)  # doctest: +SKIP
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from apl_adapter.model import clip_text_model_of
+from apl_adapter.prefix_cache import CachedPrefixEncoder, PrefixState
+
+from .errors import ExportError
+
+OP_DOMAIN = "apl"
+OP_NAME = "PrefixAttention"
+OP_VERSION = "1"
+_ONNX_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ONNX: the custom node
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def register_onnx_schema() -> None:
+    """Declare ``apl::PrefixAttention`` to onnx (once), so onnxscript and the checker know its signature."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(OP_NAME, OP_DOMAIN):
+        return
+    attr = OpSchema.Attribute
+    schema = OpSchema(
+        OP_NAME,
+        OP_DOMAIN,
+        1,
+        doc="softmax([q k_prefix^T | q k^T (causal, bottom-right)] * scale) [v_prefix ; v]; see apl_adapter.ops",
+        inputs=[OpSchema.FormalParameter(name, "T") for name in ("q", "k", "v", "k_prefix", "v_prefix")],
+        outputs=[OpSchema.FormalParameter("out", "T")],
+        type_constraints=[("T", _ONNX_TYPES, "storage type; the kernel accumulates in fp32")],
+        attributes=[
+            attr("causal", OpSchema.AttrType.INT, "1: request keys masked causally (bottom-right)"),
+            attr("scale", OpSchema.AttrType.FLOAT, "softmax scale; 0 means 1/sqrt(head_dim)"),
+            attr("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace (apl)"),
+            attr("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version (1)"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def onnx_translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the op becomes one custom node."""
+    from onnxscript.values import Opset
+
+    register_onnx_schema()
+    opset = Opset(OP_DOMAIN, 1)
+
+    def prefix_attention_onnx(q, k, v, k_prefix, v_prefix, causal: bool = True, scale: float | None = None):
+        return opset.PrefixAttention(
+            q,
+            k,
+            v,
+            k_prefix,
+            v_prefix,
+            causal=int(causal),
+            scale=float(scale or 0.0),
+            plugin_namespace=OP_DOMAIN,
+            plugin_version=OP_VERSION,
+        )
+
+    return {torch.ops.apl.prefix_attention.default: prefix_attention_onnx}
+
+
+class FastCLIPTextEncoderGraph(nn.Module):
+    """CLIP text encoder with a baked APL prefix whose K/V are graph constants; int32 ``input_ids`` ``(B, 77)``.
+
+    Same outputs as ``apl_export.modules.CLIPTextEncoderGraph`` with a baked prefix: ``last_hidden_state``
+    ``(B, 77, D)`` and ``pooler_output`` ``(B, D)`` (``text_embeds`` for ``CLIPTextModelWithProjection``), but only
+    positions ``m+1..76`` are computed; attention is ``torch.ops.apl.prefix_attention`` (exported as
+    ``apl::PrefixAttention``).
+    """
+
+    def __init__(self, text_encoder: nn.Module, prefix: torch.Tensor) -> None:
+        super().__init__()
+        clip = clip_text_model_of(text_encoder)
+        if prefix.ndim != 2 or prefix.shape[1] != clip.config.hidden_size:
+            raise ExportError(
+                f"The APL prefix has shape {tuple(prefix.shape)} but this text encoder has width "
+                f"{clip.config.hidden_size}; export an adapter trained for this encoder width."
+            )
+        self.encoder = CachedPrefixEncoder(text_encoder, prefix.detach())
+        with torch.no_grad():
+            state = self.encoder.prefix_state(prefix.detach())
+        self.num_layers = len(state.keys)
+        for i, (k, v) in enumerate(zip(state.keys, state.values)):
+            self.register_buffer(f"prefix_key_{i}", k.detach().clone(), persistent=False)
+            self.register_buffer(f"prefix_value_{i}", v.detach().clone(), persistent=False)
+        self.register_buffer("prefix_hidden", state.hidden_states[-1].detach().clone(), persistent=False)
+        self.has_projection = hasattr(text_encoder, "text_projection")
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["last_hidden_state", "text_embeds" if self.has_projection else "pooler_output"]
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [getattr(self, f"prefix_key_{i}") for i in range(self.num_layers)]
+        values = [getattr(self, f"prefix_value_{i}") for i in range(self.num_layers)]
+        # Only the last layer's prefix hidden state is read (final layer norm); the others stay out of the graph.
+        state = PrefixState(keys, values, [self.prefix_hidden], version=None)
+        out = self.encoder.encode_with_state(input_ids.to(torch.int64), state)
+        pooled = out.text_embeds if self.has_projection else out.pooler_output
+        return out.last_hidden_state, pooled
+
+
+def make_fast_text_encoder(clip: nn.Module, prefix: torch.Tensor | None, prefix_as_input: bool, m: int) -> nn.Module:
+    """Entry for ``apl_export.exporter.TEXT_ENCODER_VARIANTS["fast"]`` (same arguments as the standard graph)."""
+    if prefix_as_input or prefix is None:
+        raise ExportError(
+            "The fast text encoder bakes the prefix's keys and values into the graph; it needs a baked prefix "
+            "(not --prefix-input, and only for the prefixed encoder). Use the standard variant otherwise."
+        )
+    return FastCLIPTextEncoderGraph(clip, prefix)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TensorRT: the plugin (Python plugin API, IPluginV3 / IPluginCreatorV3One)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tensorrt_rtx_library_dir() -> Path | None:
+    """A folder holding ``libtensorrt_rtx.so`` -> the wheel's ``libtensorrt_rtx.so.1`` (None without the wheel)."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("tensorrt_rtx_libs")
+    except ImportError:
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    versioned = Path(next(iter(spec.submodule_search_locations))) / "libtensorrt_rtx.so.1"
+    if not versioned.exists():
+        return None
+    folder = Path(tempfile.gettempdir()) / f"apl-trt-rtx-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    link = folder / "libtensorrt_rtx.so"
+    if not (link.is_symlink() and link.resolve() == versioned.resolve()):
+        tmp = folder / f".link-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(versioned)
+        tmp.replace(link)  # atomic: concurrent builders never see a half-made link
+    return folder
+
+
+def plugin_process_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a process that parses ONNX with plugin nodes using TensorRT-RTX (see the module docstring)."""
+    env = dict(os.environ if base is None else base)
+    folder = tensorrt_rtx_library_dir()
+    if folder is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(folder), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
+
+
+def _tensor_from_pointer(pointer: int, desc, trt: ModuleType) -> torch.Tensor:
+    """A torch CUDA tensor over TensorRT's buffer (no copy), through the CUDA array interface."""
+    shape = tuple(desc.dims)
+    storage, view = {
+        trt.DataType.FLOAT: ("<f4", None),
+        trt.DataType.HALF: ("<f2", None),
+        trt.DataType.BF16: ("<i2", torch.bfloat16),  # the interface has no bf16 code: read bits, view as bf16
+    }[desc.type]
+
+    interface = {"shape": shape, "typestr": storage, "data": (int(pointer), False), "version": 3}
+    tensor = torch.as_tensor(SimpleNamespace(__cuda_array_interface__=interface), device="cuda")
+    return tensor.view(view) if view is not None else tensor
+
+
+@functools.cache
+def plugin_classes(trt: ModuleType) -> tuple[type, type]:
+    """The plugin and creator classes for one TensorRT module (``tensorrt`` or the TensorRT-RTX bindings)."""
+    supported = (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
+
+    class PrefixAttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        """Inputs q, k, v ``(B, H, L, D)``, k_prefix, v_prefix ``(1 or B, H, P, D)``; output like q."""
+
+        def __init__(self, causal: int = 1, scale: float = 0.0, log: list[str] | None = None) -> None:
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name, self.plugin_namespace, self.plugin_version = OP_NAME, OP_DOMAIN, OP_VERSION
+            self.num_outputs = 1
+            self.causal, self.scale = int(causal), float(scale)
+            # Builder callbacks seen, shared by clones (the CPU-side check reports them).
+            self.callbacks: list[str] = [] if log is None else log
+
+        def get_capability_interface(self, kind):
+            return self
+
+        def clone(self):
+            return PrefixAttentionPlugin(self.causal, self.scale, self.callbacks)
+
+        def get_fields_to_serialize(self):
+            return trt.PluginFieldCollection(
+                [
+                    trt.PluginField("causal", np.array([self.causal], np.int32), trt.PluginFieldType.INT32),
+                    trt.PluginField("scale", np.array([self.scale], np.float32), trt.PluginFieldType.FLOAT32),
+                ]
+            )
+
+        def get_output_data_types(self, input_types):
+            self.callbacks.append("get_output_data_types")
+            return [input_types[0]]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            self.callbacks.append("get_output_shapes")
+            return [trt.DimsExprs(inputs[0])]
+
+        def supports_format_combination(self, pos, in_out, num_inputs):
+            self.callbacks.append("supports_format_combination")
+            desc = in_out[pos].desc
+            return (
+                desc.format == trt.TensorFormat.LINEAR
+                and desc.type in supported
+                and desc.type == in_out[0].desc.type  # one storage type for all five inputs and the output
+            )
+
+        def configure_plugin(self, inputs, outputs):
+            self.callbacks.append("configure_plugin")
+
+        def on_shape_change(self, inputs, outputs):
+            pass
+
+        def get_workspace_size(self, inputs, outputs):
+            return 0
+
+        def get_valid_tactics(self):
+            return []
+
+        def set_tactic(self, tactic):
+            pass
+
+        def attach_to_context(self, context):
+            return self.clone()
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            # GPU only (not run on this project's CPU machines): the CUDA kernel of apl_adapter._C on TRT's stream.
+            from apl_adapter.ops import has_fused_kernel
+
+            if not has_fused_kernel("cuda"):
+                raise RuntimeError("apl_adapter._C was built without CUDA; rebuild it with a CUDA torch")
+            tensors = [_tensor_from_pointer(p, d, trt) for p, d in zip(inputs, input_desc)]
+            out = _tensor_from_pointer(outputs[0], output_desc[0], trt)
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+                result = torch.ops.apl.prefix_attention(*tensors, bool(self.causal), self.scale or None)
+                out.copy_(result)  # the kernel writes (B, L, H, D)-strided memory; TensorRT wants q's layout
+
+    class PrefixAttentionPluginCreator(trt.IPluginCreatorV3One):
+        def __init__(self) -> None:
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name, self.plugin_namespace, self.plugin_version = OP_NAME, OP_DOMAIN, OP_VERSION
+            self.field_names = trt.PluginFieldCollection(
+                [
+                    trt.PluginField("causal", np.array([1], np.int32), trt.PluginFieldType.INT32),
+                    trt.PluginField("scale", np.array([0.0], np.float32), trt.PluginFieldType.FLOAT32),
+                ]
+            )
+            self.created: list[PrefixAttentionPlugin] = []
+
+        def create_plugin(self, name, fields, phase):
+            values = {f.name: np.asarray(f.data).reshape(-1)[0] for f in fields}
+            plugin = PrefixAttentionPlugin(int(values.get("causal", 1)), float(values.get("scale", 0.0)))
+            self.created.append(plugin)  # TensorRT holds raw pointers: keep the Python objects alive
+            return plugin
+
+    return PrefixAttentionPlugin, PrefixAttentionPluginCreator
+
+
+_CREATORS: dict[str, object] = {}
+
+
+def register_plugin(trt: ModuleType):
+    """Register the ``apl::PrefixAttention`` creator with ``trt``'s plugin registry (once per module); returns it."""
+    if trt.__name__ not in _CREATORS:
+        _, creator_cls = plugin_classes(trt)
+        creator = creator_cls()
+        if not trt.get_plugin_registry().register_creator(creator, OP_DOMAIN):
+            raise ExportError(f"TensorRT refused to register the {OP_DOMAIN}::{OP_NAME} plugin creator")
+        _CREATORS[trt.__name__] = creator
+    return _CREATORS[trt.__name__]
+
+
+def build_engine(trt: ModuleType, onnx_bytes: bytes, max_batch: int = 4) -> tuple[bytes, list[str]]:
+    """Parse ONNX holding ``apl::PrefixAttention`` nodes and build a serialized engine; returns it and the plugin
+    callbacks the builder made. A dynamic leading (batch) dimension gets one profile ``1..max_batch``."""
+    creator = register_plugin(trt)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse the graph: {errors}")
+    config = builder.create_builder_config()
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    if any(-1 in tuple(t.shape) for t in inputs):
+        profile = builder.create_optimization_profile()
+        for tensor in inputs:
+            shape = tuple(tensor.shape)
+            rest = shape[1:]
+            profile.set_shape(tensor.name, (1, *rest), (1, *rest), (max_batch, *rest))
+        config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ExportError("TensorRT failed to build the engine (see its log above)")
+    callbacks = sorted({c for plugin in creator.created for c in plugin.callbacks})
+    return bytes(engine), callbacks
+
+
+def _check_build(argv: list[str] | None = None) -> int:
+    """CLI: build an engine from a one-node ``apl::PrefixAttention`` graph (or a given ONNX file); print JSON."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    parser = argparse.ArgumentParser(description="Build a TensorRT engine containing the apl::PrefixAttention plugin")
+    parser.add_argument("--check-build", action="store_true", help="build and report (the only action)")
+    parser.add_argument("--onnx", type=Path, help="an ONNX file with apl::PrefixAttention nodes (default: one node)")
+    parser.add_argument("--module", default=None, help="TensorRT module (default: as apl_export.engines picks)")
+    args = parser.parse_args(argv)
+    from .engines import load_tensorrt
+
+    trt = load_tensorrt(args.module)
+    if args.onnx:
+        model = onnx.load(str(args.onnx))
+    else:
+        q_shape, prefix_shape = [2, 12, 66, 64], [1, 12, 11, 64]
+        shapes = {"q": q_shape, "k": q_shape, "v": q_shape, "k_prefix": prefix_shape, "v_prefix": prefix_shape}
+        node = helper.make_node(
+            OP_NAME, list(shapes), ["out"], domain=OP_DOMAIN, causal=1, scale=0.0,
+            plugin_namespace=OP_DOMAIN, plugin_version=OP_VERSION,
+        )  # fmt: skip
+        graph = helper.make_graph(
+            [node],
+            "prefix_attention",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, q_shape)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19), helper.make_opsetid(OP_DOMAIN, 1)])
+    engine, callbacks = build_engine(trt, model.SerializeToString())
+    nodes = sum(n.op_type == OP_NAME and n.domain == OP_DOMAIN for n in model.graph.node)
+    print(
+        json.dumps({"module": trt.__name__, "plugin_nodes": nodes, "engine_bytes": len(engine), "callbacks": callbacks})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_check_build())
