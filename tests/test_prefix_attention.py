@@ -7,6 +7,10 @@ explicit boolean mask, computed in float64.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -207,3 +211,65 @@ def test_cuda_matches_sdpa_on_concatenation(dtype, head_dim, causal):
     ref = sdpa_on_concatenation(*[t.cpu() for t in inputs], causal)
     atol = 1e-5 if dtype == torch.float32 else (4 * 2**-8 if dtype == torch.bfloat16 else 4 * 2**-11)
     torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The exported fast text encoder and its TensorRT plugin
+# ------------------------------------------------------------------------------------------------------------------
+
+HAS_TENSORRT_BUILDER = any(importlib.util.find_spec(m) for m in ("tensorrt_rtx_bindings", "tensorrt_rtx"))
+
+
+def tiny_adapted_clip():
+    from peft import get_peft_model
+
+    from apl_adapter import APLConfig
+    from apl_adapter.testing import tiny_clip_text_model
+
+    peft_model = get_peft_model(tiny_clip_text_model(hidden_size=64, heads=1), APLConfig())
+    return peft_model, peft_model.get_base_model()
+
+
+def test_fast_text_encoder_graph_equals_full_encoder():
+    from apl_export.trt_plugin import FastCLIPTextEncoderGraph
+
+    peft_model, clip = tiny_adapted_clip()
+    graph = FastCLIPTextEncoderGraph(clip, clip.embeddings.active_prefix).eval()
+    ids = torch.full((3, 77), 49407, dtype=torch.int32)
+    ids[:, 0] = 49406
+    ids[:, 1:6] = torch.randint(0, 49406, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        last_hidden, pooled = graph(ids)
+        reference = peft_model(input_ids=ids.long())
+    torch.testing.assert_close(last_hidden, reference.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, reference.pooler_output, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TENSORRT_BUILDER, reason="no TensorRT builder installed (pip install 'apl-adapter[trt]')")
+def test_fast_text_encoder_exports_plugin_nodes_and_trt_rtx_builds_an_engine(tmp_path):
+    """ONNX export puts one apl::PrefixAttention node per layer; TensorRT-RTX (CPU) parses it with the Python plugin
+    and builds a serialized engine, calling the plugin's shape/type/format callbacks. Nothing runs the engine here."""
+    import onnx
+    from apl_export.trt_plugin import FastCLIPTextEncoderGraph, onnx_translation_table, plugin_process_env
+
+    _, clip = tiny_adapted_clip()
+    graph = FastCLIPTextEncoderGraph(clip, clip.embeddings.active_prefix).eval()
+    ids = torch.full((2, 77), 49407, dtype=torch.int32)
+    ids[:, 0] = 49406
+    path = tmp_path / "text_encoder_fast.onnx"
+    program = torch.onnx.export(
+        graph, (ids,), dynamo=True, custom_translation_table=onnx_translation_table(), opset_version=19, verbose=False
+    )
+    program.save(str(path))
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.domain == "apl"]
+    assert [n.op_type for n in nodes] == ["PrefixAttention"] * clip.config.num_hidden_layers
+
+    # A child process: the loader path for TensorRT-RTX's plugin import must be set before TensorRT loads.
+    cmd = [sys.executable, "-m", "apl_export.trt_plugin", "--check-build", "--onnx", str(path)]
+    result = subprocess.run(cmd, env=plugin_process_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["plugin_nodes"] == clip.config.num_hidden_layers
+    assert report["engine_bytes"] > 0
+    assert {"get_output_shapes", "supports_format_combination", "configure_plugin"} <= set(report["callbacks"])
