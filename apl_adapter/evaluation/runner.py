@@ -221,14 +221,20 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
         "settings": asdict(settings),
         "skipped": skipped,
         "warnings": warnings,
-        "identity": _identity_section(recognizer, embedder, records, work, warnings),
+        "identity": measure_identity(recognizer, embedder, records, work, warnings),
         "quality": _quality_section(settings, records, work, identities_by_name, skipped),
         "images": records,
     }
     return _jsonable(report)
 
 
-def _identity_section(recognizer, embedder: FaceEmbedder, records: list[dict], work: Path, warnings: list[str]) -> dict:
+def measure_identity(recognizer, embedder: FaceEmbedder, records: list[dict], work: Path, warnings: list[str]) -> dict:
+    """The report's identity section for generated images already on disk.
+
+    ``records`` rows hold ``identity`` (``None`` for prompts without a person) and the ``base`` and
+    ``apl`` image paths relative to ``work``; each identity row gains ``base_face`` / ``apl_face``.
+    Gallery warnings are appended to ``warnings``.
+    """
     rows = [r for r in records if r["identity"] is not None]
     if recognizer is None or not rows:
         return {"skipped": "no identity with a usable reference face, or no {name} template"}
