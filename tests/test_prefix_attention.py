@@ -29,11 +29,16 @@ def sdpa_on_concatenation(q, k, v, k_prefix, v_prefix, causal, scale=None):
     kv_len, prefix_len = k.shape[2], k_prefix.shape[2]
     keys = torch.cat([k_prefix.expand(batch, -1, -1, -1), k], dim=2).double()
     values = torch.cat([v_prefix.expand(batch, -1, -1, -1), v], dim=2).double()
-    mask = torch.ones(q_len, prefix_len + kv_len, dtype=torch.bool)
-    if causal:
-        for i in range(q_len):  # query i is request position i + (kv_len - q_len)
-            mask[i, prefix_len + i + (kv_len - q_len) + 1 :] = False
+    mask = causal_mask(q_len, kv_len, prefix_len) if causal else None
     return F.scaled_dot_product_attention(q.double(), keys, values, attn_mask=mask, scale=scale)
+
+
+def causal_mask(q_len, kv_len, prefix_len):
+    """Every query sees the prefix; query i is request position i + (kv_len - q_len) and sees keys up to it."""
+    mask = torch.ones(q_len, prefix_len + kv_len, dtype=torch.bool)
+    for i in range(q_len):
+        mask[i, prefix_len + i + (kv_len - q_len) + 1 :] = False
+    return mask
 
 
 def make_inputs(batch, heads, q_len, kv_len, prefix_len, head_dim, dtype, shared_prefix=True, seed=0):
@@ -80,16 +85,9 @@ def test_low_precision_accumulates_in_fp32(dtype, causal, head_dim):
         q,
         torch.cat([k_prefix.expand(2, -1, -1, -1), k], 2),
         torch.cat([v_prefix.expand(2, -1, -1, -1), v], 2),
-        attn_mask=None if not causal else sdpa_on_concatenation_mask(33, 33, 11),
+        attn_mask=causal_mask(33, 33, 11) if causal else None,
     )
     assert err <= (native.double() - ref).abs().max().item() + 1e-3
-
-
-def sdpa_on_concatenation_mask(q_len, kv_len, prefix_len):
-    mask = torch.ones(q_len, prefix_len + kv_len, dtype=torch.bool)
-    for i in range(q_len):
-        mask[i, prefix_len + i + (kv_len - q_len) + 1 :] = False
-    return mask
 
 
 @pytest.mark.parametrize("causal", [True, False])
