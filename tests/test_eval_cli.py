@@ -221,3 +221,44 @@ def test_an_existing_report_folder_is_not_overwritten_by_accident(inputs, tmp_pa
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(_args(inputs, tmp_path / "out")) == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_an_adapter_of_another_width_fails_before_generating(inputs, tmp_path, capsys):
+    wide = tmp_path / "wide-adapter"
+    get_peft_model(tiny_clip_text_model(hidden_size=48), APLConfig()).save_pretrained(wide)
+    args = _args(inputs, tmp_path / "out")
+    args[args.index("--adapter") + 1] = str(wide)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the pipeline in --base" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.slow
+def test_sdxl_with_an_adapter_per_text_encoder(inputs, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from apl_adapter.testing import tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
+    for encoder, folder in ((pipe.text_encoder, "adapter"), (pipe.text_encoder_2, "adapter_2")):
+        model = get_peft_model(encoder, APLConfig(init_seed=3))
+        model.save_pretrained(tmp_path / folder)
+        model.unload()
+    (tmp_path / "prompts.txt").write_text("a photo of {name}\n")
+    args = _args(
+        inputs, tmp_path / "out", "--adapter-2", str(tmp_path / "adapter_2"), "--height", "16", "--width", "16"
+    )
+    args[args.index("--base") + 1] = str(tmp_path / "sdxl")
+    args[args.index("--adapter") + 1] = str(tmp_path / "adapter")
+    args[args.index("--prompts") + 1] = str(tmp_path / "prompts.txt")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["adapter_2"] == str(tmp_path / "adapter_2")
+    assert report["identity"]["apl"]["num_images"] == len(SEEDS)
+    assert report["quality"]["unchanged"] == {"skipped": "the prompts file has no prompt without a person"}
+    row = report["images"][0]
+    base = np.asarray(Image.open(tmp_path / "out" / row["base"]), dtype=np.int16)
+    apl = np.asarray(Image.open(tmp_path / "out" / row["apl"]), dtype=np.int16)
+    assert base.shape == (16, 16, 3) and np.abs(apl - base).max() > 1

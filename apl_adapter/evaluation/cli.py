@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("inputs and output")
     io.add_argument("--base", required=True, help="diffusers pipeline folder (model_index.json), e.g. a local SD 1.5")
     io.add_argument("--adapter", required=True, help="saved APL adapter folder (from save_pretrained / apl-train)")
+    io.add_argument("--adapter-2", help="SDXL only: APL adapter folder for text_encoder_2 (optional)")
     io.add_argument("--identities", required=True, help="identities JSON file or folder of per-person photo folders")
     io.add_argument("--prompts", required=True, help="prompts text file ({name} templates + prompts without people)")
     io.add_argument("--out", required=True, help="report folder to create (must be new or empty, or --overwrite)")

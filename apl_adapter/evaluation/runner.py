@@ -52,6 +52,7 @@ class EvalSettings:
     identities: str
     prompts: str
     out: str
+    adapter_2: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     steps: int = 20
     guidance_scale: float = 7.0
@@ -78,6 +79,7 @@ def check_paths(settings: EvalSettings) -> None:
     checks = [
         ("--base", settings.base, "a diffusers pipeline folder"),
         ("--adapter", settings.adapter, "a saved APL adapter folder (adapter_config.json + weights)"),
+        ("--adapter-2", settings.adapter_2, "a saved APL adapter folder for SDXL's text_encoder_2"),
         ("--identities", settings.identities, "a JSON identities file or a folder of photo folders"),
         ("--prompts", settings.prompts, "a text file, one prompt per line"),
         ("--insightface-pack", settings.insightface_pack, "an unpacked InsightFace ONNX pack folder"),
@@ -92,8 +94,9 @@ def check_paths(settings: EvalSettings) -> None:
         raise EvalInputError("--recognizer insightface needs --insightface-pack <folder of the pack's ONNX files>")
     if settings.fid_reference and not settings.fid_model:
         raise EvalInputError("--fid-reference needs --fid-model (the feature network the FID is computed with)")
-    if settings.adapter is not None and Path(settings.adapter).exists():
-        check_adapter_folder(settings.adapter)  # a broken adapter fails now, not after the base images
+    for adapter in (settings.adapter, settings.adapter_2):
+        if adapter is not None:
+            check_adapter_folder(adapter)  # a broken adapter fails now, not after the base images
     if not settings.seeds:
         raise EvalInputError("--seeds is empty: give at least one seed")
     out = Path(settings.out)
@@ -181,7 +184,7 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
 
     pipe = load_pipeline(settings.base, settings.device, settings.dtype)
     try:  # the adapter must fit this pipeline's text encoder; find out before generating anything
-        remove_apl(apply_apl(pipe, settings.adapter))
+        remove_apl(apply_apl(pipe, settings.adapter, settings.adapter_2))
     except (APLAdapterError, RuntimeError, ValueError) as error:
         raise EvalInputError(f"--adapter {settings.adapter} does not fit the pipeline in --base: {error}") from error
     generation = GenerationSettings(
@@ -193,7 +196,7 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
         negative_prompt=settings.negative_prompt,
     )
     base_paths = generate(pipe, jobs, generation, work / "images" / "base", "base images", settings.device)
-    apply_apl(pipe, settings.adapter)
+    apply_apl(pipe, settings.adapter, settings.adapter_2)
     try:
         apl_paths = generate(pipe, jobs, generation, work / "images" / "apl", "APL images", settings.device)
     finally:
