@@ -105,9 +105,9 @@ class TRTAPLPipeline(APLPipelineBase):
     """The denoising loop of :class:`APLPipelineBase` on TensorRT engines (``<folder>/engines``)."""
 
     def __init__(self, folder: str | Path, cuda_graphs: bool = False, device: str = "cuda") -> None:
-        super().__init__(folder)
         if not torch.cuda.is_available():
             raise ExportError("The TensorRT runtime needs a CUDA GPU; use ORTAPLPipeline on a CPU-only machine.")
+        super().__init__(folder)
         engines = self.manifest.get("engines")
         if not engines:
             raise ExportError(f"{self.folder} has no TensorRT engines; export with --trt.")
