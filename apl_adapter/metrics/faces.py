@@ -19,14 +19,22 @@ Scores and matches:
 Example:
 
 ```python
->>> from PIL import Image
+>>> import skimage.data
+>>> from PIL import Image, ImageOps
 >>> from apl_adapter.metrics.dlib_faces import DlibFaceEmbedder
->>> from apl_adapter.metrics.faces import FaceGalleryRecognizer, build_gallery
+>>> from apl_adapter.metrics.faces import FaceGalleryRecognizer
 >>> embedder = DlibFaceEmbedder()
->>> gallery = build_gallery(embedder, {"astronaut": ["refs/astronaut_1.png", "refs/astronaut_2.png"]})
->>> recognizer = FaceGalleryRecognizer(embedder, gallery.embeddings)
->>> recognizer.observe([Image.open("generated.png")])[0].top1
-'astronaut'
+>>> photo = Image.fromarray(skimage.data.astronaut())
+>>> gallery = {"Eileen Collins": embedder.detect_and_embed(photo)[0].embedding[None]}  # (1, 128)
+>>> recognizer = FaceGalleryRecognizer(embedder, gallery)
+>>> recognizer.observe([ImageOps.mirror(photo)])[0].top1
+'Eileen Collins'
+>>> recognizer.observe([Image.fromarray(skimage.data.chelsea())])[0].face_present   # a cat
+False
+```
+
+From folders of photos, :func:`build_gallery` embeds each identity's references and lists what it
+could not use.
 ```
 """
 
