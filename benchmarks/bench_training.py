@@ -1,5 +1,7 @@
 """APL training step time and peak memory: the world model and a real-size SD 1.5 (random weights, small resolution).
 
+The VAE is not in the step: training encodes every image once up front (cached latents).
+
 Each configuration runs in its own subprocess so its peak memory (peak RSS on CPU, peak
 allocated on CUDA) is its own. Two variants per model:
 
@@ -12,6 +14,7 @@ allocated on CUDA) is its own. Two variants per model:
 Prints one table (medians over the timed steps, one run) and the ratio between the variants.
 
     python benchmarks/bench_training.py                     # world + sd15 at 128 px, batch 1
+    python benchmarks/bench_training.py --models world --batch 16
     python benchmarks/bench_training.py --models sd15 --resolution 256 --steps 5
 """
 
@@ -55,20 +58,12 @@ def build(model: str, resolution: int):
     if model == "sd15":
         latent = resolution // 8
         return CLIPTextModel(sd15_text_config()), sd15_unet(latent), latent, f"SD 1.5 config, {resolution} px"
-    try:  # the shipped world, once built
-        from apl_adapter.world import load_world_pipeline
+    # the world's architecture with fresh weights: step time and memory do not depend on the trained values
+    from apl_adapter.world.models import world_text_encoder, world_unet
 
-        pipe = load_world_pipeline("base")
-        description = "shipped world base"
-    except Exception as err:  # any failure: say so and measure the tiny test pipeline instead
-        from apl_adapter.testing import tiny_sd_pipeline
-
-        print(f"(world not loadable: {type(err).__name__}: {err}; measuring tiny_sd_pipeline)", file=sys.stderr)
-        pipe = tiny_sd_pipeline()
-        description = "tiny test pipeline"
-    latent = pipe.unet.config.sample_size
-    side = latent * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return pipe.text_encoder, pipe.unet, latent, f"{description}, {side} px"
+    unet = world_unet()
+    side = unet.config.sample_size * 2  # the world VAE downsamples 2x
+    return world_text_encoder(), unet, unet.config.sample_size, f"world base architecture, {side} px"
 
 
 def measure(model: str, variant: str, resolution: int, batch: int, steps: int, warmup: int) -> dict:

@@ -1,8 +1,9 @@
-"""The end-to-end APL demo on the shipped world: sample training data, train a prefix, run apl-bench.
+"""The end-to-end APL demo on the shipped world: write training data, train a prefix, run apl-bench.
 
-Exactly the paper's recipe at world scale: identity images are sampled from the base model with
-"a photo of <Name>" for the seen names only (c2 = the same template with the person's attribute
-description), preservation images from scene captions; the other person templates stay held out.
+The paper's recipe at world scale (``apl_adapter.world.data``): identity images sampled from the
+base model with "a photo of <Name>" for the seen names only (c2 = the same template with the
+person's attribute description), preservation pairs = scene renders with captions; the other
+person templates stay held out.
 
     python -m apl_adapter.bench.demo --out demo-out         # or, from Python: run_demo("demo-out")
 """
@@ -17,37 +18,13 @@ from pathlib import Path
 
 from ..errors import APLAdapterError
 
-TRAIN_TEMPLATE = "a photo of {name}"
-
-
-def make_world_training_data(out: Path, per_name: int, per_caption: int, seed: int = 0, assets=None) -> Path:
-    """Identity triplets for the seen names + preservation pairs for every scene, sampled from the world base."""
-    from ..training.generate import IdentitySpec, generate_identity_data
-    from ..world.models import model_path
-    from ..world.spec import WorldSpec
-
-    world = WorldSpec.from_seed(0)
-    identities = [IdentitySpec(p.name, world.attribute_prompt(p.name, 0)) for p in world.seen]
-    captions = [scene.caption(index) for index, scene in enumerate(world.scenes)]
-    return generate_identity_data(
-        model_path("base", assets),
-        identities,
-        out,
-        per_name=per_name,
-        templates=(TRAIN_TEMPLATE,),
-        captions=captions,
-        per_caption=per_caption,
-        batch_size=64,
-        seed=seed,
-    )
-
 
 def run_demo(
     out_dir: str | Path = "demo-out",
     steps: int = 400,
     batch_size: int = 16,
     per_name: int = 16,
-    per_caption: int = 2,
+    num_scenes: int = 320,
     seeds: tuple[int, ...] = (0, 1),
     lr: float = 1e-3,
     assets: str | Path | None = None,
@@ -68,7 +45,11 @@ def run_demo(
     data = out / "data"
     if not (data / "metadata.jsonl").is_file():
         print(f"[1/3] sampling training data from the world base model into {data}")
-        make_world_training_data(data, per_name, per_caption, assets=assets)
+        from ..world.data import write_apl_dataset
+
+        # identity images sampled from the base model with "a photo of <Name>" (template 0 only: the other
+        # person templates stay held out for the bench), scenes rendered with their captions
+        write_apl_dataset(data, images_per_person=per_name, num_scenes=num_scenes, templates=[0], assets=assets)
     data_seconds = time.perf_counter() - started
     print(f"[2/3] training the APL prefix ({steps} steps, batch {batch_size})")
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
