@@ -262,3 +262,26 @@ def test_sdxl_with_an_adapter_per_text_encoder(inputs, tmp_path):
     base = np.asarray(Image.open(tmp_path / "out" / row["base"]), dtype=np.int16)
     apl = np.asarray(Image.open(tmp_path / "out" / row["apl"]), dtype=np.int16)
     assert base.shape == (16, 16, 3) and np.abs(apl - base).max() > 1
+
+
+@pytest.mark.slow
+def test_the_run_continues_without_what_it_cannot_use(inputs, tmp_path, capsys):
+    """No usable reference face, a CLIP folder without weights, a FID file that is no network: the
+    prompts without a person are still generated and compared, and the report says what was left out."""
+    (tmp_path / "ids.json").write_text(json.dumps([{"name": "Ghost", "references": "nowhere"}]))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")  # a folder that looks like CLIP but holds no model
+    (tmp_path / "inception.pt").write_bytes(b"not a torchscript archive")
+    args = _args(inputs, tmp_path / "out", "--clip-model", str(tmp_path / "clip"))
+    args += ["--fid-model", str(tmp_path / "inception.pt")]
+    args[args.index("--identities") + 1] = str(tmp_path / "ids.json")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "skipped" in report["identity"]
+    assert report["quality"]["unchanged"]["num_pairs"] == len(NEUTRAL) * len(SEEDS)
+    assert report["quality"]["clip_score"]["skipped"].startswith("could not load")
+    assert report["quality"]["fid"]["skipped"].startswith("could not load")
+    assert {r["identity"] for r in report["images"]} == {None}
+    err = capsys.readouterr().err
+    for needle in ("'Ghost'", "CLIP score: could not load", "FID: could not load"):
+        assert needle in err

@@ -322,7 +322,7 @@ def _clip_section(settings: EvalSettings, records: list[dict], work: Path, ident
 
     try:
         scorer = CLIPScorer.from_pretrained(settings.clip_model, device=settings.device)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # loaders raise many types for a malformed folder; skip the metric, say why
         skipped.append(f"CLIP score: could not load {settings.clip_model}: {error}")
         return {"skipped": f"could not load {settings.clip_model}: {error}"}
     section: dict = {"model": settings.clip_model}
@@ -365,7 +365,7 @@ def _fid_section(settings: EvalSettings, neutral: list[dict], work: Path, skippe
 
     try:
         extractor = FeatureExtractor.from_path(settings.fid_model)
-    except (OSError, RuntimeError, ValueError) as error:
+    except Exception as error:  # torch.jit / onnxruntime raise their own types for a bad file; skip, say why
         skipped.append(f"FID: could not load {settings.fid_model}: {error}")
         return {"skipped": f"could not load {settings.fid_model}: {error}"}
     features = {
