@@ -420,15 +420,13 @@ def write_layout(loaded: LoadedPipeline, staging: Path, manifest: dict) -> None:
     loaded.vae.save_config(staging / VAE_DECODER)
     loaded.tokenizer.save_pretrained(staging / "tokenizer")
     loaded.scheduler.save_config(staging / "scheduler")
+    # optimum's folder layout, but not its pipeline class: the UNet takes a float32 (1,) timestep and
+    # the negative prompt has its own encoder, so the runtime is apl_export's.
     index = {
-        "_class_name": "ORTStableDiffusionPipeline",
-        "_apl_runtime": "apl_export.runtime_ort.ORTAPLPipeline",
-        TEXT_ENCODER: ["optimum", "ORTModelTextEncoder"],
-        UNET: ["optimum", "ORTModelUnet"],
-        VAE_DECODER: ["optimum", "ORTModelVaeDecoder"],
+        "_class_name": "ORTAPLPipeline",
+        "_runtime": "apl_export.runtime_ort.ORTAPLPipeline",
+        **{name: ["apl_export", "onnx"] for name in manifest["models"]},
         "tokenizer": ["transformers", type(loaded.tokenizer).__name__],
         "scheduler": ["diffusers", type(loaded.scheduler).__name__],
     }
-    if NEGATIVE_TEXT_ENCODER in manifest["models"]:
-        index[NEGATIVE_TEXT_ENCODER] = ["optimum", "ORTModelTextEncoder"]
     (staging / "model_index.json").write_text(json.dumps(index, indent=2))
