@@ -38,6 +38,7 @@ import torch
 from .errors import ExportError, TensorRTUnavailableError
 from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
+from .runtime_base import load_scheduler
 from .specs import ModelSpec, ShapeRanges, text_encoder_spec, unet_spec, vae_decoder_spec
 from .validate import check_structure, compare_with_torch, tolerance
 
@@ -194,7 +195,7 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
     except APLAdapterError as err:
         raise ExportError(f"--adapter: {err}") from err
 
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import PeftModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -212,7 +213,7 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
         unet=UNet2DConditionModel.from_pretrained(model_dir / UNET).eval(),
         vae=AutoencoderKL.from_pretrained(model_dir / "vae").eval(),
         tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
-        scheduler=DDIMScheduler.from_pretrained(model_dir / "scheduler"),
+        scheduler=load_scheduler(model_dir / "scheduler"),
         prefix=prefix,
         apply_to_negative_prompt=bool(config.apply_to_negative_prompt),
         adapter_dir=adapter_dir,

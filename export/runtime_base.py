@@ -10,6 +10,7 @@ A backend implements :meth:`APLPipelineBase.infer`: ``(model name, {input: tenso
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -21,11 +22,21 @@ from .errors import ExportError
 MANIFEST_NAME = "apl_export.json"
 
 
+def load_scheduler(folder: Path):
+    """The scheduler class named in ``scheduler_config.json`` (PNDM for SD 1.5, DDIM, ...), from diffusers."""
+    import diffusers
+
+    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "DDIMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ExportError(f"{folder}: unknown scheduler {name!r}; install a diffusers version that has it.")
+    return cls.from_pretrained(folder)
+
+
 class APLPipelineBase:
     """Text-to-image with the exported models of one ``apl-export`` folder."""
 
     def __init__(self, folder: str | Path) -> None:
-        from diffusers import DDIMScheduler
         from transformers import CLIPTokenizer
 
         self.folder = Path(folder)
@@ -34,7 +45,7 @@ class APLPipelineBase:
             raise ExportError(f"{self.folder} has no {MANIFEST_NAME}: pass a folder written by apl-export.")
         self.manifest = json.loads(manifest_path.read_text())
         self.tokenizer = CLIPTokenizer.from_pretrained(self.folder / "tokenizer")
-        self.scheduler = DDIMScheduler.from_pretrained(self.folder / "scheduler")
+        self.scheduler = load_scheduler(self.folder / "scheduler")
         self.vae_factor = int(self.manifest["vae_factor"])
         self.vae_scaling_factor = float(self.manifest["vae_scaling_factor"])
         self.prefix: np.ndarray | None = None
@@ -112,6 +123,9 @@ class APLPipelineBase:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps)
+        # As diffusers' prepare_extra_step_kwargs: eta and generator only where the scheduler takes them.
+        accepted = inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
         for t in self.scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -121,7 +135,7 @@ class APLPipelineBase:
             if do_cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(noise, t, latents, eta=0.0, generator=generator).prev_sample
+            latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
         image = self.infer("vae_decoder", {"latent_sample": latents / self.vae_scaling_factor})["sample"]
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
