@@ -1,0 +1,528 @@
+"""``apl-world build``: train the whole world from scratch, stage by stage, seeded.
+
+Stages (each writes its result under ``--work`` so a later stage can be re-run alone):
+
+1. ``vae``: the ``AutoencoderKL`` on renders of faces and scenes (both styles);
+2. ``recognizer``: the CNN of :mod:`.recognizers` on renders, half of them VAE round-tripped;
+3. ``base``: text encoder + UNet from scratch on name prompts (seen + unseen people), attribute
+   prompts (random people who are not in the world), scene captions, with 10% empty prompts;
+4. ``sibling``: the base UNet fine-tuned on the sibling style, text encoder frozen;
+5. ``dreambooth``: the base UNet fine-tuned on the late people (name prompts) mixed with the
+   base data as prior preservation, text encoder frozen;
+6. ``evaluate``: samples every model and measures the world's bars with the recognizers
+   (``world_card.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..tokenizer import load_clip_tokenizer
+from .models import (
+    assemble_pipeline,
+    link_shared_components,
+    world_scheduler,
+    world_text_encoder,
+    world_unet,
+    world_vae,
+)
+from .recognizers import SCENE_VALUES, WorldRecognizerNet, save_recognizer
+from .render import render_face, render_scene, to_tensor
+from .spec import ATTRIBUTE_VALUES, Identity, Scene, WorldSpec, random_attributes, random_fine_features
+
+STAGES = ("vae", "recognizer", "base", "sibling", "dreambooth", "evaluate")
+KIND_NAMED, KIND_STRANGER, KIND_SCENE, KIND_NOISE = 0, 1, 2, 3
+
+
+@dataclass
+class BuildConfig:
+    """Knobs of ``apl-world build``; the defaults produced the shipped assets."""
+
+    seed: int = 0
+    faces_per_person: int = 160
+    strangers: int = 3000
+    scenes: int = 3000
+    late_faces_per_person: int = 40
+    vae_steps: int = 300
+    recognizer_steps: int = 500
+    base_steps: int = 1500
+    sibling_steps: int = 150
+    dreambooth_steps: int = 250
+    batch_size: int = 32
+    base_lr: float = 1.5e-3
+    finetune_lr: float = 5e-4
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.995
+    #: sampling fractions of the base mix: named faces, strangers (attribute prompts), scenes
+    mix: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    stages: tuple[str, ...] = field(default=STAGES)
+
+
+# --------------------------------------------------------------------------------------------
+# Render banks
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Bank:
+    """Rendered images with their labels; ``-1`` marks a label that does not apply."""
+
+    images: torch.Tensor  # (N, 3, 32, 32) in [-1, 1]
+    kind: torch.Tensor  # (N,) KIND_*
+    identity: torch.Tensor  # (N,) index into world.names, -1 if not a named person
+    attributes: torch.Tensor  # (N, 4) indices into ATTRIBUTE_VALUES, -1 for no face
+    scene: torch.Tensor  # (N, 3) indices into SCENE_VALUES, -1 for no scene
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def subset(self, mask: torch.Tensor) -> Bank:
+        return Bank(*(getattr(self, f)[mask] for f in ("images", "kind", "identity", "attributes", "scene")))
+
+
+def _attr_index(attributes: dict[str, str]) -> list[int]:
+    return [ATTRIBUTE_VALUES[k].index(attributes[k]) for k in ATTRIBUTE_VALUES]
+
+
+def _scene_index(scene: Scene) -> list[int]:
+    return [SCENE_VALUES[k].index(getattr(scene, k)) for k in SCENE_VALUES]
+
+
+def render_bank(
+    world: WorldSpec,
+    people: list[Identity],
+    faces_per_person: int,
+    strangers: int,
+    scenes: int,
+    seed: int,
+    style: str = "base",
+    noise: int = 0,
+) -> Bank:
+    """Render named faces, stranger faces (random people), scenes and no-content noise images."""
+    rng = random.Random(seed)
+    images, kind, ident, attrs, scene_ix = [], [], [], [], []
+    for person in people:
+        for _ in range(faces_per_person):
+            images.append(render_face(person.attributes, person.fine, rng, style))
+            kind.append(KIND_NAMED)
+            ident.append(world.names.index(person.name))
+            attrs.append(_attr_index(person.attributes))
+            scene_ix.append([-1, -1, -1])
+    for _ in range(strangers):
+        a = random_attributes(rng)
+        images.append(render_face(a, random_fine_features(rng), rng, style))
+        kind.append(KIND_STRANGER)
+        ident.append(-1)
+        attrs.append(_attr_index(a))
+        scene_ix.append([-1, -1, -1])
+    for _ in range(scenes):
+        sc = rng.choice(world.scenes)
+        images.append(render_scene(sc, rng, style))
+        kind.append(KIND_SCENE)
+        ident.append(-1)
+        attrs.append([-1] * 4)
+        scene_ix.append(_scene_index(sc))
+    tensor = to_tensor(images) if images else torch.zeros(0, 3, 32, 32)
+    if noise:  # smooth colour blobs: what an untrained model draws; neither a face nor a scene
+        g = torch.Generator().manual_seed(seed + 1)
+        blobs = F.interpolate(torch.rand(noise, 3, 4, 4, generator=g) * 2 - 1, size=32, mode="bilinear")
+        tensor = torch.cat([tensor, blobs + 0.2 * torch.randn(noise, 3, 32, 32, generator=g)]).clamp(-1, 1)
+        kind += [KIND_NOISE] * noise
+        ident += [-1] * noise
+        attrs += [[-1] * 4] * noise
+        scene_ix += [[-1] * 3] * noise
+    return Bank(tensor, torch.tensor(kind), torch.tensor(ident), torch.tensor(attrs), torch.tensor(scene_ix))
+
+
+def concat_banks(*banks: Bank) -> Bank:
+    return Bank(
+        *(torch.cat([getattr(b, f) for b in banks]) for f in ("images", "kind", "identity", "attributes", "scene"))
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# --------------------------------------------------------------------------------------------
+def _cosine_lr(step: int, total: int, warmup: int = 50) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * 0.95 + 0.05
+
+
+def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int):
+    """Reconstruction (L2 + L1) with a small KL term; sets ``scaling_factor`` to unit latent std."""
+    torch.manual_seed(seed)
+    vae = world_vae(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
+    vae.train()
+    for _ in (bar := tqdm(range(steps), desc="vae", mininterval=5)):
+        x = images[torch.randint(len(images), (batch_size,))]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-3 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat(
+            [vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, min(4096, len(images)), 512)]
+        )
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (scaled), so training samples latents without the encoder."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        post = vae.encode(images[i : i + batch]).latent_dist
+        means.append(post.mean * vae.config.scaling_factor)
+        stds.append(post.std * vae.config.scaling_factor)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def roundtrip(vae, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    return torch.cat(
+        [vae.decode(vae.encode(images[i : i + batch]).latent_dist.mean).sample for i in range(0, len(images), batch)]
+    ).clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: recognizer
+# --------------------------------------------------------------------------------------------
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blur a random half a little and add a little noise: generated images are softer than renders."""
+    blur_mask = (torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5).float()
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    x = blur_mask * (0.5 * x + 0.5 * blurred) + (1 - blur_mask) * x
+    return (x + 0.04 * torch.rand(len(x), 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
+def recognizer_loss(net: WorldRecognizerNet, x: torch.Tensor, bank: Bank, idx: torch.Tensor) -> torch.Tensor:
+    out = net(x)
+    kind = bank.kind[idx]
+    is_face = (kind == KIND_NAMED) | (kind == KIND_STRANGER)
+    loss = F.binary_cross_entropy_with_logits(out["presence"], is_face.float())
+    target_id = torch.where(kind == KIND_NAMED, bank.identity[idx], torch.full_like(kind, net.num_names))
+    if is_face.any():
+        loss = loss + F.cross_entropy(out["identity"][is_face], target_id[is_face])
+        for j, k in enumerate(ATTRIBUTE_VALUES):
+            loss = loss + 0.5 * F.cross_entropy(out[f"attr_{k}"][is_face], bank.attributes[idx][is_face, j])
+    is_scene = kind == KIND_SCENE
+    if is_scene.any():
+        for j, k in enumerate(SCENE_VALUES):
+            loss = loss + 0.5 * F.cross_entropy(out[f"scene_{k}"][is_scene], bank.scene[idx][is_scene, j])
+    return loss
+
+
+def train_recognizer(bank: Bank, num_names: int, steps: int, seed: int, batch_size: int = 96) -> WorldRecognizerNet:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = WorldRecognizerNet(num_names)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
+    net.train()
+    for _ in (bar := tqdm(range(steps), desc="recognizer", mininterval=5)):
+        idx = torch.randint(len(bank), (batch_size,), generator=gen)
+        loss = recognizer_loss(net, _augment(bank.images[idx], gen), bank, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Stages 3-5: diffusion training on cached latents
+# --------------------------------------------------------------------------------------------
+class PromptEncoder:
+    """Tokenizes prompts with the real CLIP tokenizer, caching ids per distinct prompt."""
+
+    def __init__(self):
+        self.tokenizer = load_clip_tokenizer()
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def ids(self, prompts: list[str]) -> torch.Tensor:
+        for p in prompts:
+            if p not in self._cache:
+                self._cache[p] = self.tokenizer(
+                    p, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+                ).input_ids[0]
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+@dataclass
+class LatentSet:
+    """Cached latents of a bank plus a prompt maker for each row."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    bank: Bank
+
+    def prompt(self, world: WorldSpec, i: int, rng: random.Random) -> str:
+        kind = int(self.bank.kind[i])
+        template = rng.randrange(len(world.person_templates))
+        if kind == KIND_NAMED:
+            return world.identity_prompt(world.names[int(self.bank.identity[i])], template)
+        if kind == KIND_STRANGER:
+            attrs = {k: ATTRIBUTE_VALUES[k][int(v)] for k, v in zip(ATTRIBUTE_VALUES, self.bank.attributes[i])}
+            return world.attribute_prompt(attrs, template)
+        sc = Scene(**{k: SCENE_VALUES[k][int(v)] for k, v in zip(SCENE_VALUES, self.bank.scene[i])})
+        return sc.caption(rng.randrange(len(world.scene_templates)))
+
+
+def make_sampler(
+    groups: list[tuple[LatentSet, torch.Tensor, float]], world: WorldSpec, dropout: float, seed: int
+) -> Callable:
+    """A batch sampler over (latent set, row indices, weight) groups; drops prompts with prob ``dropout``."""
+    rng = random.Random(seed)
+    weights = [w for _, _, w in groups]
+
+    def sample(batch_size: int) -> tuple[torch.Tensor, list[str]]:
+        latents, prompts = [], []
+        for _ in range(batch_size):
+            lset, rows, _ = rng.choices(groups, weights)[0]
+            i = int(rows[rng.randrange(len(rows))])
+            latents.append(lset.mean[i] + lset.std[i] * torch.randn_like(lset.std[i]))
+            prompts.append("" if rng.random() < dropout else lset.prompt(world, i, rng))
+        return torch.stack(latents), prompts
+
+    return sample
+
+
+def train_diffusion(
+    unet,
+    text_encoder,
+    sampler: Callable,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    train_text: bool,
+    desc: str,
+    ema_decay: float,
+):
+    """Epsilon-prediction training (as SD); returns EMA copies of the UNet (and text encoder when trained)."""
+    import copy
+
+    torch.manual_seed(seed)
+    scheduler = world_scheduler()
+    prompts = PromptEncoder()
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    text_encoder.requires_grad_(train_text)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, warmup=100))
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False) if train_text else text_encoder
+    unet.train()
+    text_encoder.train(train_text)
+    for step in (bar := tqdm(range(steps), desc=desc, mininterval=10)):
+        z0, texts = sampler(batch_size)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        zt = scheduler.add_noise(z0, noise, t)
+        with torch.set_grad_enabled(train_text):
+            cond = text_encoder(prompts.ids(texts))[0]
+        loss = F.mse_loss(unet(zt, t, cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_unet.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+            if train_text:
+                for e, p in zip(ema_text.parameters(), text_encoder.parameters()):
+                    e.lerp_(p, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema_unet, ema_text.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+def _atomic_save_pipeline(pipe, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _atomic_save_unet(unet, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    shutil.rmtree(folder / "unet", ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (tmp / "unet").rename(folder / "unet")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str], None] = print) -> dict:
+    """Run the requested stages; models go to ``out`` (a diffusers folder per model), caches to ``work``."""
+    from diffusers import AutoencoderKL
+
+    from .models import load_world_pipeline
+
+    out, work = Path(out), Path(work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    world = WorldSpec.from_seed(config.seed)
+    timings: dict[str, float] = {}
+    seed = config.seed
+
+    def banks():
+        """Training renders (seeded, never the evaluation seeds)."""
+        t0 = time.time()
+        base = render_bank(
+            world, world.seen + world.unseen, config.faces_per_person, config.strangers, config.scenes, seed + 11
+        )
+        late = render_bank(world, world.late, config.late_faces_per_person, 0, 0, seed + 12)
+        sib = render_bank(
+            world,
+            world.seen + world.unseen,
+            config.faces_per_person // 3,
+            config.strangers // 3,
+            config.scenes // 3,
+            seed + 13,
+            style="sibling",
+        )
+        log(f"rendered {len(base) + len(late) + len(sib)} training images in {time.time() - t0:.0f}s")
+        return base, late, sib
+
+    base_bank, late_bank, sib_bank = banks()
+
+    if "vae" in config.stages:
+        t0 = time.time()
+        vae = train_vae(
+            torch.cat([base_bank.images, late_bank.images, sib_bank.images]), config.vae_steps, config.batch_size, seed
+        )
+        vae.save_pretrained(work / "vae")
+        timings["vae"] = time.time() - t0
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+
+    if "recognizer" in config.stages:
+        t0 = time.time()
+        extra = render_bank(world, list(world.identities), 40, 1500, 1500, seed + 21, noise=1500)
+        extra_sib = render_bank(world, list(world.identities), 15, 500, 500, seed + 22, style="sibling")
+        rec_bank = concat_banks(extra, extra_sib, late_bank)
+        # Half of the examples are VAE round trips: generated images are decoded by this VAE.
+        rec_bank = concat_banks(
+            rec_bank,
+            Bank(
+                roundtrip(vae, rec_bank.images), rec_bank.kind, rec_bank.identity, rec_bank.attributes, rec_bank.scene
+            ),
+        )
+        net = train_recognizer(rec_bank, len(world.names), config.recognizer_steps, seed)
+        save_recognizer(net, world.names, work / "recognizer")
+        timings["recognizer"] = time.time() - t0
+
+    base_groups = []
+    if "base" in config.stages or "dreambooth" in config.stages:
+        base_latents = LatentSet(*encode_latents(vae, base_bank.images), base_bank)
+        base_groups = [
+            (base_latents, torch.nonzero(base_bank.kind == k).squeeze(1), w)
+            for k, w in zip((KIND_NAMED, KIND_STRANGER, KIND_SCENE), config.mix)
+        ]
+
+    if "base" in config.stages:
+        t0 = time.time()
+        sampler = make_sampler(base_groups, world, config.prompt_dropout, seed + 31)
+        unet, text = train_diffusion(
+            world_unet(seed),
+            world_text_encoder(seed),
+            sampler,
+            config.base_steps,
+            config.batch_size,
+            config.base_lr,
+            seed,
+            train_text=True,
+            desc="base",
+            ema_decay=config.ema_decay,
+        )
+        _atomic_save_pipeline(assemble_pipeline(text, unet, vae), out / "base")
+        timings["base"] = time.time() - t0
+
+    if "sibling" in config.stages:
+        t0 = time.time()
+        base_pipe = load_world_pipeline("base", out)
+        sib_latents = LatentSet(*encode_latents(vae, sib_bank.images), sib_bank)
+        groups = [
+            (sib_latents, torch.nonzero(sib_bank.kind == k).squeeze(1), w)
+            for k, w in zip((KIND_NAMED, KIND_STRANGER, KIND_SCENE), config.mix)
+        ]
+        unet, _ = train_diffusion(
+            base_pipe.unet,
+            base_pipe.text_encoder,
+            make_sampler(groups, world, config.prompt_dropout, seed + 41),
+            config.sibling_steps,
+            config.batch_size,
+            config.finetune_lr,
+            seed + 1,
+            train_text=False,
+            desc="sibling",
+            ema_decay=0.99,
+        )
+        _atomic_save_unet(unet, out / "sibling")
+        link_shared_components("sibling", out)
+        timings["sibling"] = time.time() - t0
+
+    if "dreambooth" in config.stages:
+        t0 = time.time()
+        base_pipe = load_world_pipeline("base", out)
+        late_latents = LatentSet(*encode_latents(vae, late_bank.images), late_bank)
+        groups = [(late_latents, torch.arange(len(late_bank)), 0.5)] + [(s, r, w * 0.5) for s, r, w in base_groups]
+        unet, _ = train_diffusion(
+            base_pipe.unet,
+            base_pipe.text_encoder,
+            make_sampler(groups, world, config.prompt_dropout, seed + 51),
+            config.dreambooth_steps,
+            config.batch_size,
+            config.finetune_lr,
+            seed + 2,
+            train_text=False,
+            desc="dreambooth",
+            ema_decay=0.99,
+        )
+        _atomic_save_unet(unet, out / "dreambooth")
+        link_shared_components("dreambooth", out)
+        timings["dreambooth"] = time.time() - t0
+
+    rec_dir = out / "recognizer"
+    if (work / "recognizer").is_dir():
+        shutil.rmtree(rec_dir, ignore_errors=True)
+        shutil.copytree(work / "recognizer", rec_dir)
+
+    card: dict = {"seed": config.seed, "build_config": asdict(config), "timings_s": timings}
+    if "evaluate" in config.stages:
+        from .evaluate import evaluate_world
+
+        t0 = time.time()
+        card["metrics"] = evaluate_world(out, world, log=log)
+        timings["evaluate"] = time.time() - t0
+    card_path = out / "world_card.json"
+    previous = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    previous.setdefault("timings_s", {}).update(timings)
+    card = {**previous, **{k: v for k, v in card.items() if k != "timings_s"}, "timings_s": previous["timings_s"]}
+    card_path.write_text(json.dumps(card, indent=1))
+    return card

@@ -1,0 +1,97 @@
+"""Write APL training data from the world in the on-disk format ``apl-train`` reads for real models too.
+
+A folder with ``metadata.jsonl`` and ``images/``; one JSON object per line:
+
+- identity triplet: ``{"file_name": "images/000123.png", "kind": "identity", "c1": "a photo of <Name>",
+  "c2": "a photo of a male person, brown hair, ...", "identity": "<Name>"}`` - the image is sampled
+  from the base model with the name prompt, as the APL authors do;
+- preservation pair: ``{"file_name": ..., "kind": "preservation", "c1": caption, "c2": caption}``
+  - a scene rendered without people, with its caption.
+
+Example:
+
+```python
+>>> from apl_adapter.world.data import write_apl_dataset
+>>> rows = write_apl_dataset("/tmp/apl-data", images_per_person=2, num_scenes=4)
+>>> rows
+44
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .evaluate import sample_images
+from .render import render_scene
+from .spec import WorldSpec
+
+
+def write_apl_dataset(
+    out: str | os.PathLike,
+    images_per_person: int = 100,
+    num_scenes: int = 1000,
+    split: str = "seen",
+    seed: int = 0,
+    world_seed: int = 0,
+    templates: list[int] | None = None,
+    assets: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> int:
+    """Sample identity triplets for the people of ``split`` and render preservation pairs; returns the row count.
+
+    ``templates`` restricts the person/scene templates used (indices), so a benchmark can hold
+    some out of APL training. Written to ``<out>.tmp`` first and renamed, so a failure leaves
+    no half dataset behind.
+    """
+    from .models import load_world_pipeline
+
+    world = WorldSpec.from_seed(world_seed)
+    people = getattr(world, split)
+    person_templates = templates or list(range(len(world.person_templates)))
+    scene_templates = templates or list(range(len(world.scene_templates)))
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; pass a new --out folder (nothing was written)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    try:
+        pipe = load_world_pipeline("base", assets)
+        jobs = [(p, person_templates[k % len(person_templates)]) for p in people for k in range(images_per_person)]
+        for start in tqdm(range(0, len(jobs), batch_size), desc="identity images"):
+            chunk = jobs[start : start + batch_size]
+            prompts = [world.identity_prompt(p.name, t) for p, t in chunk]
+            for (person, t), prompt, image in zip(chunk, prompts, sample_images(pipe, prompts, seed + start)):
+                name = f"images/{len(rows):06d}.png"
+                image.save(tmp / name)
+                rows.append(
+                    {
+                        "file_name": name,
+                        "kind": "identity",
+                        "c1": prompt,
+                        "c2": world.attribute_prompt(person.attributes, t),
+                        "identity": person.name,
+                    }
+                )
+        for _ in tqdm(range(num_scenes), desc="scene images"):
+            scene = rng.choice(world.scenes)
+            caption = scene.caption(rng.choice(scene_templates))
+            name = f"images/{len(rows):06d}.png"
+            render_scene(scene, rng).save(tmp / name)
+            rows.append({"file_name": name, "kind": "preservation", "c1": caption, "c2": caption})
+        with open(tmp / "metadata.jsonl", "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(rows)

@@ -1,0 +1,136 @@
+"""Measure the world's bars: does each model draw who and what its prompts name?
+
+Example:
+
+```python
+>>> from apl_adapter.world import WorldSpec, load_world_pipeline, WorldIdentityRecognizer
+>>> from apl_adapter.world.evaluate import person_prompts, sample_images
+>>> from apl_adapter.metrics import identity_metrics
+>>> world = WorldSpec.from_seed(0)
+>>> prompts, targets = person_prompts(world, world.seen[:4], per_person=2)
+>>> images = sample_images(load_world_pipeline("base"), prompts, seed=0)
+>>> identity_metrics(WorldIdentityRecognizer.from_pretrained().observe(images), targets)["num_images"]
+8
+```
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..metrics.base import identity_metrics
+from .recognizers import WorldAttributeRecognizer, WorldIdentityRecognizer, WorldSceneRecognizer
+from .render import render_face, render_scene
+from .spec import Identity, Scene, WorldSpec
+
+EVAL_SEED = 1234  # never used by training renders (those use seed + 11 .. seed + 51)
+
+
+def sample_images(
+    pipe, prompts: Sequence[str], seed: int, steps: int = 20, guidance_scale: float = 7.0, batch_size: int = 64
+) -> list[Image.Image]:
+    """DDIM sampling as the APL authors evaluate (20 steps, CFG 7), deterministic per seed and batch."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        gen = torch.Generator().manual_seed(seed + start)
+        out = pipe(
+            list(prompts[start : start + batch_size]),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=gen,
+            output_type="pil",
+        )
+        images.extend(out.images)
+    return images
+
+
+def person_prompts(world: WorldSpec, people: Sequence[Identity], per_person: int) -> tuple[list[str], list[str]]:
+    """Name prompts cycling over every person template; returns (prompts, target names)."""
+    prompts, targets = [], []
+    for person in people:
+        for k in range(per_person):
+            prompts.append(world.identity_prompt(person.name, k))
+            targets.append(person.name)
+    return prompts, targets
+
+
+def scene_prompts(world: WorldSpec, count: int, seed: int) -> tuple[list[str], list[Scene]]:
+    rng = random.Random(seed)
+    scenes = [rng.choice(world.scenes) for _ in range(count)]
+    return [sc.caption(k) for k, sc in enumerate(scenes)], scenes
+
+
+def heldout_recognizer_accuracy(
+    folder: Path, world: WorldSpec, per_person: int = 10, seed: int = EVAL_SEED
+) -> dict[str, float]:
+    """Accuracy of each recognizer view on a fresh render set (both styles), never seen in training."""
+    rng = random.Random(seed)
+    faces, names, attrs = [], [], []
+    for style in ("base", "sibling"):
+        for person in world.identities:
+            for _ in range(per_person):
+                faces.append(render_face(person.attributes, person.fine, rng, style))
+                names.append(person.name)
+                attrs.append(person.attributes)
+    scenes = [rng.choice(world.scenes) for _ in range(len(world.identities) * per_person)]
+    scene_images = [render_scene(sc, rng, rng.choice(("base", "sibling"))) for sc in scenes]
+    ident = WorldIdentityRecognizer.from_pretrained(folder)
+    face_obs = ident.observe(faces)
+    scene_obs = ident.observe(scene_images)
+    return {
+        "identity_top1": identity_metrics(face_obs, names)["top1_accuracy"],
+        "presence": (sum(o.face_present for o in face_obs) + sum(not o.face_present for o in scene_obs))
+        / (len(faces) + len(scenes)),
+        "attributes": WorldAttributeRecognizer(ident.net, ident.names).agreement(faces, attrs),
+        "scene": WorldSceneRecognizer(ident.net, ident.names).accuracy(scene_images, scenes),
+        "num_images": len(faces) + len(scenes),
+    }
+
+
+def evaluate_world(
+    out: Path, world: WorldSpec, per_person: int = 4, num_scenes: int = 64, log: Callable[[str], None] = print
+) -> dict:
+    """Sample every model in ``out`` and measure the bars of the world issue."""
+    from .models import MODEL_KINDS, load_world_pipeline
+
+    out = Path(out)
+    rec_dir = out / "recognizer"
+    ident = WorldIdentityRecognizer.from_pretrained(rec_dir)
+    attr = WorldAttributeRecognizer(ident.net, ident.names)
+    scene_rec = WorldSceneRecognizer(ident.net, ident.names)
+    metrics: dict = {"recognizers_heldout": heldout_recognizer_accuracy(rec_dir, world)}
+    log(f"recognizers on held-out renders: {metrics['recognizers_heldout']}")
+    groups = {"base": ("seen", "unseen", "late"), "sibling": ("seen", "unseen"), "dreambooth": ("late", "seen")}
+    for kind in MODEL_KINDS:
+        if not (out / kind / "unet").is_dir():
+            continue
+        t0 = time.time()
+        pipe = load_world_pipeline(kind, out)
+        row: dict = {"load_s": time.time() - t0}
+        for split in groups[kind]:
+            prompts, targets = person_prompts(world, getattr(world, split), per_person)
+            m = identity_metrics(ident.observe(sample_images(pipe, prompts, EVAL_SEED)), targets)
+            row[split] = {k: m[k] for k in ("top1_accuracy", "face_presence_rate", "mean_identity_score", "num_images")}
+        people = world.seen + world.unseen
+        prompts = [world.attribute_prompt(p.name, k) for p in people for k in range(2)]
+        images = sample_images(pipe, prompts, EVAL_SEED + 1)
+        face = [o.face_present for o in ident.observe(images)]
+        row["attribute_prompts"] = {
+            "attribute_agreement": attr.agreement(images, [p.attributes for p in people for _ in range(2)]),
+            "face_presence_rate": sum(face) / len(face),
+            "num_images": len(images),
+        }
+        prompts, scenes = scene_prompts(world, num_scenes, EVAL_SEED + 2)
+        t0 = time.time()
+        images = sample_images(pipe, prompts, EVAL_SEED + 2)
+        row["scene_sampling_s_per_64"] = (time.time() - t0) * 64 / len(prompts)
+        row["scenes"] = {"scene_accuracy": scene_rec.accuracy(images, scenes), "num_images": len(images)}
+        metrics[kind] = row
+        log(f"{kind}: {row}")
+    return metrics

@@ -1,0 +1,61 @@
+"""The shipped recognizers on a fresh render set that no training stage used (each view >= 98%)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from apl_adapter.metrics import identity_metrics
+from apl_adapter.world import WorldIdentityRecognizer, WorldSpec, render_face
+from apl_adapter.world.evaluate import heldout_recognizer_accuracy
+from apl_adapter.world.recognizers import RECOGNIZER_DIR
+
+
+@pytest.fixture(scope="module")
+def world() -> WorldSpec:
+    return WorldSpec.from_seed(0)
+
+
+def test_recognizers_reach_98_percent_on_fresh_renders(world):
+    # seed 4321 is used by no build stage (training renders use seeds 11..51, evaluation 1234)
+    acc = heldout_recognizer_accuracy(RECOGNIZER_DIR, world, per_person=4, seed=4321)
+    assert acc["num_images"] == 2 * 40 * 4 + 40 * 4
+    for view in ("identity_top1", "presence", "attributes", "scene"):
+        assert acc[view] >= 0.98, (view, acc)
+
+
+def test_identity_recognizer_implements_the_metrics_interface(world):
+    rec = WorldIdentityRecognizer.from_pretrained()
+    assert rec.identities == world.names
+    person = world.unseen[2]
+    rng = random.Random(99)
+    images = [render_face(person.attributes, person.fine, rng) for _ in range(6)]
+    obs = rec.observe(images)
+    assert all(o.face_present and o.presence_score > 0.5 for o in obs)
+    assert all(abs(sum(o.scores.values()) - 1.0) < 0.05 or o.top1 is None for o in obs)
+    metrics = identity_metrics(obs, [person.name] * len(obs))
+    assert metrics["top1_accuracy"] >= 5 / 6
+    assert metrics["mean_identity_score"] > 0.5
+
+
+def test_a_stranger_is_nobody(world):
+    """Faces of random people outside the world mostly get no name (top1 None) although a face is present."""
+    from apl_adapter.world.spec import random_attributes, random_fine_features
+
+    rec = WorldIdentityRecognizer.from_pretrained()
+    rng = random.Random(5)
+    known = {tuple(sorted(p.fine.items())) for p in world.identities}
+    faces = []
+    while len(faces) < 40:
+        fine = random_fine_features(rng)
+        if tuple(sorted(fine.items())) not in known:
+            faces.append(render_face(random_attributes(rng), fine, rng))
+    obs = rec.observe(faces)
+    assert sum(o.face_present for o in obs) == len(obs)
+    assert sum(o.top1 is None for o in obs) >= 0.8 * len(obs)
+
+
+def test_missing_recognizer_folder_says_how_to_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apl-world build"):
+        WorldIdentityRecognizer.from_pretrained(tmp_path)
