@@ -27,11 +27,13 @@
 // `omp simd` lets the host compiler vectorize the fp32 reductions over the head dimension (it may not reorder float
 // sums on its own). nvcc gets nothing: one CUDA thread owns one row.
 #if defined(__CUDA_ARCH__) || !defined(_OPENMP)
-#define APL_SIMD_SUM(var)
+#define APL_SIMD_SUM(...)
+#define APL_SIMD_MAX(var)
 #define APL_SIMD
 #else
-#define APL_PRAGMA(x) _Pragma(#x)
-#define APL_SIMD_SUM(var) APL_PRAGMA(omp simd reduction(+ : var))
+#define APL_PRAGMA(...) _Pragma(#__VA_ARGS__)
+#define APL_SIMD_SUM(...) APL_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#define APL_SIMD_MAX(var) APL_PRAGMA(omp simd reduction(max : var))
 #define APL_SIMD APL_PRAGMA(omp simd)
 #endif
 
@@ -114,6 +116,31 @@ PrefixAttentionParams<To> reinterpret_params(const PrefixAttentionParams<From>& 
   return r;
 }
 
+// exp(x) for x <= 0 (softmax arguments: score - running max), relative error < 2e-7; exp(-inf) = 0.
+// On the host it is a polynomial the compiler vectorizes inside the `omp simd` loops (libm's expf is a scalar call,
+// and one per key was the CPU kernel's largest cost); CUDA has its own fast exp.
+APL_HOST_DEVICE float exp_nonpositive(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38, still a normal float; the result underflows only below that
+  const float n = __builtin_floorf(x * 1.44269504f + 0.5f);  // x = n ln2 + r, |r| <= ln2 / 2
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts: exact n * ln2_hi
+  // Taylor to degree 6 on |r| <= 0.347: truncation below 1.2e-7 relative.
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+
 // Running state of one row's online softmax: max and sum of exp(score - max); the fp32 accumulator lives beside it.
 struct OnlineSoftmax {
   float max_score;
@@ -128,25 +155,51 @@ APL_HOST_DEVICE void accumulate_key_range(const float* qf, const T* keys, int64_
   float scores[kKeyBlock];
   for (int64_t start = 0; start < n_keys; start += kKeyBlock) {
     const int count = static_cast<int>(n_keys - start < kKeyBlock ? n_keys - start : kKeyBlock);
-    float block_max = -INFINITY;
-    for (int j = 0; j < count; ++j) {
+    // Four keys per pass: four independent dot products hide the latency of each one's reduction.
+    int j = 0;
+    for (; j + 4 <= count; j += 4) {
+      const T* k0 = keys + (start + j) * key_stride;
+      const T* k1 = k0 + key_stride;
+      const T* k2 = k1 + key_stride;
+      const T* k3 = k2 + key_stride;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      APL_SIMD_SUM(s0, s1, s2, s3)
+      for (int c = 0; c < d; ++c) {
+        s0 += qf[c] * to_float(k0[c]);
+        s1 += qf[c] * to_float(k1[c]);
+        s2 += qf[c] * to_float(k2[c]);
+        s3 += qf[c] * to_float(k3[c]);
+      }
+      scores[j] = s0;
+      scores[j + 1] = s1;
+      scores[j + 2] = s2;
+      scores[j + 3] = s3;
+    }
+    for (; j < count; ++j) {
       const T* key = keys + (start + j) * key_stride;
       float s = 0.f;
       APL_SIMD_SUM(s)
       for (int c = 0; c < d; ++c) s += qf[c] * to_float(key[c]);
       scores[j] = s;
-      block_max = s > block_max ? s : block_max;
     }
+    float block_max = -INFINITY;
+    APL_SIMD_MAX(block_max)
+    for (int i = 0; i < count; ++i) block_max = scores[i] > block_max ? scores[i] : block_max;
     const float new_max = block_max > state.max_score ? block_max : state.max_score;
-    // exp(-inf) = 0 on the first block: the empty accumulator is scaled by zero, which it already is.
-    const float correction = expf(state.max_score - new_max);
-    state.sum_exp *= correction;
+    // The first block: max_score is -inf, the correction 0, and the empty accumulator stays 0.
+    const float correction = exp_nonpositive(state.max_score - new_max);
+    float block_sum = 0.f;
+    APL_SIMD_SUM(block_sum)
+    for (int i = 0; i < count; ++i) {
+      scores[i] = exp_nonpositive(scores[i] - new_max);
+      block_sum += scores[i];
+    }
+    state.sum_exp = state.sum_exp * correction + block_sum;
     APL_SIMD
     for (int c = 0; c < d; ++c) acc[c] *= correction;
-    for (int j = 0; j < count; ++j) {
-      const float p = expf(scores[j] - new_max);
-      const T* value = values + (start + j) * value_stride;
-      state.sum_exp += p;
+    for (int i = 0; i < count; ++i) {
+      const float p = scores[i];
+      const T* value = values + (start + i) * value_stride;
       APL_SIMD
       for (int c = 0; c < d; ++c) acc[c] += p * to_float(value[c]);
     }
