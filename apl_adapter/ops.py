@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -58,8 +59,13 @@ def has_fused_kernel(device: torch.device | str = "cpu") -> bool:
     """Whether ``torch.ops.apl.prefix_attention`` has a kernel for ``device``'s type (CPU or CUDA)."""
     if not _HAS_EXTENSION:
         return False
-    key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("apl::prefix_attention", key)
+    return _has_kernel_for("CUDA" if torch.device(device).type == "cuda" else "CPU")
+
+
+@functools.cache
+def _has_kernel_for(dispatch_key: str) -> bool:
+    # Asked once per layer per call: the dispatcher lookup is cached (kernels register at import, never later).
+    return torch._C._dispatch_has_kernel_for_dispatch_key("apl::prefix_attention", dispatch_key)
 
 
 def prefix_attention_reference(

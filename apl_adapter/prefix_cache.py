@@ -102,6 +102,19 @@ class CachedPrefixEncoder(nn.Module):
             )
         return cls(base, prefix=lambda: embeddings.active_prefix, use_kernel=use_kernel)
 
+    # What diffusers' encode_prompt reads from a text encoder besides calling it.
+    @property
+    def config(self):
+        return self.text_encoder.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_model.device
+
     # ------------------------------------------------------------------------------------------------------------
     # The prefix state
     # ------------------------------------------------------------------------------------------------------------

@@ -192,3 +192,19 @@ def test_sd15_size_encoder_matches():
     ids = tokenized(PROMPTS[:4])
     with torch.no_grad():
         assert_same_outputs(peft_model(input_ids=ids), encoder(ids))
+
+
+def test_stands_in_for_the_text_encoder_in_diffusers_encode_prompt():
+    """diffusers' encode_prompt reads .config, .dtype and .device, then calls the encoder: the cached one works there
+    and gives the prefixed embeddings (the adapter's full path), while a disabled adapter gives the plain ones."""
+    from apl_adapter.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    peft_model = get_peft_model(pipe.text_encoder, APLConfig())
+    encoder = CachedPrefixEncoder.from_adapter(peft_model)
+    pipe.text_encoder = encoder
+    assert encoder.dtype == torch.float32 and encoder.config is peft_model.get_base_model().config
+    with torch.no_grad():
+        prompt_embeds, _ = pipe.encode_prompt("a photo of Ann Lee", "cpu", 1, False)
+        reference = peft_model(input_ids=tokenized(["a photo of Ann Lee"])).last_hidden_state
+    torch.testing.assert_close(prompt_embeds, reference, atol=ATOL, rtol=0)
