@@ -86,6 +86,11 @@ class LoadedPipeline:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def image_multiple(self) -> int:
+        """Image sides must divide by this: the VAE factor times the UNet's downsampling (64 for SD 1.x)."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def clip(self):
         return self.text_encoder.get_base_model()
 
@@ -113,7 +118,7 @@ def export_pipeline(
     try:
         progress(f"[1/5] loading {model_dir} and adapter {adapter_dir}")
         loaded = load_pipeline(Path(model_dir), Path(adapter_dir))
-        options.ranges.check_image_multiple(loaded.vae_factor * 8)
+        options.ranges.check_image_multiple(loaded.image_multiple)
         progress("[2/5] ONNX export and [3/5] validation against PyTorch")
         manifest = export_onnx_models(loaded, staging, options, progress)
         progress("[4/5] folder layout: configs, tokenizer, scheduler, model_index.json")
@@ -314,6 +319,7 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
         "hidden_size": width,
         "negative_prompt_encoder": negative_source,
         "vae_factor": loaded.vae_factor,
+        "image_multiple": loaded.image_multiple,
         "vae_scaling_factor": float(loaded.vae.config.scaling_factor),
         "opset": options.opset,
         "exporter": options.exporter,

@@ -148,5 +148,6 @@ class APLPipelineBase:
                 raise ExportError(
                     f"{what}={value} is outside the exported range {lo}..{hi}; re-export with a wider --{what}."
                 )
-            if what != "batch" and value % (self.vae_factor * 8):
-                raise ExportError(f"{what}={value} must be a multiple of {self.vae_factor * 8}.")
+            multiple = self.manifest["image_multiple"]
+            if what != "batch" and value % multiple:
+                raise ExportError(f"{what}={value} must be a multiple of {multiple}.")

@@ -70,7 +70,7 @@ def test_unwritable_out(sources, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
-    [("--batch", "4:1:2", "min <= opt <= max"), ("--height", "500", "multiples of 16"), ("--batch", "x", "MIN:OPT")],
+    [("--batch", "4:1:2", "min <= opt <= max"), ("--height", "18", "multiples of 4"), ("--batch", "x", "MIN:OPT")],
 )
 def test_bad_ranges(sources, tmp_path, capsys, flag, value, message):
     adapter = sources / "adapter-32"  # fits: the range is what is wrong
