@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 from ..errors import APLAdapterError
@@ -120,11 +121,22 @@ def world_bench_inputs(
     )
     models = BenchModels(
         base=load_world_pipeline("base", assets),
-        sibling=load_world_pipeline("sibling", assets) if transfer else None,
-        dreambooth=load_world_pipeline("dreambooth", assets) if late else None,
+        sibling=_optional_model("sibling", assets) if transfer else None,
+        dreambooth=_optional_model("dreambooth", assets) if late else None,
     )
     recognizer_dir = Path(assets) / "recognizer" if assets else None
     return spec, models, world_readers(recognizer_dir)
+
+
+def _optional_model(kind: str, assets):
+    """A world model, or ``None`` (its section is then reported as not measured) when it was not built."""
+    from ..world.models import load_world_pipeline
+
+    try:
+        return load_world_pipeline(kind, assets)
+    except FileNotFoundError as err:
+        warnings.warn(f"apl-bench: skipping the {kind} model: {err}", stacklevel=2)
+        return None
 
 
 class _AttributeReader:
