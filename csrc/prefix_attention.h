@@ -186,7 +186,7 @@ APL_HOST_DEVICE void accumulate_key_range(const float* qf, const T* keys, int64_
     APL_SIMD_MAX(block_max)
     for (int i = 0; i < count; ++i) block_max = scores[i] > block_max ? scores[i] : block_max;
     const float new_max = block_max > state.max_score ? block_max : state.max_score;
-    // The first block: max_score is -inf, the correction 0, and the empty accumulator stays 0.
+    // First block: max_score is -inf, so the correction is (about) 0 and scales an accumulator that is still 0.
     const float correction = exp_nonpositive(state.max_score - new_max);
     float block_sum = 0.f;
     APL_SIMD_SUM(block_sum)
