@@ -55,18 +55,20 @@ class BuildConfig:
     scenes: int = 3000
     late_faces_per_person: int = 40
     vae_steps: int = 300
-    recognizer_steps: int = 500
-    base_steps: int = 1500
-    sibling_steps: int = 150
-    dreambooth_steps: int = 250
+    recognizer_steps: int = 1000
+    base_steps: int = 1000
+    sibling_steps: int = 120
+    dreambooth_steps: int = 200
     batch_size: int = 32
-    base_lr: float = 1.5e-3
+    base_lr: float = 2e-3
     finetune_lr: float = 5e-4
     prompt_dropout: float = 0.1
     ema_decay: float = 0.995
     #: sampling fractions of the base mix: named faces, strangers (attribute prompts), scenes
     mix: tuple[float, float, float] = (0.6, 0.2, 0.2)
     stages: tuple[str, ...] = field(default=STAGES)
+    #: which models the ``evaluate`` stage samples
+    eval_models: tuple[str, ...] = ("base", "sibling", "dreambooth")
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,10 +362,20 @@ def train_diffusion(
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
+def store_unet_half(unet_dir: Path) -> None:
+    """Store UNet weights as float16 (half the bytes in the package); diffusers loads them back as float32."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(unet_dir) / "diffusion_pytorch_model.safetensors"
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def _atomic_save_pipeline(pipe, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    store_unet_half(tmp / "unet")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -372,6 +384,7 @@ def _atomic_save_unet(unet, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    store_unet_half(tmp / "unet")
     shutil.rmtree(folder / "unet", ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     (tmp / "unet").rename(folder / "unet")
@@ -518,11 +531,13 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
         from .evaluate import evaluate_world
 
         t0 = time.time()
-        card["metrics"] = evaluate_world(out, world, log=log)
-        timings["evaluate"] = time.time() - t0
+        card["metrics"] = evaluate_world(out, world, kinds=config.eval_models, log=log)
+        timings["evaluate_" + "+".join(config.eval_models)] = time.time() - t0
+    # Stages may run in separate processes: merge into what earlier runs measured.
     card_path = out / "world_card.json"
     previous = json.loads(card_path.read_text()) if card_path.is_file() else {}
     previous.setdefault("timings_s", {}).update(timings)
+    previous.setdefault("metrics", {}).update(card.pop("metrics", {}))
     card = {**previous, **{k: v for k, v in card.items() if k != "timings_s"}, "timings_s": previous["timings_s"]}
     card_path.write_text(json.dumps(card, indent=1))
     return card

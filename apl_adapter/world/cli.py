@@ -84,7 +84,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
     overrides = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
-    config = BuildConfig(**{**overrides, "stages": stages})
+    config = BuildConfig(**{**overrides, "stages": stages, "eval_models": tuple(args.eval_models.split(","))})
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=str(ASSETS), help="where the models go (default: the package's assets)")
     b.add_argument("--work", default="/tmp/apl-world-work", help="cache of intermediate stages")
     b.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    b.add_argument(
+        "--eval-models", default="base,sibling,dreambooth", help="models the evaluate stage samples (comma-separated)"
+    )
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
     for name in (

@@ -1,0 +1,76 @@
+"""``apl-world`` commands and the APL training data they write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from apl_adapter.world import WorldSpec
+from apl_adapter.world.cli import main
+from apl_adapter.world.data import write_apl_dataset
+
+
+def test_help_teaches_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "apl_adapter.world.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("build", "sample", "info", "data"):
+        assert command in out
+
+
+def test_info_lists_people_and_splits(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    world = WorldSpec.from_seed(0)
+    assert world.late[0].name in out and "unseen (12)" in out
+
+
+def test_sample_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--prompt",
+                "a photo of a red circle on a white background",
+                "--num",
+                "2",
+                "--zoom",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out).size == (64, 32)
+
+
+def test_missing_assets_fail_cleanly(tmp_path, capsys):
+    assert main(["--assets", str(tmp_path), "sample", "--prompt", "x", "--out", str(tmp_path / "g.png")]) == 2
+    assert "apl-world build" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_data_writes_the_training_format(tmp_path):
+    out = tmp_path / "data"
+    n = write_apl_dataset(out, images_per_person=1, num_scenes=3, split="unseen", templates=[0, 1])
+    world = WorldSpec.from_seed(0)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert n == len(rows) == len(world.unseen) + 3
+    identity = [r for r in rows if r["kind"] == "identity"]
+    assert {r["identity"] for r in identity} == {p.name for p in world.unseen}
+    for r in identity:
+        person = world.identity(r["identity"])
+        assert r["c1"] in {world.identity_prompt(person.name, k) for k in (0, 1)}
+        assert r["c2"] in {world.attribute_prompt(person.name, k) for k in (0, 1)}
+        assert Image.open(out / r["file_name"]).size == (32, 32)
+    scenes = [r for r in rows if r["kind"] == "preservation"]
+    assert len(scenes) == 3 and all(r["c1"] == r["c2"] for r in scenes)
+    with pytest.raises(FileExistsError, match="new --out"):
+        write_apl_dataset(out, images_per_person=1, num_scenes=1)
+    assert not (tmp_path / "data.tmp").exists()
