@@ -16,13 +16,27 @@ of minutes, for the UNet) and reused.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+@dataclass
+class Case:
+    """One timed comparison: the module to export, its spec and example inputs, the ORT feed, the eager call."""
+
+    title: str
+    graph: torch.nn.Module
+    spec: object
+    example: tuple[torch.Tensor, ...]
+    feed: dict[str, np.ndarray]
+    torch_run: Callable[[], np.ndarray]
 
 
 def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -38,7 +52,7 @@ def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[f
     return [statistics.median(t) for t in times]
 
 
-def text_encoder_case(cache: Path):
+def text_encoder_case():
     from apl_export.modules import CLIPTextEncoderGraph
     from apl_export.specs import ShapeRanges, text_encoder_spec
     from peft import get_peft_model
@@ -61,10 +75,10 @@ def text_encoder_case(cache: Path):
         with torch.no_grad():
             return model(input_ids=ids).last_hidden_state.numpy()
 
-    return "text encoding (B=1, APL baked)", graph, spec, (torch.from_numpy(feed["input_ids"]),), feed, torch_run
+    return Case("text encoding (B=1, APL baked)", graph, spec, (torch.from_numpy(feed["input_ids"]),), feed, torch_run)
 
 
-def unet_case(cache: Path):
+def unet_case():
     from apl_export.modules import UNetGraph
     from apl_export.specs import ShapeRanges, unet_spec
     from bench_export_unet import sd15_unet
@@ -79,7 +93,18 @@ def unet_case(cache: Path):
         with torch.no_grad():
             return graph(*example).numpy()
 
-    return "UNet step (2x4x64x64, SD 1.5)", graph, spec, example, feed, torch_run
+    return Case("UNet step (2x4x64x64, SD 1.5)", graph, spec, example, feed, torch_run)
+
+
+CASES = {"text_encoder": text_encoder_case, "unet": unet_case}
+
+
+def export_case(name: str, path: Path) -> None:
+    """Build the case's model (same seed as the timed one) and export it to ``path`` (TorchScript exporter)."""
+    from apl_export.onnx_export import export_model
+
+    case = CASES[name]()
+    export_model(case.graph, case.example, case.spec, path, exporter="torchscript", progress=print)
 
 
 def main() -> None:
@@ -91,28 +116,31 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnxruntime as ort
-    from apl_export.onnx_export import export_model
 
     torch.set_num_threads(args.threads)
-    cases = {"text_encoder": text_encoder_case, "unet": unet_case}
     for name in args.models:
-        title, graph, spec, example, feed, torch_run = cases[name](args.cache_dir)
         path = args.cache_dir / name / "model.onnx"
         if not path.exists():
             start = time.perf_counter()
-            export_model(graph, example, spec, path, exporter="torchscript", progress=lambda s: None)
+            # A child process exports, so its peak memory is given back before anything is timed here.
+            child = multiprocessing.get_context("spawn").Process(target=export_case, args=(name, path))
+            child.start()
+            child.join()
+            if child.exitcode != 0 or not path.exists():
+                raise SystemExit(f"[{name}] export failed (exit {child.exitcode})")
             print(f"[{name}] exported to {path} in {time.perf_counter() - start:.0f} s", flush=True)
+        case = CASES[name]()
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-        def ort_run(session=session, feed=feed):
+        def ort_run(session=session, feed=case.feed):
             return session.run(None, feed)[0]
 
-        error = float(np.abs(ort_run() - torch_run()).max())
-        t_torch, t_ort = interleaved_medians([torch_run, ort_run], args.repeats)
+        error = float(np.abs(ort_run() - case.torch_run()).max())
+        t_torch, t_ort = interleaved_medians([case.torch_run, ort_run], args.repeats)
         print(
-            f"{title}: PyTorch eager {t_torch * 1e3:.1f} ms, onnxruntime {t_ort * 1e3:.1f} ms, "
+            f"{case.title}: PyTorch eager {t_torch * 1e3:.1f} ms, onnxruntime {t_ort * 1e3:.1f} ms, "
             f"speedup x{t_torch / t_ort:.2f} (median of {args.repeats}, {args.threads} threads), "
             f"max abs error {error:.2e}",
             flush=True,
