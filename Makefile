@@ -45,8 +45,8 @@ demo: $(STAMP)
 	$(VENV)/bin/apl-demo --out $(DEMO_OUT)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check apl_adapter export tests benchmarks
-	$(VENV)/bin/ruff format --check apl_adapter export tests benchmarks
+	$(VENV)/bin/ruff check apl_adapter export tests benchmarks tools
+	$(VENV)/bin/ruff format --check apl_adapter export tests benchmarks tools
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

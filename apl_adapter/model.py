@@ -113,6 +113,27 @@ def splice_prefix(token_embeds: torch.Tensor, prefix: torch.Tensor) -> torch.Ten
     return torch.cat([token_embeds[:, :1], prefix, token_embeds[:, 1 + m :]], dim=1)
 
 
+def warn_if_prompt_truncated(
+    input_ids: torch.Tensor, num_virtual_tokens: int, eos_token_id: int, max_positions: int = 77
+) -> None:
+    """Warn (as diffusers does for over-long prompts) when the prefix pushes prompt tokens out of the window.
+
+    Skipped while tracing/exporting: the check reads tensor values.
+    """
+    if _is_tracing():
+        return
+    ids = input_ids.view(-1, input_ids.shape[-1])
+    room = prefixed_length(ids.shape[1], num_virtual_tokens, max_positions) - num_virtual_tokens
+    if bool((~(ids[:, 1:room] == eos_token_id).any(dim=1)).any()):
+        warnings.warn(
+            f"The APL prefix takes {num_virtual_tokens} of CLIP's {max_positions} positions: prompt tokens past "
+            f"position {max_positions - num_virtual_tokens - 1} were truncated (EOS kept). Shorten the prompt "
+            "to keep them.",
+            PromptTruncationWarning,
+            stacklevel=3,
+        )
+
+
 def _is_tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
@@ -243,15 +264,7 @@ def _prefix_inputs_hook(text_model: CLIPTextModel, args: tuple, kwargs: dict[str
     max_positions = text_model.config.max_position_embeddings
     eos = clip_eos_token_id(text_model.config)
     shifted = insert_prefix_ids(input_ids.view(-1, input_ids.shape[-1]), m, eos, max_positions=max_positions)
-    if not _is_tracing():
-        lost = ~(input_ids.view(-1, input_ids.shape[-1])[:, 1 : shifted.shape[1] - m] == eos).any(dim=1)
-        if bool(lost.any()):
-            warnings.warn(
-                f"The APL prefix takes {m} of CLIP's {max_positions} positions: prompt tokens past position "
-                f"{max_positions - m - 1} were truncated (EOS kept). Shorten the prompt to keep them.",
-                PromptTruncationWarning,
-                stacklevel=4,
-            )
+    warn_if_prompt_truncated(input_ids, m, eos, max_positions)
     kwargs["input_ids"] = shifted
     if kwargs.get("attention_mask") is not None:
         kwargs["attention_mask"] = insert_prefix_mask(kwargs["attention_mask"], m, max_positions)

@@ -41,7 +41,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 from .errors import APLAdapterError
-from .model import APLEmbedding, clip_eos_token_id, clip_text_model_of, insert_prefix_ids
+from .model import APLEmbedding, clip_eos_token_id, clip_text_model_of, insert_prefix_ids, warn_if_prompt_truncated
 from .ops import prefix_attention, prefix_attention_reference
 
 __all__ = ["CachedPrefixEncoder", "PrefixState"]
@@ -224,6 +224,8 @@ class CachedPrefixEncoder(nn.Module):
                 "CachedPrefixEncoder supports causal masking only (as Stable Diffusion uses CLIP); "
                 "pass no attention_mask, or use the full encoder for padded masks."
             )
+        config = self.text_model.config
+        warn_if_prompt_truncated(input_ids, prefix.shape[0], clip_eos_token_id(config), config.max_position_embeddings)
         return self.encode_with_state(input_ids, self.prefix_state(prefix), output_hidden_states, return_dict)
 
     def encode_with_state(

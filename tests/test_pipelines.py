@@ -10,7 +10,7 @@ from peft import get_peft_model
 from PIL import Image
 
 from apl_adapter import APLAdapterError, APLConfig
-from apl_adapter.pipelines import apl_models, apply_apl, remove_apl
+from apl_adapter.pipelines import apl_cached_encoders, apl_models, apply_apl, remove_apl
 from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a photo of Ann Lee"
@@ -57,8 +57,33 @@ def test_prefix_goes_to_the_positive_prompt_only(sd, adapter_folder):
     ids = sd.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         direct = model(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(pos[0:1], direct, atol=0, rtol=0)
-    torch.testing.assert_close(pos[1:2], direct, atol=0, rtol=0)
+    # Default path: the cached prefix encoder (fused kernel), equal to the full encoder within 1e-5.
+    torch.testing.assert_close(pos[0:1], direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pos[1:2], direct, atol=1e-5, rtol=0)
+
+
+def test_cached_encoder_is_the_default_and_can_be_turned_off(sd, adapter_folder):
+    config_before = dict(sd.config)
+    original_encoder = sd.text_encoder
+    apply_apl(sd, adapter_folder)
+    (cached,) = apl_cached_encoders(sd).values()
+    calls = []
+    hook = cached.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        fast, _ = sd.encode_prompt(PROMPT, "cpu", 1, True)
+    hook.remove()
+    assert calls == [1], "the positive prompt goes through the cached encoder once"
+    assert sd.text_encoder is original_encoder and dict(sd.config) == config_before
+    remove_apl(sd)
+    apply_apl(sd, adapter_folder, use_prefix_cache=False)
+    assert apl_cached_encoders(sd) == {}
+    with torch.no_grad():
+        full, _ = sd.encode_prompt(PROMPT, "cpu", 1, True)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+    ids = sd.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        direct = apl_models(sd)["text_encoder"](input_ids=ids).last_hidden_state
+    torch.testing.assert_close(full, direct, atol=0, rtol=0)
 
 
 def test_images_change_with_apl_and_come_back_after_removal(sd, adapter_folder):
