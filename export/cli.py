@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--exporter",
         choices=["dynamo", "torchscript"],
         default="dynamo",
-        help="torch.onnx exporter: dynamo (default, robust) or torchscript (tracing; measured 2.4x faster for the "
-        "SD 1.5 UNet, ~10x for tiny models)",
+        help="torch.onnx exporter: dynamo (default, robust) or torchscript (tracing; ~10x faster on tiny models, "
+        "see benchmarks/bench_export_unet.py for SD 1.5)",
     )
     parser.add_argument(
         "--text-encoder",
