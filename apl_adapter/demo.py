@@ -1,12 +1,18 @@
-"""``apl-demo`` (what ``make demo`` runs): APL end to end on the embedded default, with a report.
+"""``apl-demo`` (what ``make demo`` runs): APL end to end on the embedded world, with a report.
 
 Stages, each printed as it runs:
 
-1. load the base model (the shipped synthetic world if present, else a tiny random pipeline);
-2. put a prefix in its text encoder with PEFT and save it as an adapter (PEFT format);
-3. generate the same prompts and seeds with and without the prefix (prefix on the positive
-   prompt only), and measure how much each image changed;
-4. write ``report.md``, ``report.json`` and an image grid into ``--out``.
+1. training data from the shipped world's base model, the authors' way (identity images sampled
+   with the name prompt, scene renders with captions);
+2. ``apl-train``: a 10-vector prefix, only the prefix trained;
+3. ``apl-bench``: the paper's protocol (seen / unseen / late identities, transfer to the sibling
+   model, scenes) with and without the prefix;
+4. ``apl-export``: validated ONNX of the prefixed pipeline (the prefix baked into the text
+   encoder), then ONNX Runtime generation compared with PyTorch on the same seeds;
+5. ``report.md`` + ``report.json`` in ``--out`` (the bench's own report and grid in ``bench/``).
+
+When the world's weights are not installed (a source tree without them), the demo falls back
+to a tiny random pipeline and says so.
 """
 
 from __future__ import annotations
@@ -19,20 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import get_peft_model
 from PIL import Image
 
-from . import APLConfig, save_adapter
-from .pipelines import apply_apl, remove_apl
+from .errors import APLAdapterError
 
-PROMPTS = {
-    "person": ["a photo of Ann Lee", "a close-up portrait of Zorblax Quentaro"],
-    "no person": ["a red cube on a table", "three blue circles on a white background"],
-}
+EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]
 
 
-def _stage(number: int, text: str) -> None:
-    print(f"[{number}] {text}", flush=True)
+def _stage(text: str) -> None:
+    print(f"\n== {text}", flush=True)
 
 
 def _grid(rows: list[list[np.ndarray]], scale: int = 4) -> Image.Image:
@@ -41,68 +42,124 @@ def _grid(rows: list[list[np.ndarray]], scale: int = 4) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def run_tiny_demo(out: Path, steps: int = 20, seed: int = 0) -> dict:
-    """The adapter-core demo on a tiny random pipeline: apply, save, generate with and without."""
+def world_available() -> bool:
+    from .world.models import model_path
+
+    try:
+        model_path("base")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def export_and_compare(model_dir: Path, adapter_dir: Path, out: Path, prompts: list[str], seed: int = 0) -> dict:
+    """Export ``model_dir`` + adapter to ONNX, generate with ONNX Runtime and with PyTorch, compare."""
+    from apl_export.exporter import ExportOptions, export_pipeline
+    from apl_export.runtime_ort import ORTAPLPipeline
+    from apl_export.specs import ShapeRange, ShapeRanges
+    from diffusers import StableDiffusionPipeline
+
+    from .pipelines import apply_apl
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    ranges = ShapeRanges(
+        batch=ShapeRange(1, 1, 2), height=ShapeRange(side, side, side), width=ShapeRange(side, side, side)
+    )
+    started = time.perf_counter()
+    export_pipeline(model_dir, adapter_dir, out / "onnx", ExportOptions(ranges=ranges, overwrite=True))
+    export_seconds = time.perf_counter() - started
+    runtime = ORTAPLPipeline.from_pretrained(out / "onnx")
+    apply_apl(pipe, adapter_dir)
+    kwargs = dict(num_inference_steps=20, guidance_scale=7.0)
+    rows, diffs = [], []
+    for prompt in prompts:
+        ort_image = runtime(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)[0]
+        torch_image = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images[0]
+        diffs.append(float(np.abs(ort_image - torch_image).max()))
+        rows.append([torch_image, ort_image])
+    _grid(rows).save(out / "export_grid.png")
+    return {"export_seconds": export_seconds, "prompts": prompts, "max_abs_pixel_diff": diffs,
+            "onnx_folder": str(out / "onnx")}  # fmt: skip
+
+
+def run_world_demo(out: Path, steps: int, seed: int) -> dict:
+    from .bench.demo import run_demo
+    from .bench.report import to_markdown
+    from .world.models import model_path
+    from .world.spec import WorldSpec
+
+    report = run_demo(out, steps=steps)
+    name = WorldSpec.from_seed(0).seen[0].name
+    _stage("apl-export: ONNX with the prefix baked in, ONNX Runtime vs PyTorch")
+    prompts = [p.format(name=name) for p in EXPORT_PROMPTS]
+    export = export_and_compare(model_path("base"), out / "run" / "adapter", out, prompts, seed)
+    return {"model": "the shipped synthetic world (apl_adapter/world/assets)", "bench": report,
+            "bench_markdown": to_markdown(report), "export": export}  # fmt: skip
+
+
+def run_tiny_demo(out: Path, seed: int) -> dict:
+    """Fallback without world weights: apply a random prefix to a tiny pipeline, export, compare."""
+    from peft import get_peft_model
+
+    from . import APLConfig, save_adapter
     from .testing import tiny_sd_pipeline
 
-    _stage(1, "building a tiny Stable Diffusion pipeline (real CLIP tokenizer, random weights)")
     pipe = tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    _stage(2, "adding a 10-vector APL prefix with peft.get_peft_model and saving it")
-    text_encoder = get_peft_model(pipe.text_encoder, APLConfig())
-    save_adapter(text_encoder, out / "adapter")
-    text_encoder.unload()
-    _stage(3, f"generating {sum(map(len, PROMPTS.values()))} prompts with and without the prefix ({steps} DDIM steps)")
-    rows, results = [], []
-    for kind, prompts in PROMPTS.items():
-        for prompt in prompts:
-            kwargs = dict(num_inference_steps=steps, guidance_scale=7.0, output_type="np")
-            base = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
-            apply_apl(pipe, out / "adapter")
-            apl = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
-            remove_apl(pipe)
-            rows.append([base, apl])
-            results.append({"kind": kind, "prompt": prompt, "mean_abs_change": float(np.abs(apl - base).mean())})
-    _grid(rows).save(out / "grid.png")
-    return {"model": "tiny random pipeline (no trained world shipped yet)", "steps": steps, "seed": seed,
-            "images": results}
+    pipe.save_pretrained(out / "tiny-sd")
+    model = get_peft_model(pipe.text_encoder, APLConfig())
+    save_adapter(model, out / "run" / "adapter")
+    _stage("apl-export on a tiny random pipeline (no world weights installed)")
+    export = export_and_compare(out / "tiny-sd", out / "run" / "adapter", out, ["a photo of Ann Lee"], seed)
+    return {"model": "tiny random pipeline (world weights not installed: run `apl-world build`)", "export": export}
 
 
-def _write_report(out: Path, summary: dict) -> None:
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
-    lines = [
-        "# APL demo report",
-        "",
-        f"Model: {summary['model']}. DDIM {summary['steps']} steps, CFG 7, seed {summary['seed']}; "
-        "the prefix goes to the positive prompt only.",
-        "",
-        "| kind | prompt | mean abs pixel change with APL |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {r['kind']} | {r['prompt']} | {r['mean_abs_change']:.4f} |" for r in summary["images"]]
-    lines += ["", "Image grid (`grid.png`): one row per prompt, columns = base, APL.", "",
-              f"Adapter (PEFT format): `{out / 'adapter'}`", ""]
-    (out / "report.md").write_text("\n".join(lines))
+def write_report(out: Path, summary: dict) -> Path:
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    lines = ["# APL demo report", "", f"Model: {summary['model']}.", ""]
+    if "bench_markdown" in summary:
+        lines += ["## apl-bench (prefix trained by apl-train in this run)", "", summary["bench_markdown"], "",
+                  f"Per-image grid: `{out / 'bench' / 'grid.png'}`.", ""]  # fmt: skip
+    export = summary["export"]
+    lines += ["## apl-export + ONNX Runtime", "",
+              f"Exported to `{export['onnx_folder']}` in {export['export_seconds']:.0f} s (validated against PyTorch).",
+              "Same seed, DDIM 20 steps, CFG 7: ONNX Runtime image vs PyTorch image (`apply_apl`).", "",
+              "| prompt | max abs pixel difference |", "|---|---|"]  # fmt: skip
+    lines += [f"| {p} | {d:.2e} |" for p, d in zip(export["prompts"], export["max_abs_pixel_diff"])]
+    lines += ["", f"Grid: `{out / 'export_grid.png'}` (rows = prompts, columns = PyTorch, ONNX Runtime).", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="apl-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo-out", help="report folder (created; existing files are replaced)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps per image")
-    parser.add_argument("--seed", type=int, default=0, help="generation seed")
+    parser = argparse.ArgumentParser(
+        prog="apl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="demo-out", help="report folder (created; earlier demo files are replaced)")
+    parser.add_argument("--steps", type=int, default=400, help="apl-train steps on the world")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the export comparison images")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"apl-demo: error: --out {out} is a file; choose a folder", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    summary = run_tiny_demo(out, steps=args.steps, seed=args.seed)
-    _stage(4, "writing the report")
-    _write_report(out, summary)
-    print((out / "report.md").read_text())
-    print(f"Done in {time.time() - start:.0f} s. Report: {out / 'report.md'}")
+    started = time.time()
+    try:
+        if world_available():
+            summary = run_world_demo(out, args.steps, args.seed)
+        else:
+            print("apl-demo: the world's weights are not installed; running the tiny fallback", file=sys.stderr)
+            summary = run_tiny_demo(out, args.seed)
+    except (APLAdapterError, FileNotFoundError, ValueError) as err:
+        print(f"apl-demo: error: {err}", file=sys.stderr)
+        return 2
+    summary["seconds"] = time.time() - started
+    report = write_report(out, summary)
+    print("\n" + report.read_text())
+    print(f"Done in {summary['seconds']:.0f} s. Report: {report}")
     return 0
 
 
