@@ -21,12 +21,12 @@ from ..errors import APLAdapterError
 
 def run_demo(
     out_dir: str | Path = "demo-out",
-    steps: int = 400,
-    batch_size: int = 16,
+    steps: int = 300,
+    batch_size: int = 8,
     per_name: int = 16,
     num_scenes: int = 320,
-    seeds: tuple[int, ...] = (0, 1),
-    lr: float = 1e-3,
+    seeds: tuple[int, ...] = (0,),
+    lr: float = 1e-2,
     assets: str | Path | None = None,
 ) -> dict:
     """Data -> training -> bench; returns the bench report and prints its Markdown.
@@ -75,11 +75,12 @@ def run_demo(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-out", help="Output folder.")
-    parser.add_argument("--steps", type=int, default=400, help="Training steps.")
-    parser.add_argument("--batch-size", type=int, default=16, help="Training batch size.")
+    parser.add_argument("--steps", type=int, default=300, help="Training steps.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Training batch size.")
     parser.add_argument("--per-name", type=int, default=16, help="Training images per seen name.")
-    parser.add_argument("--seeds", default="0,1", help="Bench seeds.")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
+    parser.add_argument("--seeds", default="0", help="Bench seeds (one seed keeps the demo short).")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (10x the paper's 1e-3, for "
+                        "300 instead of ~20k steps).")  # fmt: skip
     parser.add_argument("--assets", default=None, help="World models folder (default: the shipped ones).")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (1 on a busy CPU).")
     args = parser.parse_args(argv)
