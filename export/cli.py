@@ -26,10 +26,18 @@ prefix modes:
           encode a prompt without it (default, for production apps)
   input   the prefix (m, D) is a second input: a new adapter of the same m needs no re-export
 
+text encoders (--text-encoder):
+  standard  CLIP with the prefix in its input; runs in onnxruntime and TensorRT (default)
+  fast      the prefix's per-layer keys/values are constants and only the prompt positions run:
+            one apl::PrefixAttention TensorRT plugin node per layer. Baked prefix and fp32 only;
+            TensorRT runtime only (ONNX Runtime cannot run the node), so it is validated with
+            onnx's ReferenceEvaluator (the node in NumPy) and its PyTorch graph vs the adapter (1e-5)
+
 examples:
   apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-onnx/
   apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-trt/ --trt --fp16 --batch 1:1:4 --height 512:512:768
   apl-export sd15/ --adapter apl-prefix/ --out repo/ --triton --prefix-mode input --overwrite
+  apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-fast/ --text-encoder fast --trt
 
 The output is written next to --out and renamed at the end: a failed export leaves nothing behind.
 """
@@ -65,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--text-encoder",
+        choices=["standard", "fast"],
         default="standard",
-        help="text-encoder graph variant: 'standard' (default); 'fast' once the fused prefix-attention plugin is "
-        "installed",
+        help="text-encoder graph: 'standard' (default; runs anywhere, onnxruntime-validated) or 'fast' (the prefix's "
+        "per-layer keys/values baked as constants, only the prompt positions computed, one apl::PrefixAttention "
+        "TensorRT plugin node per layer; needs the baked prefix mode, fp32, and the TensorRT runtime: ONNX Runtime "
+        "cannot run it; see 'text encoders')",
     )
     return parser
 

@@ -10,13 +10,22 @@ with ``--fp16`` for fp16 engines. ``tensorrt`` engines use and update a shared t
 (``engines/timing.cache``); TensorRT-RTX ignores timing caches (it tunes at load time, with its
 runtime cache), so none is written for it.
 
+Models whose manifest entry lists ``plugins`` (the fast text encoder's ``apl::PrefixAttention`` nodes) are built
+in a child process (``python -m apl_export.engines --plugin-build``) started with
+:func:`apl_export.trt_plugin.plugin_process_env`, which registers the plugin before parsing: TensorRT-RTX's ONNX
+parser needs that loader path before TensorRT loads.
+
 Without a GPU an engine cannot be deserialized, so what is checked here is the parsed network
 (I/O names, dtypes, ranks), the profile that was set, and that the builder returned a plan.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -61,18 +70,63 @@ def build_engines(staging: Path, manifest: dict, fp16: bool, progress: Callable[
     engine_dir.mkdir(exist_ok=True)
     engines = {}
     for name, model in manifest["models"].items():
-        progress(f"  {name}: building with {builder_name(trt)}")
-        engines[name] = build_engine(
-            trt,
-            staging / model["path"],
-            engine_dir / f"{name}.plan",
-            inputs=model["inputs"],
-            outputs=model["outputs"],
-            profile=model["profile"],
-            timing_cache=engine_dir / TIMING_CACHE,
-        )
+        request = {
+            "onnx_path": str(staging / model["path"]),
+            "engine_path": str(engine_dir / f"{name}.plan"),
+            "inputs": model["inputs"],
+            "outputs": model["outputs"],
+            "profile": model["profile"],
+            "timing_cache": str(engine_dir / TIMING_CACHE),
+        }
+        if model.get("plugins"):
+            plugins = ", ".join(model["plugins"])
+            progress(f"  {name}: building with {builder_name(trt)} and the {plugins} plugin (child process)")
+            engines[name] = build_in_plugin_process(trt, request)
+            engines[name]["plugins"] = model["plugins"]
+        else:
+            progress(f"  {name}: building with {builder_name(trt)}")
+            engines[name] = _build_request(trt, request)
         engines[name]["path"] = f"{ENGINE_DIR}/{name}.plan"
     return {"builder": builder_name(trt), "fp16": fp16, "models": engines}
+
+
+def _build_request(trt: ModuleType, request: dict) -> dict:
+    paths = {k: Path(request[k]) for k in ("onnx_path", "engine_path", "timing_cache")}
+    return build_engine(trt, **paths, inputs=request["inputs"], outputs=request["outputs"], profile=request["profile"])
+
+
+def build_in_plugin_process(trt: ModuleType, request: dict) -> dict:
+    """Build one engine whose graph holds ``apl::PrefixAttention`` nodes, in a child process with the plugin's
+    environment (:func:`apl_export.trt_plugin.plugin_process_env`); returns what :func:`build_engine` returns."""
+    from .trt_plugin import plugin_process_env
+
+    cmd = [sys.executable, "-m", "apl_export.engines", "--plugin-build", "--module", trt.__name__]
+    result = subprocess.run(cmd, input=json.dumps(request), env=plugin_process_env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ExportError(
+            f"TensorRT could not build {request['onnx_path']} with the apl::PrefixAttention plugin "
+            f"(exit {result.returncode}): {result.stderr.strip()[-3000:]}"
+        )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _plugin_build_main(argv: list[str] | None = None) -> int:
+    """Child-process entry: read a build request (JSON) on stdin, register the plugin, build, print the result."""
+    from .trt_plugin import register_plugin
+
+    parser = argparse.ArgumentParser(description="build one TensorRT engine with the apl::PrefixAttention plugin")
+    parser.add_argument("--plugin-build", action="store_true", required=True, help="the only action")
+    parser.add_argument("--module", default=None, help="TensorRT module the parent process built with")
+    args = parser.parse_args(argv)
+    try:
+        trt = load_tensorrt(args.module)
+        register_plugin(trt)
+        result = _build_request(trt, json.loads(sys.stdin.read()))
+    except ExportError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
 
 
 def build_engine(
@@ -156,3 +210,7 @@ def check_network_io(io: dict[str, dict], inputs: list[dict], outputs: list[dict
                     f"{where}: TensorRT {mode} {tensor['name']} is {got['dtype']}{got['shape']}, "
                     f"expected {tensor['dtype']}{dims}."
                 )
+
+
+if __name__ == "__main__":
+    sys.exit(_plugin_build_main())

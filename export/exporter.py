@@ -5,7 +5,9 @@ The stages, each printed as it runs:
 1. load the diffusers folder and the adapter (``PeftModel.from_pretrained``: the reference);
 2. ONNX: ``text_encoder`` (with the APL prefix, baked or as an input), ``negative_text_encoder``
    (the plain encoder, for the negative / unconditional prompt), ``unet``, ``vae_decoder``;
-3. validation of each ONNX file against PyTorch (fatal on failure, see :mod:`.validate`);
+3. validation of each ONNX file against PyTorch (fatal on failure, see :mod:`.validate`); the ``fast`` text
+   encoder (``apl::PrefixAttention`` nodes, which onnxruntime cannot run) is run by onnx's ``ReferenceEvaluator``
+   with the node in NumPy, and as the exported PyTorch module, both against the ``PeftModel`` (atol 1e-5);
 4. the optimum-style folder: configs, tokenizer, scheduler, ``model_index.json`` and the
    ``apl_export.json`` manifest (I/O, profiles, validation results);
 5. optional TensorRT engines (:mod:`.engines`) and Triton repository (:mod:`.triton`).
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 import torch
 
 from .errors import ExportError, TensorRTUnavailableError
@@ -40,7 +43,8 @@ from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
 from .runtime_base import load_scheduler
 from .specs import ModelSpec, ShapeRanges, text_encoder_spec, unet_spec, vae_decoder_spec
-from .validate import check_structure, compare_with_torch, tolerance
+from .trt_plugin import OP_DOMAIN, OP_NAME, make_fast_text_encoder, onnx_reference_ops, onnx_translation_table
+from .validate import check_structure, compare_custom_op_graph, compare_with_torch, tolerance
 
 PrefixMode = Literal["baked", "input"]
 MANIFEST_NAME = "apl_export.json"
@@ -98,10 +102,22 @@ class LoadedPipeline:
 Progress = Callable[[str], None]
 
 # Graph builders for the prefixed text encoder: (clip, baked prefix or None, prefix_as_input, m) -> module.
-# A fused prefix-attention variant (TensorRT plugin) registers itself here as "fast".
+# "fast": the prefix's per-layer keys/values are graph constants and each layer's attention is one
+# apl::PrefixAttention node (a TensorRT plugin, apl_export.trt_plugin); onnxruntime cannot run that node.
 TEXT_ENCODER_VARIANTS: dict[str, Callable[..., torch.nn.Module]] = {
     "standard": lambda clip, prefix, as_input, m: CLIPTextEncoderGraph(clip, prefix, as_input, m),
+    "fast": make_fast_text_encoder,
 }
+FAST_TEXT_ENCODER = "fast"
+# The fast variant's graph holds custom nodes: the ONNX translation table for torch.onnx.export (dynamo).
+TEXT_ENCODER_TRANSLATIONS: dict[str, Callable[[], dict]] = {FAST_TEXT_ENCODER: onnx_translation_table}
+FAST_FP32_ATOL = 1e-5
+FAST_VALIDATION_NOTE = (
+    f"onnxruntime has no kernel for the custom {OP_DOMAIN}::{OP_NAME} node, so instead of onnxruntime the ONNX file "
+    "was run by onnx.reference.ReferenceEvaluator with a NumPy implementation of that node "
+    "(apl_export.trt_plugin.prefix_attention_numpy), and the exported PyTorch module (FastCLIPTextEncoderGraph) "
+    "was run too; both against the adapter's PeftModel forward. The TensorRT plugin's CUDA enqueue is not run here."
+)
 
 
 def export_pipeline(
@@ -278,6 +294,17 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
             f"choose one of {sorted(TEXT_ENCODER_VARIANTS)}."
         )
     make_text_encoder = TEXT_ENCODER_VARIANTS[options.text_encoder]
+    fast = options.text_encoder == FAST_TEXT_ENCODER
+    if fast and options.fp16:
+        raise ExportError(
+            "--text-encoder fast is exported and validated in fp32 only (onnxruntime cannot check an fp16 "
+            "conversion of its custom nodes); drop --fp16 or use --text-encoder standard."
+        )
+    if fast and options.triton:
+        raise ExportError(
+            "--triton cannot serve --text-encoder fast: its apl::PrefixAttention node is a Python TensorRT plugin, "
+            "which Triton's TensorRT backend cannot load, and onnxruntime cannot run it; use --text-encoder standard."
+        )
     clip = loaded.clip
     width = clip.config.hidden_size
     m = loaded.prefix.shape[0]
@@ -290,7 +317,7 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
     spec = text_encoder_spec(TEXT_ENCODER, width, graph.output_names[1], width, ranges, prefix_len=0 if baked else m)
     reference = PeftTextEncoderReference(loaded.text_encoder, spec.output_names, prefix_as_input=not baked)
     feeds = text_feeds(loaded, spec, with_prefix=not baked)
-    models[TEXT_ENCODER] = _export_and_validate(graph, reference, spec, feeds, staging, options, progress)
+    models[TEXT_ENCODER] = _export_and_validate(graph, reference, spec, feeds, staging, options, progress, fast=fast)
     if not baked:
         np.save(staging / TEXT_ENCODER / "prefix.npy", loaded.prefix.float().numpy())
 
@@ -315,6 +342,7 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
     return {
         "format_version": FORMAT_VERSION,
         "prefix_mode": options.prefix_mode,
+        "text_encoder_variant": options.text_encoder,
         "num_virtual_tokens": m,
         "hidden_size": width,
         "negative_prompt_encoder": negative_source,
@@ -330,14 +358,32 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
     }
 
 
-def _export_and_validate(graph, reference, spec: ModelSpec, feeds, staging: Path, options, progress) -> dict:
+def _export_and_validate(
+    graph, reference, spec: ModelSpec, feeds, staging: Path, options, progress, fast: bool = False
+) -> dict:
+    """Export ``graph``; validate it against ``reference``. ``fast``: the graph holds ``apl::PrefixAttention`` nodes
+    (exported with dynamo and the custom translation table; numerics checked on the PyTorch graph, see
+    :data:`FAST_VALIDATION_NOTE`)."""
     path = staging / spec.name / "model.onnx"
     example = tuple(torch.from_numpy(feeds[0][t.name]) for t in spec.inputs)
-    export_model(graph, example, spec, path, opset=options.opset, exporter=options.exporter, fp16=options.fp16,
-                 progress=progress)  # fmt: skip
+    exporter = "dynamo" if fast else options.exporter
+    translation = TEXT_ENCODER_TRANSLATIONS[FAST_TEXT_ENCODER]() if fast else None
+    export_model(graph, example, spec, path, opset=options.opset, exporter=exporter, fp16=options.fp16,
+                 progress=progress, custom_translation_table=translation)  # fmt: skip
     check_structure(path, spec)
-    report = compare_with_torch(path, reference, spec, feeds, tolerance(spec.name, options.fp16), progress)
+    extra = {}
+    if fast:
+        nodes = sum(n.domain == OP_DOMAIN and n.op_type == OP_NAME for n in onnx.load(str(path)).graph.node)
+        if nodes == 0:
+            raise ExportError(f"{path}: the fast text encoder was exported without {OP_DOMAIN}::{OP_NAME} nodes.")
+        report = compare_custom_op_graph(
+            path, graph, reference, spec, feeds, FAST_FP32_ATOL, onnx_reference_ops(), FAST_VALIDATION_NOTE, progress
+        )
+        extra = {"exporter": exporter, "plugins": {f"{OP_DOMAIN}::{OP_NAME}": nodes}}
+    else:
+        report = compare_with_torch(path, reference, spec, feeds, tolerance(spec.name, options.fp16), progress)
     return {
+        **extra,
         "path": f"{spec.name}/model.onnx",
         "inputs": [_tensor_json(t) for t in spec.inputs],
         "outputs": [_tensor_json(t) for t in spec.outputs],
@@ -429,9 +475,15 @@ def write_layout(loaded: LoadedPipeline, staging: Path, manifest: dict) -> None:
     loaded.scheduler.save_config(staging / "scheduler")
     # optimum's folder layout, but not its pipeline class: the UNet takes a float32 (1,) timestep and
     # the negative prompt has its own encoder, so the runtime is apl_export's.
+    # The fast text encoder's custom nodes run only as a TensorRT plugin: its folder needs the TensorRT runtime.
+    runtime = (
+        "runtime_trt.TRTAPLPipeline"
+        if manifest.get("text_encoder_variant") == FAST_TEXT_ENCODER
+        else ("runtime_ort.ORTAPLPipeline")
+    )
     index = {
-        "_class_name": "ORTAPLPipeline",
-        "_runtime": "apl_export.runtime_ort.ORTAPLPipeline",
+        "_class_name": runtime.split(".")[1],
+        "_runtime": f"apl_export.{runtime}",
         **{name: ["apl_export", "onnx"] for name in manifest["models"]},
         "tokenizer": ["transformers", type(loaded.tokenizer).__name__],
         "scheduler": ["diffusers", type(loaded.scheduler).__name__],

@@ -44,19 +44,25 @@ def export_model(
     exporter: Exporter = "dynamo",
     fp16: bool = False,
     progress: Callable[[str], None] = log.info,
+    custom_translation_table: dict | None = None,
 ) -> Path:
     """Export ``module`` to ``path`` (``.../model.onnx``) following ``spec``; returns ``path``.
 
     ``example_inputs`` must match ``spec.inputs`` in order; their dynamic dims should be > 1 so
-    the exporter does not specialise them.
+    the exporter does not specialise them. ``custom_translation_table`` (dynamo only) maps custom torch ops to
+    ONNX functions, e.g. :func:`apl_export.trt_plugin.onnx_translation_table`.
     """
+    if custom_translation_table and exporter != "dynamo":
+        raise ExportError(f"{spec.name}: custom ONNX ops need the dynamo exporter, not {exporter!r}.")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exported UNet needs opset >= {MIN_OPSET}; use 18 or 19.")
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".raw-", dir=path.parent))
     try:
         progress(f"  {spec.name}: torch.onnx.export ({exporter}, opset {opset})")
-        raw = _torch_export(module, example_inputs, spec, scratch / "model.onnx", opset, exporter)
+        raw = _torch_export(
+            module, example_inputs, spec, scratch / "model.onnx", opset, exporter, custom_translation_table
+        )
         model = onnx.load(str(raw), load_external_data=True)
         progress(f"  {spec.name}: graph cleanup (constant folding, dead-node removal)")
         model = clean_graph(model)
@@ -70,7 +76,9 @@ def export_model(
     return path
 
 
-def _torch_export(module, example_inputs, spec: ModelSpec, path: Path, opset: int, exporter: Exporter) -> Path:
+def _torch_export(
+    module, example_inputs, spec: ModelSpec, path: Path, opset: int, exporter: Exporter, translation: dict | None = None
+) -> Path:
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches; validation checks the result
@@ -99,6 +107,7 @@ def _torch_export(module, example_inputs, spec: ModelSpec, path: Path, opset: in
                 opset_version=opset,
                 dynamo=True,
                 verbose=False,
+                custom_translation_table=translation or None,
             )
             program.save(str(path), external_data=_initializer_bytes(program.model_proto) > EXTERNAL_DATA_THRESHOLD)
         else:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ExportError
 from .runtime_base import APLPipelineBase
 
 
@@ -24,6 +25,11 @@ class ORTAPLPipeline(APLPipelineBase):
         import onnxruntime as ort
 
         super().__init__(folder)
+        if self.manifest.get("text_encoder_variant") == "fast":
+            raise ExportError(
+                f"{self.folder} has the fast text encoder (apl::PrefixAttention nodes, a TensorRT plugin) that ONNX "
+                "Runtime cannot run: use TRTAPLPipeline on a GPU, or re-export with --text-encoder standard."
+            )
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -8,7 +8,8 @@ another on the same stream). With ``cuda_graphs=True`` each engine's launch is c
 input-shape signature and replayed.
 
 The engines must be deserialized by the library that built them: the manifest names it
-(``tensorrt`` or TensorRT-RTX).
+(``tensorrt`` or TensorRT-RTX). A ``--text-encoder fast`` export holds ``apl::PrefixAttention`` plugin nodes: the
+plugin is registered (:func:`apl_export.trt_plugin.register_plugin`) before any engine is deserialized.
 
 ```python
 >>> from apl_export.runtime_trt import TRTAPLPipeline
@@ -116,6 +117,12 @@ class TRTAPLPipeline(APLPipelineBase):
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
         self.cuda_graphs = cuda_graphs
+        if self.manifest.get("text_encoder_variant") == "fast" or any(
+            info.get("plugins") for info in engines["models"].values()
+        ):
+            from .trt_plugin import register_plugin
+
+            register_plugin(self.trt)  # the fast text encoder's apl::PrefixAttention nodes: before deserializing
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self.engines = {
             name: TRTEngine(self.trt, self.runtime, self.folder / info["path"], self.device)

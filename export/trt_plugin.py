@@ -11,6 +11,10 @@ version ``1``) is registered: :func:`register_plugin` registers one written with
 the TensorRT-RTX bindings. At run time (GPU) its ``enqueue`` runs the CUDA kernel of ``apl_adapter._C`` on
 TensorRT's stream, so the process that deserializes the engine must call :func:`register_plugin` first.
 
+``apl-export --text-encoder fast`` exports this graph as ``text_encoder`` (``TEXT_ENCODER_VARIANTS["fast"]``),
+validates it with :func:`onnx_reference_ops` (onnxruntime cannot run the node), and with ``--trt`` builds its engine
+in a child process with :func:`plugin_process_env` (``python -m apl_export.engines --plugin-build``).
+
 What has been checked where: on this project's CPU machines, TensorRT-RTX parses the exported graph and builds a
 serialized engine with the plugin (the builder calls the plugin's shape, type and format callbacks); ``enqueue``
 needs a GPU and has not run here.
@@ -107,6 +111,35 @@ def onnx_translation_table() -> dict:
         )
 
     return {torch.ops.apl.prefix_attention.default: prefix_attention_onnx}
+
+
+def prefix_attention_numpy(q, k, v, k_prefix, v_prefix, causal: int = 1, scale: float = 0.0) -> np.ndarray:
+    """``apl::PrefixAttention`` in NumPy (float64 accumulation), from the op's definition: softmax over the prefix
+    keys (unmasked) and the request keys (causal, bottom-right aligned), times ``[v_prefix ; v]``."""
+    batch, _, length, dim = q.shape
+    k_all = np.concatenate([np.broadcast_to(k_prefix, (batch, *k_prefix.shape[1:])), k], axis=2).astype(np.float64)
+    v_all = np.concatenate([np.broadcast_to(v_prefix, (batch, *v_prefix.shape[1:])), v], axis=2).astype(np.float64)
+    scores = (q.astype(np.float64) @ np.swapaxes(k_all, -1, -2)) * (scale or 1.0 / np.sqrt(dim))
+    if causal:
+        keys = k.shape[2]  # bottom-right: query i sees request keys j <= i + keys - length
+        masked = np.arange(keys)[None, :] > np.arange(length)[:, None] + (keys - length)
+        scores[..., k_all.shape[2] - keys :][..., masked] = -np.inf
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return (scores @ v_all).astype(q.dtype)
+
+
+def onnx_reference_ops() -> list[type]:
+    """``new_ops`` for :class:`onnx.reference.ReferenceEvaluator`: runs exported graphs holding the custom node."""
+    from onnx.reference.op_run import OpRun
+
+    class PrefixAttention(OpRun):
+        op_domain = OP_DOMAIN
+
+        def _run(self, q, k, v, k_prefix, v_prefix, causal=1, scale=0.0, plugin_namespace=None, plugin_version=None):
+            return (prefix_attention_numpy(q, k, v, k_prefix, v_prefix, int(causal), float(scale)),)
+
+    return [PrefixAttention]
 
 
 class FastCLIPTextEncoderGraph(nn.Module):

@@ -80,9 +80,12 @@ class ValidationReport:
     atol: float
     feeds: int
     max_abs_error: dict[str, float]
+    method: str = "onnxruntime vs PyTorch"
+    note: str | None = None
 
     def as_dict(self) -> dict:
-        return {"atol": self.atol, "feeds": self.feeds, "max_abs_error": self.max_abs_error}
+        out = {"method": self.method, "atol": self.atol, "feeds": self.feeds, "max_abs_error": self.max_abs_error}
+        return out if self.note is None else {**out, "note": self.note}
 
 
 def check_structure(path: Path, spec: ModelSpec) -> None:
@@ -145,3 +148,59 @@ def compare_with_torch(
         )
     progress(f"  {spec.name}: onnxruntime vs PyTorch, {len(feeds)} feeds, max abs error {max(worst.values()):.2e}")
     return ValidationReport(spec.name, atol, len(feeds), worst)
+
+
+def run_onnx_reference(path: Path, feed: dict[str, np.ndarray], spec: ModelSpec, new_ops: list) -> dict:
+    """The ONNX file run by :class:`onnx.reference.ReferenceEvaluator` (custom nodes from ``new_ops``)."""
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path), new_ops=new_ops)
+    outputs = evaluator.run(None, {t.name: feed[t.name] for t in spec.inputs})
+    return dict(zip(spec.output_names, outputs))
+
+
+def compare_custom_op_graph(
+    path: Path,
+    graph: torch.nn.Module,
+    reference: torch.nn.Module,
+    spec: ModelSpec,
+    feeds: Sequence[dict[str, np.ndarray]],
+    atol: float,
+    new_ops: list,
+    note: str,
+    progress: Callable[[str], None] = print,
+) -> ValidationReport:
+    """For graphs onnxruntime cannot run (custom nodes): two checks against the ``reference`` module, same feeds,
+    shapes and max-abs-error rule as :func:`compare_with_torch`:
+
+    * ``onnx``: the exported file, run by onnx's ``ReferenceEvaluator`` with ``new_ops`` implementing the custom nodes;
+    * ``torch``: the PyTorch ``graph`` that was exported (the path a TensorRT plugin's kernel takes).
+    """
+    worst: dict[str, float] = {}
+    for feed in feeds:
+        expected = TorchRunner(reference, spec).infer_impl(feed)
+        candidates = {
+            "onnx": run_onnx_reference(path, feed, spec, new_ops),
+            "torch": TorchRunner(graph, spec).infer_impl(feed),
+        }
+        for source, outputs in candidates.items():
+            for name in spec.output_names:
+                actual = np.asarray(outputs[name])
+                if tuple(actual.shape) != tuple(expected[name].shape):
+                    raise ValidationError(
+                        f"{path}: output {name} ({source}) has shape {tuple(actual.shape)}, the reference gives "
+                        f"{tuple(expected[name].shape)}."
+                    )
+                error = float(np.max(np.abs(actual.astype(np.float64) - expected[name].astype(np.float64)), initial=0))
+                key = f"{name}/{source}"
+                worst[key] = max(worst.get(key, 0.0), error)
+    if any(not np.isfinite(e) or e > atol for e in worst.values()):
+        raise ValidationError(
+            f"{path}: the exported graph differs from the reference beyond atol={atol:g}: max abs error "
+            + ", ".join(f"{k}={v:.3g}" for k, v in worst.items())
+            + ". Export with --text-encoder standard."
+        )
+    progress(f"  {spec.name}: ONNX reference evaluator and exported PyTorch graph vs reference, {len(feeds)} feeds, "
+             f"max abs error {max(worst.values()):.2e}")  # fmt: skip
+    method = "onnx.reference.ReferenceEvaluator (custom node in NumPy) and exported PyTorch graph vs reference"
+    return ValidationReport(spec.name, atol, len(feeds), worst, method=method, note=note)
