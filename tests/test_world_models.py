@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 
 from apl_adapter.metrics import identity_metrics
 from apl_adapter.world import (
+    ASSETS,
     WorldIdentityRecognizer,
     WorldSceneRecognizer,
     WorldSpec,
@@ -17,6 +18,13 @@ from apl_adapter.world import (
     model_path,
 )
 from apl_adapter.world.evaluate import person_prompts, sample_images, scene_prompts
+
+# The diffusion models ship only once they meet the bars (they do not yet: the 1,000-step
+# build on the shared 2-core box under-trains them). Until then these tests need `apl-world build`.
+pytestmark = pytest.mark.skipif(
+    not (ASSETS / "base" / "unet").is_dir(),
+    reason="world diffusion models not shipped yet; run `apl-world build` to create apl_adapter/world/assets/base",
+)
 
 
 @pytest.fixture(scope="module")

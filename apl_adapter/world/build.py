@@ -55,7 +55,7 @@ class BuildConfig:
     scenes: int = 3000
     late_faces_per_person: int = 40
     vae_steps: int = 300
-    recognizer_steps: int = 1000
+    recognizer_steps: int = 1200
     base_steps: int = 1000
     sibling_steps: int = 120
     dreambooth_steps: int = 200

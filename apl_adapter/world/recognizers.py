@@ -54,7 +54,7 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class WorldRecognizerNet(nn.Module):
-    """Trunk 32x32 -> 128 features; heads: presence (1 logit), identity (names + stranger), attributes, scene."""
+    """Trunk 32x32 -> 2x2x128 features; heads: presence (1 logit), identity (names + stranger), attributes, scene."""
 
     def __init__(self, num_names: int, width: int = 32):
         super().__init__()
@@ -65,10 +65,10 @@ class WorldRecognizerNet(nn.Module):
             _conv(2 * width, 2 * width, 1),
             _conv(2 * width, 4 * width, 2),  # 8x8
             _conv(4 * width, 4 * width, 2),  # 4x4
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(2),  # keep a coarse layout: a mark on the left cheek is not one on the right
             nn.Flatten(),
         )
-        features = 4 * width
+        features = 4 * width * 4
         self.presence = nn.Linear(features, 1)
         self.identity = nn.Linear(features, num_names + 1)  # last class: stranger
         self.attributes = nn.ModuleDict({k: nn.Linear(features, len(v)) for k, v in ATTRIBUTE_VALUES.items()})
