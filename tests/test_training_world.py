@@ -8,14 +8,18 @@ measured base vs APL numbers on the same prompts and seeds.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from apl_adapter.world.models import model_path
 
 from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
 
+# APL_WORLD_ASSETS: a folder written by `apl-world build --out` (default: the models shipped in the package)
+ASSETS = os.environ.get("APL_WORLD_ASSETS")
 try:
-    WORLD_BASE = model_path("base")
+    WORLD_BASE = model_path("base", ASSETS)
 except FileNotFoundError:  # the world's weights are produced by `apl-world build` and shipped in the package
     WORLD_BASE = None
 
@@ -46,7 +50,7 @@ def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path)
         show_progress=False,
     )
     result = train(
-        TrainConfig(base=str(WORLD_BASE), data=str(data), out=str(tmp_path / "run"), steps=150, batch_size=8, lr=1e-2),
+        TrainConfig(base=str(WORLD_BASE), data=str(data), out=str(tmp_path / "run"), steps=100, batch_size=8, lr=1e-2),
         show_progress=False,
     )
     spec = BenchSpec(
@@ -56,7 +60,8 @@ def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path)
         seeds=[100, 101],
         batch_size=64,
     )
-    sections = run_protocol(spec, BenchModels(base=load_world_pipeline("base")), world_readers(), result.adapter_dir)
+    readers = world_readers(os.path.join(ASSETS, "recognizer") if ASSETS else None)
+    sections = run_protocol(spec, BenchModels(base=load_world_pipeline("base", ASSETS)), readers, result.adapter_dir)
     seen_section, scenes = sections["seen"], sections["scenes"]
     print(
         f"seen top-1 {seen_section['base']['top1_accuracy']:.2f} -> {seen_section['apl']['top1_accuracy']:.2f}, "
