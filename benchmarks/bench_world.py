@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measure (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--model", default="base", choices=("base", "sibling", "dreambooth"))
+    parser.add_argument("--assets", default=None, help="folder an `apl-world build --out` wrote (default: shipped)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -29,11 +30,13 @@ def main() -> None:
     from apl_adapter.world import WorldSpec, load_world_pipeline
     from apl_adapter.world.evaluate import person_prompts, sample_images
 
-    load_world_pipeline(args.model)  # warm the file cache and imports; the first load is not the steady state
+    load_world_pipeline(
+        args.model, args.assets
+    )  # warm the file cache and imports; the first load is not the steady state
     loads = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        pipe = load_world_pipeline(args.model)
+        pipe = load_world_pipeline(args.model, args.assets)
         loads.append(time.perf_counter() - start)
     world = WorldSpec.from_seed(0)
     prompts, _ = person_prompts(world, world.seen[:16], per_person=4)
