@@ -11,7 +11,7 @@ DEMO_OUT ?= demo-out
 # The CPU wheel of torch 2.13.0 lies on disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv install build test test-fast demo cuda-check lint bench clean
+.PHONY: venv install build test test-fast demo cuda-check lint bench world clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# Retrain the synthetic world from scratch into apl_adapter/world/assets (seeded; hours on 2 CPU cores).
+world: $(STAMP)
+	nice $(VENV)/bin/apl-world build --threads 1 --base-steps 4000 --vae-steps 700
 
 clean:
 	rm -rf $(VENV) build *.egg-info apl_adapter/*.so $(DEMO_OUT)
