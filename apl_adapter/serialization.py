@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .atomic import atomic_folder
 from .errors import APLAdapterError
 
 CONFIG_NAME = "adapter_config.json"
@@ -84,21 +83,9 @@ def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> Path:
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise APLAdapterError(f"Cannot save the adapter to {target}: a file with that name exists. Choose a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
+    with atomic_folder(target, replace=True) as staging:
         model.save_pretrained(str(staging), safe_serialization=True, **kwargs)
         check_adapter_folder(_adapter_dir(staging, kwargs))
-        backup = None
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, backup)
-        os.replace(staging, target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -38,6 +38,8 @@ import numpy as np
 import onnx
 import torch
 
+from apl_adapter.atomic import replace_folder
+
 from .errors import ExportError, TensorRTUnavailableError
 from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
@@ -185,13 +187,7 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
 
 def publish(staging: Path, out: Path) -> None:
     """Swap the finished staging folder into place (the old output survives until the swap)."""
-    backup = None
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, backup)
-    os.replace(staging, out)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    replace_folder(staging, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import replace_folder
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..metrics.faces import (
@@ -151,9 +151,7 @@ def evaluate(settings: EvalSettings) -> dict:
         from .report import write_report
 
         write_report(report, work)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
+        replace_folder(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

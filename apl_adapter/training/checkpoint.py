@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_folder
 from ..errors import APLAdapterError
 from ..serialization import check_adapter_folder, save_adapter
-from .atomic import atomic_folder
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"

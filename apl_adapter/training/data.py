@@ -180,7 +180,7 @@ def write_data_folder(out: str | os.PathLike, rows: list[tuple[Image.Image, dict
     'preservation'
     ```
     """
-    from .atomic import atomic_folder
+    from ..atomic import atomic_folder
 
     out = Path(out)
     if out.exists():

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_folder
 from ..errors import APLAdapterError
-from .atomic import atomic_folder
 from .base_model import check_base_folder
 from .data import METADATA_NAME
 
