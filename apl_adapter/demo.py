@@ -30,6 +30,7 @@ from PIL import Image
 from .errors import APLAdapterError
 
 EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]
+TINY_PROMPTS = ["a photo of Ann Lee", "a close-up portrait of Zorblax Quentaro", "a red cube on a table"]
 
 
 def _stage(text: str) -> None:
@@ -104,15 +105,31 @@ def run_tiny_demo(out: Path, seed: int) -> dict:
     from peft import get_peft_model
 
     from . import APLConfig, save_adapter
+    from .pipelines import apply_apl, remove_apl
     from .testing import tiny_sd_pipeline
 
+    _stage("a tiny random Stable Diffusion pipeline (real CLIP tokenizer) + a 10-vector APL prefix")
     pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(out / "tiny-sd")
     model = get_peft_model(pipe.text_encoder, APLConfig())
     save_adapter(model, out / "run" / "adapter")
+    model.unload()
+    _stage("the same prompts and seed with and without the prefix (prefix on the positive prompt only)")
+    rows, changes = [], []
+    for prompt in TINY_PROMPTS:
+        kwargs = dict(num_inference_steps=20, guidance_scale=7.0, output_type="np")
+        base = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+        apply_apl(pipe, out / "run" / "adapter")
+        apl = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+        remove_apl(pipe)
+        rows.append([base, apl])
+        changes.append({"prompt": prompt, "mean_abs_change": float(np.abs(apl - base).mean())})
+    _grid(rows).save(out / "grid.png")
     _stage("apl-export on a tiny random pipeline (no world weights installed)")
     export = export_and_compare(out / "tiny-sd", out / "run" / "adapter", out, ["a photo of Ann Lee"], seed)
-    return {"model": "tiny random pipeline (world weights not installed: run `apl-world build`)", "export": export}
+    return {"model": "tiny random pipeline (world weights not installed: run `apl-world build`)", "export": export,
+            "tiny_changes": changes}  # fmt: skip
 
 
 def write_report(out: Path, summary: dict) -> Path:
@@ -121,6 +138,11 @@ def write_report(out: Path, summary: dict) -> Path:
     if "bench_markdown" in summary:
         lines += ["## apl-bench (prefix trained by apl-train in this run)", "", summary["bench_markdown"], "",
                   f"Per-image grid: `{out / 'bench' / 'grid.png'}`.", ""]  # fmt: skip
+    if "tiny_changes" in summary:
+        lines += ["## The prefix at work (random weights: the change is real, its meaning is not)", "",
+                  "| prompt | mean abs pixel change with APL |", "|---|---|"]  # fmt: skip
+        lines += [f"| {c['prompt']} | {c['mean_abs_change']:.4f} |" for c in summary["tiny_changes"]]
+        lines += ["", f"Grid: `{out / 'grid.png'}` (rows = prompts, columns = base, APL).", ""]
     export = summary["export"]
     lines += ["## apl-export + ONNX Runtime", "",
               f"Exported to `{export['onnx_folder']}` in {export['export_seconds']:.0f} s (validated against PyTorch).",
