@@ -11,42 +11,29 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from apl_export import engines as engines_module
 from apl_export.cli import build_parser
-from apl_export.errors import ExportError, TensorRTUnavailableError, ValidationError
+from apl_export.errors import ExportError, ValidationError
 from apl_export.exporter import ExportOptions, PeftTextEncoderReference, export_pipeline, load_pipeline
 from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec
 from apl_export.trt_plugin import FastCLIPTextEncoderGraph, onnx_reference_ops, prefix_attention_numpy
 from apl_export.validate import compare_custom_op_graph
-from peft import get_peft_model
 
-from apl_adapter import APLConfig, save_adapter
 from apl_adapter.ops import prefix_attention_reference
-from apl_adapter.testing import tiny_sd_pipeline
+
+from .export_helpers import has_trt_builder, save_tiny_sources
 
 RANGES = ShapeRanges(batch=ShapeRange(1, 1, 2), height=ShapeRange(16, 16, 16), width=ShapeRange(16, 16, 16))
 
 
-def _has_trt_builder() -> bool:
-    try:
-        engines_module.load_tensorrt()
-    except TensorRTUnavailableError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fast-sources")
-    tiny_sd_pipeline().save_pretrained(root / "sd")
-    save_adapter(get_peft_model(tiny_sd_pipeline().text_encoder, APLConfig()), root / "adapter")
-    return root
+    return save_tiny_sources(tmp_path_factory.mktemp("fast-sources"))
 
 
 @pytest.fixture(scope="module")
 def fast_export(sources):
-    options = ExportOptions(ranges=RANGES, exporter="torchscript", text_encoder="fast", trt=_has_trt_builder())
+    options = ExportOptions(ranges=RANGES, exporter="torchscript", text_encoder="fast", trt=has_trt_builder())
     return export_pipeline(sources / "sd", sources / "adapter", sources / "fast", options, progress=lambda s: None)
 
 
@@ -135,7 +122,7 @@ def test_onnxruntime_pipeline_refuses_the_fast_text_encoder(fast_export):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_trt_builder(), reason="no TensorRT builder installed (pip install 'apl-adapter[trt]')")
+@pytest.mark.skipif(not has_trt_builder(), reason="no TensorRT builder installed (pip install 'apl-adapter[trt]')")
 def test_trt_builds_the_fast_text_encoder_engine_with_the_plugin(fast_export):
     """TensorRT-RTX (CPU) parses the plugin nodes in the child process and builds; nothing runs the engine here."""
     manifest = json.loads((fast_export / "apl_export.json").read_text())

@@ -22,11 +22,10 @@ from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec
 from apl_export.triton import check_triton_repository
 from apl_export.validate import compare_with_torch
-from peft import get_peft_model
 
-from apl_adapter import APLConfig, save_adapter
 from apl_adapter.pipelines import apply_apl, remove_apl
-from apl_adapter.testing import tiny_sd_pipeline
+
+from .export_helpers import has_trt_builder, save_tiny_sources
 
 pytestmark = pytest.mark.slow
 
@@ -34,27 +33,16 @@ RANGES = ShapeRanges(batch=ShapeRange(1, 1, 2), height=ShapeRange(16, 16, 32), w
 PROMPTS = ["a photo of Ann Lee", "a red cube on a table"]
 
 
-def _has_trt_builder() -> bool:
-    try:
-        engines_module.load_tensorrt()
-    except TensorRTUnavailableError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """A saved tiny SD pipeline and a saved adapter for its text encoder (width 32, m = 10)."""
-    root = tmp_path_factory.mktemp("export-sources")
-    tiny_sd_pipeline().save_pretrained(root / "sd")
-    save_adapter(get_peft_model(tiny_sd_pipeline().text_encoder, APLConfig()), root / "adapter")
-    return root
+    return save_tiny_sources(tmp_path_factory.mktemp("export-sources"))
 
 
 @pytest.fixture(scope="module")
 def baked(sources):
     """A baked export with TensorRT engines (where a builder is installed) and a Triton repository."""
-    options = ExportOptions(ranges=RANGES, exporter="torchscript", trt=_has_trt_builder(), triton=True)
+    options = ExportOptions(ranges=RANGES, exporter="torchscript", trt=has_trt_builder(), triton=True)
     out = export_pipeline(sources / "sd", sources / "adapter", sources / "baked", options, progress=lambda s: None)
     return out
 
@@ -134,7 +122,7 @@ def test_onnxruntime_pipeline_matches_pytorch(baked, sources):
         pipe(PROMPTS, height=64, width=16)
 
 
-@pytest.mark.skipif(not _has_trt_builder(), reason="no TensorRT builder installed (tensorrt or TensorRT-RTX wheels)")
+@pytest.mark.skipif(not has_trt_builder(), reason="no TensorRT builder installed (tensorrt or TensorRT-RTX wheels)")
 def test_tensorrt_engines_io_and_profiles(baked):
     manifest = json.loads((baked / "apl_export.json").read_text())
     engines = manifest["engines"]
