@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_folder
 from ..tokenizer import load_clip_tokenizer
 from .models import (
     assemble_pipeline,
@@ -45,6 +46,38 @@ STAGES = ("vae", "recognizer", "base", "sibling", "dreambooth", "evaluate")
 KIND_NAMED, KIND_STRANGER, KIND_SCENE, KIND_NOISE = 0, 1, 2, 3
 
 
+MIX = (0.6, 0.2, 0.2)  # sampling fractions of named faces, strangers (attribute prompts), scenes
+
+
+@dataclass(frozen=True)
+class BasePhase:
+    """One leg of the base model's training.
+
+    Each leg starts from the previous leg's EMA weights *as stored* (UNet in float16), with a fresh
+    AdamW, warm-up and cosine schedule: a warm restart. Seeds are offsets added to ``BuildConfig.seed``.
+    """
+
+    steps: int
+    lr: float
+    mix: tuple[float, float, float] = MIX
+    seed: int = 0
+    sampler_seed: int = 31
+    #: strength of "offset noise" (see :func:`train_diffusion`); 0 = plain Gaussian noise
+    offset_noise: float = 0.0
+
+
+#: The legs that produced the shipped base model: the first 1,000 steps under-trained the
+#: identities, so two continuations followed; scenes still lagged (17% accuracy), so the last leg
+#: puts 45% of the batch on scene captions. `apl-world build` replays them in this order.
+SHIPPED_BASE_PHASES = (
+    BasePhase(1000, 2e-3),
+    BasePhase(600, 1e-3, seed=5, sampler_seed=99),
+    BasePhase(2400, 1e-3, seed=5, sampler_seed=99),
+    BasePhase(1500, 1e-3, mix=(0.4, 0.15, 0.45), seed=7, sampler_seed=101),
+    BasePhase(1500, 1e-3, mix=(0.4, 0.15, 0.45), seed=9, sampler_seed=103, offset_noise=0.1),
+)
+
+
 @dataclass
 class BuildConfig:
     """Knobs of ``apl-world build``; the defaults produced the shipped assets."""
@@ -56,19 +89,24 @@ class BuildConfig:
     late_faces_per_person: int = 40
     vae_steps: int = 300
     recognizer_steps: int = 1200
-    base_steps: int = 1000
+    base_phases: tuple[BasePhase, ...] = SHIPPED_BASE_PHASES
     sibling_steps: int = 120
     dreambooth_steps: int = 200
     batch_size: int = 32
-    base_lr: float = 2e-3
     finetune_lr: float = 5e-4
     prompt_dropout: float = 0.1
     ema_decay: float = 0.995
-    #: sampling fractions of the base mix: named faces, strangers (attribute prompts), scenes
-    mix: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    #: offset noise of the fine-tunes (sibling, DreamBooth), as the base's last leg
+    offset_noise: float = 0.1
+    #: sampling fractions of the fine-tunes' base-style data: named faces, strangers, scenes
+    mix: tuple[float, float, float] = MIX
     stages: tuple[str, ...] = field(default=STAGES)
     #: which models the ``evaluate`` stage samples
     eval_models: tuple[str, ...] = ("base", "sibling", "dreambooth")
+
+    @property
+    def base_steps(self) -> int:
+        return sum(p.steps for p in self.base_phases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +215,7 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int):
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at its own pace
     vae.eval()
     with torch.no_grad():
         means = torch.cat(
@@ -247,7 +285,7 @@ def train_recognizer(bank: Bank, num_names: int, steps: int, seed: int, batch_si
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return net.eval()
 
 
@@ -320,8 +358,15 @@ def train_diffusion(
     train_text: bool,
     desc: str,
     ema_decay: float,
+    offset_noise: float = 0.0,
 ):
-    """Epsilon-prediction training (as SD); returns EMA copies of the UNet (and text encoder when trained)."""
+    """Epsilon-prediction training (as SD); returns EMA copies of the UNet (and text encoder when trained).
+
+    ``offset_noise`` adds a per-image, per-channel constant to the noise. SD's schedule leaves a
+    little of the image's mean colour in ``z_T`` during training, but sampling starts from zero-mean
+    noise, so a model trained on plain noise cannot move the mean: "a white background" comes out
+    grey. Offset noise teaches it to (Guttenberg 2023; Lin et al. 2024 discuss the cause).
+    """
     import copy
 
     torch.manual_seed(seed)
@@ -338,6 +383,8 @@ def train_diffusion(
     for step in (bar := tqdm(range(steps), desc=desc, mininterval=10)):
         z0, texts = sampler(batch_size)
         noise = torch.randn_like(z0)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn(z0.shape[0], z0.shape[1], 1, 1)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
         zt = scheduler.add_noise(z0, noise, t)
         with torch.set_grad_enabled(train_text):
@@ -355,8 +402,101 @@ def train_diffusion(
             if train_text:
                 for e, p in zip(ema_text.parameters(), text_encoder.parameters()):
                     e.lerp_(p, 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at its own pace
     return ema_unet, ema_text.eval()
+
+
+def mix_groups(latents: LatentSet, mix: tuple[float, float, float]) -> list[tuple[LatentSet, torch.Tensor, float]]:
+    """Sampler groups (named faces, strangers, scenes) of one latent set, weighted by ``mix``."""
+    kinds = (KIND_NAMED, KIND_STRANGER, KIND_SCENE)
+    return [(latents, torch.nonzero(latents.bank.kind == k).squeeze(1), w) for k, w in zip(kinds, mix)]
+
+
+LEG_STAMP = "leg.json"
+
+
+def leg_stamp(config: BuildConfig, k: int) -> dict:
+    """What produced base leg ``k``: its settings and those of every leg before it (JSON-normalised)."""
+    stamp = {
+        "seed": config.seed,
+        "vae_steps": config.vae_steps,
+        "data": [config.faces_per_person, config.strangers, config.scenes],
+        "batch_size": config.batch_size,
+        "prompt_dropout": config.prompt_dropout,
+        "ema_decay": config.ema_decay,
+        "legs": [asdict(p) for p in config.base_phases[: k + 1]],
+    }
+    return json.loads(json.dumps(stamp))
+
+
+def train_base(config: BuildConfig, world: WorldSpec, latents: LatentSet, vae, work: Path, log: Callable) -> Path:
+    """Train the base text encoder + UNet leg by leg (``config.base_phases``); returns the last leg's folder.
+
+    Every leg is saved under ``work/base-leg<k>`` with a stamp of what produced it, so an interrupted
+    build resumes at the first leg whose stamp is missing or different.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    unet, text = world_unet(config.seed), world_text_encoder(config.seed)
+    folder = work
+    for k, phase in enumerate(config.base_phases):
+        folder = work / f"base-leg{k}"
+        stamp = leg_stamp(config, k)
+        stamp_path = folder / LEG_STAMP
+        if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+            log(f"base leg {k + 1}: reusing {folder}")
+        else:
+            groups = mix_groups(latents, phase.mix)
+            sampler = make_sampler(groups, world, config.prompt_dropout, config.seed + phase.sampler_seed)
+            unet, text = train_diffusion(
+                unet,
+                text,
+                sampler,
+                phase.steps,
+                config.batch_size,
+                phase.lr,
+                config.seed + phase.seed,
+                train_text=True,
+                desc=f"base leg {k + 1}/{len(config.base_phases)}",
+                ema_decay=config.ema_decay,
+                offset_noise=phase.offset_noise,
+            )
+            save_world_pipeline(assemble_pipeline(text, unet, vae), folder, stamp)
+        # The next leg starts from the weights as stored (UNet in float16), exactly as a reload would.
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        unet, text = pipe.unet, pipe.text_encoder
+    return folder
+
+
+def finetune_unet(
+    config: BuildConfig,
+    world: WorldSpec,
+    out: Path,
+    kind: str,
+    groups: list[tuple[LatentSet, torch.Tensor, float]],
+    steps: int,
+    seed: int,
+    sampler_seed: int,
+) -> None:
+    """Fine-tune the base UNet (text encoder frozen) into ``out/<kind>``, linking the shared components."""
+    from .models import load_world_pipeline
+
+    base = load_world_pipeline("base", out)
+    unet, _ = train_diffusion(
+        base.unet,
+        base.text_encoder,
+        make_sampler(groups, world, config.prompt_dropout, config.seed + sampler_seed),
+        steps,
+        config.batch_size,
+        config.finetune_lr,
+        config.seed + seed,
+        train_text=False,
+        desc=kind,
+        ema_decay=0.99,
+        offset_noise=config.offset_noise,
+    )
+    save_world_unet(unet, out / kind)
+    link_shared_components(kind, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,31 +511,25 @@ def store_unet_half(unet_dir: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def _atomic_save_pipeline(pipe, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    store_unet_half(tmp / "unet")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+def save_world_pipeline(pipe, folder: Path, stamp: dict | None = None) -> None:
+    """Save a world pipeline (UNet in float16) atomically, with an optional stamp file inside."""
+    with atomic_folder(folder, replace=True) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        store_unet_half(staging / "unet")
+        if stamp is not None:
+            (staging / LEG_STAMP).write_text(json.dumps(stamp, indent=1))
 
 
-def _atomic_save_unet(unet, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    store_unet_half(tmp / "unet")
-    shutil.rmtree(folder / "unet", ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    (tmp / "unet").rename(folder / "unet")
-    shutil.rmtree(tmp, ignore_errors=True)
+def save_world_unet(unet, folder: Path) -> None:
+    """Save only the UNet of a fine-tuned world model (float16) into ``folder/unet``, atomically."""
+    with atomic_folder(Path(folder) / "unet", replace=True) as staging:
+        unet.save_pretrained(staging, safe_serialization=True)
+        store_unet_half(staging)
 
 
 def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str], None] = print) -> dict:
     """Run the requested stages; models go to ``out`` (a diffusers folder per model), caches to ``work``."""
     from diffusers import AutoencoderKL
-
-    from .models import load_world_pipeline
 
     out, work = Path(out), Path(work)
     out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +564,8 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
         vae = train_vae(
             torch.cat([base_bank.images, late_bank.images, sib_bank.images]), config.vae_steps, config.batch_size, seed
         )
-        vae.save_pretrained(work / "vae")
+        with atomic_folder(work / "vae", replace=True) as staging:
+            vae.save_pretrained(staging)
         timings["vae"] = time.time() - t0
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
 
@@ -450,81 +585,35 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
         save_recognizer(net, world.names, work / "recognizer")
         timings["recognizer"] = time.time() - t0
 
-    base_groups = []
     if "base" in config.stages or "dreambooth" in config.stages:
         base_latents = LatentSet(*encode_latents(vae, base_bank.images), base_bank)
-        base_groups = [
-            (base_latents, torch.nonzero(base_bank.kind == k).squeeze(1), w)
-            for k, w in zip((KIND_NAMED, KIND_STRANGER, KIND_SCENE), config.mix)
-        ]
 
     if "base" in config.stages:
         t0 = time.time()
-        sampler = make_sampler(base_groups, world, config.prompt_dropout, seed + 31)
-        unet, text = train_diffusion(
-            world_unet(seed),
-            world_text_encoder(seed),
-            sampler,
-            config.base_steps,
-            config.batch_size,
-            config.base_lr,
-            seed,
-            train_text=True,
-            desc="base",
-            ema_decay=config.ema_decay,
-        )
-        _atomic_save_pipeline(assemble_pipeline(text, unet, vae), out / "base")
+        final = train_base(config, world, base_latents, vae, work, log)
+        with atomic_folder(out / "base", replace=True) as staging:
+            shutil.copytree(final, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LEG_STAMP))
         timings["base"] = time.time() - t0
 
     if "sibling" in config.stages:
         t0 = time.time()
-        base_pipe = load_world_pipeline("base", out)
         sib_latents = LatentSet(*encode_latents(vae, sib_bank.images), sib_bank)
-        groups = [
-            (sib_latents, torch.nonzero(sib_bank.kind == k).squeeze(1), w)
-            for k, w in zip((KIND_NAMED, KIND_STRANGER, KIND_SCENE), config.mix)
-        ]
-        unet, _ = train_diffusion(
-            base_pipe.unet,
-            base_pipe.text_encoder,
-            make_sampler(groups, world, config.prompt_dropout, seed + 41),
-            config.sibling_steps,
-            config.batch_size,
-            config.finetune_lr,
-            seed + 1,
-            train_text=False,
-            desc="sibling",
-            ema_decay=0.99,
-        )
-        _atomic_save_unet(unet, out / "sibling")
-        link_shared_components("sibling", out)
+        finetune_unet(config, world, out, "sibling", mix_groups(sib_latents, config.mix), config.sibling_steps, 1, 41)
         timings["sibling"] = time.time() - t0
 
     if "dreambooth" in config.stages:
         t0 = time.time()
-        base_pipe = load_world_pipeline("base", out)
         late_latents = LatentSet(*encode_latents(vae, late_bank.images), late_bank)
-        groups = [(late_latents, torch.arange(len(late_bank)), 0.5)] + [(s, r, w * 0.5) for s, r, w in base_groups]
-        unet, _ = train_diffusion(
-            base_pipe.unet,
-            base_pipe.text_encoder,
-            make_sampler(groups, world, config.prompt_dropout, seed + 51),
-            config.dreambooth_steps,
-            config.batch_size,
-            config.finetune_lr,
-            seed + 2,
-            train_text=False,
-            desc="dreambooth",
-            ema_decay=0.99,
-        )
-        _atomic_save_unet(unet, out / "dreambooth")
-        link_shared_components("dreambooth", out)
+        # Half the batch teaches the late people, half replays the base data (prior preservation).
+        groups = [(late_latents, torch.arange(len(late_bank)), 0.5)]
+        groups += [(lset, rows, w * 0.5) for lset, rows, w in mix_groups(base_latents, config.mix)]
+        finetune_unet(config, world, out, "dreambooth", groups, config.dreambooth_steps, 2, 51)
         timings["dreambooth"] = time.time() - t0
 
     rec_dir = out / "recognizer"
     if (work / "recognizer").is_dir():
-        shutil.rmtree(rec_dir, ignore_errors=True)
-        shutil.copytree(work / "recognizer", rec_dir)
+        with atomic_folder(rec_dir, replace=True) as staging:
+            shutil.copytree(work / "recognizer", staging, dirs_exist_ok=True)
 
     card: dict = {"seed": config.seed, "build_config": asdict(config), "timings_s": timings}
     if "evaluate" in config.stages:

@@ -5,7 +5,7 @@ Examples:
     apl-world info                                   # people, splits, templates, shipped metrics
     apl-world sample --prompt "a photo of Ralthythmyx Thilfend" --num 8 --out grid.png
     apl-world data --out /tmp/apl-data               # APL training data (identity triplets + scenes)
-    apl-world build --out /tmp/world                 # retrain everything (about 45 min on 2 cores)
+    apl-world build --out /tmp/world                 # retrain everything (see README for the time)
 """
 
 from __future__ import annotations
@@ -77,13 +77,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     import torch
 
-    from .build import STAGES, BuildConfig, build_world
+    from .build import STAGES, BasePhase, BuildConfig, build_world
 
     stages = tuple(s.strip() for s in args.stages.split(","))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
     overrides = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
+    if args.base_steps is not None:
+        if args.base_steps < 1:
+            raise SystemExit("--base-steps must be at least 1")
+        overrides["base_phases"] = (BasePhase(args.base_steps, args.base_lr),)
     config = BuildConfig(**{**overrides, "stages": stages, "eval_models": tuple(args.eval_models.split(","))})
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,8 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
+    b.add_argument(
+        "--base-steps",
+        type=int,
+        default=None,
+        help="train the base model in one leg of this many steps instead of the shipped legs (see BuildConfig)",
+    )
+    b.add_argument("--base-lr", type=float, default=2e-3, help="learning rate of that one leg")
     for name in (
-        "base_steps",
         "vae_steps",
         "recognizer_steps",
         "sibling_steps",

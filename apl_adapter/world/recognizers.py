@@ -37,6 +37,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_folder
 from ..metrics.base import FaceObservation, Recognizer
 from .render import to_tensor
 from .spec import ATTRIBUTE_VALUES, SCENE_BACKGROUNDS, SCENE_COLORS, SCENE_SHAPES, Scene
@@ -85,11 +86,11 @@ class WorldRecognizerNet(nn.Module):
 
 def save_recognizer(net: WorldRecognizerNet, names: Sequence[str], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "model.safetensors")
-    (out / "config.json").write_text(
-        json.dumps({"names": list(names), "width": net.trunk[0][0].out_channels}, indent=1)
-    )
+    with atomic_folder(out, replace=True) as staging:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, staging / "model.safetensors")
+        (staging / "config.json").write_text(
+            json.dumps({"names": list(names), "width": net.trunk[0][0].out_channels}, indent=1)
+        )
     return out
 
 

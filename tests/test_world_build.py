@@ -1,0 +1,83 @@
+"""``apl-world build`` end to end at toy sizes: every stage writes a loadable diffusers folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from apl_adapter.world.build import LEG_STAMP, BasePhase, BuildConfig, build_world
+from apl_adapter.world.cli import main
+from apl_adapter.world.models import load_world_pipeline
+
+TOY_LEGS = (BasePhase(2, 1e-3), BasePhase(2, 1e-3, mix=(0.2, 0.2, 0.6), seed=3, offset_noise=0.1))
+
+
+def _toy_config(stages, phases=TOY_LEGS):
+    return BuildConfig(
+        faces_per_person=3,  # the sibling bank takes a third of each count
+        strangers=9,
+        scenes=9,
+        late_faces_per_person=2,
+        vae_steps=2,
+        recognizer_steps=2,
+        base_phases=phases,
+        sibling_steps=2,
+        dreambooth_steps=2,
+        batch_size=4,
+        stages=stages,
+    )
+
+
+@pytest.fixture(scope="module")
+def toy_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world-build")
+    logs: list[str] = []
+    torch.set_num_threads(1)
+    stages = ("vae", "recognizer", "base", "sibling", "dreambooth")
+    card = build_world(_toy_config(stages), root / "out", root / "work", log=logs.append)
+    return root, card, logs
+
+
+def test_every_stage_writes_a_loadable_model(toy_build):
+    root, card, _ = toy_build
+    out = root / "out"
+    for kind in ("base", "sibling", "dreambooth"):
+        pipe = load_world_pipeline(kind, out)
+        assert isinstance(pipe, StableDiffusionPipeline)
+    assert not (out / "base" / LEG_STAMP).exists(), "the build's bookkeeping must not ship with the model"
+    # fine-tunes change the UNet only; the rest is the base's, linked
+    assert (out / "sibling" / "text_encoder").is_symlink()
+    base_w = load_world_pipeline("base", out).unet.conv_in.weight
+    assert not torch.equal(base_w, load_world_pipeline("dreambooth", out).unet.conv_in.weight)
+    assert set(card["timings_s"]) >= {"vae", "recognizer", "base", "sibling", "dreambooth"}
+    assert json.loads((out / "world_card.json").read_text())["build_config"]["base_phases"][1]["mix"] == [0.2, 0.2, 0.6]
+    assert not list(out.glob(".*writing*")) and not list((root / "work").glob(".*writing*"))
+
+
+def test_each_base_leg_is_kept_and_reused_when_unchanged(toy_build):
+    root, _, _ = toy_build
+    work = root / "work"
+    assert (work / "base-leg0" / LEG_STAMP).is_file() and (work / "base-leg1" / LEG_STAMP).is_file()
+    before = (work / "base-leg1" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    logs: list[str] = []
+    build_world(_toy_config(("base",)), root / "out", work, log=logs.append)
+    assert any("leg 1: reusing" in m for m in logs) and any("leg 2: reusing" in m for m in logs)
+
+    # A different second leg retrains that leg only.
+    logs.clear()
+    changed = (BasePhase(2, 1e-3), BasePhase(3, 1e-3, mix=(0.2, 0.2, 0.6), seed=3))
+    build_world(_toy_config(("base",), changed), root / "out", work, log=logs.append)
+    assert any("leg 1: reusing" in m for m in logs) and not any("leg 2: reusing" in m for m in logs)
+    assert (work / "base-leg1" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
+
+
+def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path):
+    with pytest.raises(SystemExit, match="unknown stage"):
+        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stages", "vae,paint"])
+    with pytest.raises(SystemExit, match="--base-steps must be at least 1"):
+        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--base-steps", "0"])
+    assert not (tmp_path / "o").exists()
