@@ -41,6 +41,10 @@ def atomic_folder(target: str | os.PathLike, replace: bool = False) -> Iterator[
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.writing-", dir=target.parent))
+    # mkdtemp makes the folder private (0700); the finished folder gets the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         if target.exists() and not replace:

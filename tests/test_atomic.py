@@ -41,3 +41,11 @@ def test_replace_folder_restores_the_old_one_when_the_swap_fails(tmp_path):
     with pytest.raises(OSError):
         replace_folder(tmp_path / "missing-staging", target)
     assert (target / "old.txt").read_text() == "old"
+
+
+def test_finished_folder_has_the_mode_of_a_normal_mkdir(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with atomic_folder(tmp_path / "out") as staging:
+        (staging / "x.txt").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
