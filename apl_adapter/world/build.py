@@ -91,9 +91,11 @@ class BuildConfig:
     recognizer_steps: int = 1200
     base_phases: tuple[BasePhase, ...] = SHIPPED_BASE_PHASES
     sibling_steps: int = 120
-    dreambooth_steps: int = 200
+    dreambooth_steps: int = 1200
     batch_size: int = 32
     finetune_lr: float = 5e-4
+    #: DreamBooth learns new people, not a new style: it needs a larger step than the sibling
+    dreambooth_lr: float = 1e-3
     prompt_dropout: float = 0.1
     ema_decay: float = 0.995
     #: offset noise of the fine-tunes (sibling, DreamBooth), as the base's last leg
@@ -475,6 +477,7 @@ def finetune_unet(
     kind: str,
     groups: list[tuple[LatentSet, torch.Tensor, float]],
     steps: int,
+    lr: float,
     seed: int,
     sampler_seed: int,
 ) -> None:
@@ -488,7 +491,7 @@ def finetune_unet(
         make_sampler(groups, world, config.prompt_dropout, config.seed + sampler_seed),
         steps,
         config.batch_size,
-        config.finetune_lr,
+        lr,
         config.seed + seed,
         train_text=False,
         desc=kind,
@@ -598,7 +601,17 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
     if "sibling" in config.stages:
         t0 = time.time()
         sib_latents = LatentSet(*encode_latents(vae, sib_bank.images), sib_bank)
-        finetune_unet(config, world, out, "sibling", mix_groups(sib_latents, config.mix), config.sibling_steps, 1, 41)
+        finetune_unet(
+            config,
+            world,
+            out,
+            "sibling",
+            mix_groups(sib_latents, config.mix),
+            config.sibling_steps,
+            config.finetune_lr,
+            1,
+            41,
+        )
         timings["sibling"] = time.time() - t0
 
     if "dreambooth" in config.stages:
@@ -607,7 +620,7 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
         # Half the batch teaches the late people, half replays the base data (prior preservation).
         groups = [(late_latents, torch.arange(len(late_bank)), 0.5)]
         groups += [(lset, rows, w * 0.5) for lset, rows, w in mix_groups(base_latents, config.mix)]
-        finetune_unet(config, world, out, "dreambooth", groups, config.dreambooth_steps, 2, 51)
+        finetune_unet(config, world, out, "dreambooth", groups, config.dreambooth_steps, config.dreambooth_lr, 2, 51)
         timings["dreambooth"] = time.time() - t0
 
     rec_dir = out / "recognizer"
