@@ -31,7 +31,7 @@ def test_info_lists_people_and_splits(capsys):
 
 needs_base = pytest.mark.skipif(
     not (ASSETS / "base" / "unet").is_dir(),
-    reason="world diffusion models not shipped yet; run `apl-world build` to create apl_adapter/world/assets/base",
+    reason="world diffusion models missing; run `make world` to create apl_adapter/world/assets/base",
 )
 
 
