@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .bench.demo import DEMO_STEPS
 from .errors import APLAdapterError
 
 EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="apl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="demo-out", help="report folder (created; earlier demo files are replaced)")
-    parser.add_argument("--steps", type=int, default=400, help="apl-train steps on the world")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="apl-train steps on the world")
     parser.add_argument("--seed", type=int, default=0, help="seed of the export comparison images")
     args = parser.parse_args(argv)
     out = Path(args.out)
