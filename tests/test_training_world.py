@@ -26,15 +26,15 @@ except FileNotFoundError:  # the world's weights are produced by `apl-world buil
 pytestmark = pytest.mark.skipif(WORLD_BASE is None, reason="world weights not built (run `apl-world build`)")
 
 NUM_NAMES = 6
+KNOWN_MISS = (
+    "known miss (issue 4): with the paper's m = 10 prefix a 200-step run leaves these 6 names at 12/12 "
+    "(measured 1.00 -> 1.00, scenes kept); longer prefixes anonymize but break scene prompts. strict: passing "
+    "flags that the fix landed."
+)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known miss (issue 4): with the paper's m = 10 prefix a 200-step run leaves these 6 names at 12/12 "
-    "(measured 1.00 -> 1.00, scenes kept); longer prefixes anonymize but break scene prompts. strict: passing "
-    "flags that the fix landed.",
-)
+@pytest.mark.xfail(strict=True, reason=KNOWN_MISS)
 def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path):
     from apl_adapter.bench.protocol import BenchModels, BenchSpec, Person, run_protocol
     from apl_adapter.bench.world import pick_scenes, world_readers

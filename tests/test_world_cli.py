@@ -29,10 +29,8 @@ def test_info_lists_people_and_splits(capsys):
     assert world.late[0].name in out and "unseen (12)" in out
 
 
-needs_base = pytest.mark.skipif(
-    not (ASSETS / "base" / "unet").is_dir(),
-    reason="world diffusion models missing; run `make world` to create apl_adapter/world/assets/base",
-)
+MISSING = "world diffusion models missing; run `make world` to create apl_adapter/world/assets/base"
+needs_base = pytest.mark.skipif(not (ASSETS / "base" / "unet").is_dir(), reason=MISSING)
 
 
 @needs_base

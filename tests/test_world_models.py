@@ -20,10 +20,8 @@ from apl_adapter.world import (
 from apl_adapter.world.evaluate import person_prompts, sample_images, scene_prompts
 
 # The models ship in the package; a checkout without them (e.g. a trimmed wheel) skips, naming the fix.
-pytestmark = pytest.mark.skipif(
-    not (ASSETS / "base" / "unet").is_dir(),
-    reason="world diffusion models missing; run `make world` to create apl_adapter/world/assets/base",
-)
+MISSING = "world diffusion models missing; run `make world` to create apl_adapter/world/assets/base"
+pytestmark = pytest.mark.skipif(not (ASSETS / "base" / "unet").is_dir(), reason=MISSING)
 
 
 @pytest.fixture(scope="module")
