@@ -81,3 +81,9 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path):
     with pytest.raises(SystemExit, match="--base-steps must be at least 1"):
         main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--base-steps", "0"])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_base_without_legs_is_refused_before_any_training(toy_build):
+    root, _, _ = toy_build
+    with pytest.raises(ValueError, match="at least one training leg"):
+        build_world(_toy_config(("base",), phases=()), root / "out", root / "work", log=lambda _: None)

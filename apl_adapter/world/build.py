@@ -67,8 +67,9 @@ class BasePhase:
 
 
 #: The legs that produced the shipped base model: the first 1,000 steps under-trained the
-#: identities, so two continuations followed; scenes still lagged (17% accuracy), so the last leg
-#: puts 45% of the batch on scene captions. `apl-world build` replays them in this order.
+#: identities, so two continuations followed; scenes still lagged (17% accuracy), so the last two
+#: legs put 45% of the batch on scene captions, the final one with offset noise (grey backgrounds).
+#: `apl-world build` replays them in this order.
 SHIPPED_BASE_PHASES = (
     BasePhase(1000, 2e-3),
     BasePhase(600, 1e-3, seed=5, sampler_seed=99),
@@ -105,10 +106,6 @@ class BuildConfig:
     stages: tuple[str, ...] = field(default=STAGES)
     #: which models the ``evaluate`` stage samples
     eval_models: tuple[str, ...] = ("base", "sibling", "dreambooth")
-
-    @property
-    def base_steps(self) -> int:
-        return sum(p.steps for p in self.base_phases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,8 +436,9 @@ def train_base(config: BuildConfig, world: WorldSpec, latents: LatentSet, vae, w
     """
     from diffusers import StableDiffusionPipeline
 
+    if not config.base_phases:
+        raise ValueError("BuildConfig.base_phases is empty; give the base model at least one training leg")
     unet, text = world_unet(config.seed), world_text_encoder(config.seed)
-    folder = work
     for k, phase in enumerate(config.base_phases):
         folder = work / f"base-leg{k}"
         stamp = leg_stamp(config, k)
