@@ -1,0 +1,149 @@
+"""Where a prefix acts: the APL objective's gap per timestep band, without and with a trained prefix.
+
+For identity triplets the gap ``mean (eps(z_t, t, c1) - eps(z_t, t, c2))^2`` is what APL has to close;
+with the prefix it becomes ``eps([AP] + c1)`` against the same target, so ``ratio`` < 1 is the part
+closed. For preservation pairs (c1 = c2 = a caption) the gap is 0 without the prefix and is the
+damage the prefix does with it - which classifier-free guidance multiplies at sampling time.
+Everything is the frozen model's own ``eps``, on the training data's images, seeded.
+
+    python -m apl_adapter.training.diagnostics --base world-base/ --data apl-data/ --adapter runs/apl/adapter
+
+Example:
+
+```python
+>>> from apl_adapter.training.diagnostics import eps_gap_by_timestep
+>>> rows = eps_gap_by_timestep("world-base", "apl-data", "runs/apl/adapter", bands=4)
+>>> [(row.kind, row.t_low, round(row.ratio, 2)) for row in rows][:2]
+[('identity', 0, 0.37), ('identity', 250, 0.44)]
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import APLAdapterError
+from .base_model import load_frozen_parts
+from .data import read_metadata
+from .loop import encode_data
+
+
+@dataclass
+class GapRow:
+    """The mean squared ``eps`` gap of one kind of example in one timestep band ``[t_low, t_high)``."""
+
+    kind: str  # "identity" or "preservation"
+    t_low: int
+    t_high: int
+    gap_without: float  # plain c1 vs c2 (0 for preservation pairs)
+    gap_with: float | None  # [AP] + c1 vs c2; None without an adapter
+
+    @property
+    def ratio(self) -> float:
+        """``gap_with / gap_without``: the part of the gap the prefix leaves (inf where there was none)."""
+        if self.gap_with is None:
+            return float("nan")
+        return self.gap_with / self.gap_without if self.gap_without > 0 else float("inf")
+
+
+@torch.no_grad()
+def eps_gap_by_timestep(
+    base: str | Path,
+    data: str | Path,
+    adapter: str | Path | None = None,
+    bands: int = 7,
+    samples: int = 64,
+    seed: int = 0,
+    c2: str = "attribute",
+) -> list[GapRow]:
+    """The objective's gap per timestep band for ``samples`` examples of each kind (see the module docstring).
+
+    Args:
+        base: local diffusers folder of the frozen model.
+        data: an APL data folder (``metadata.jsonl`` + images).
+        adapter: a trained APL adapter folder; without one only ``gap_without`` is measured.
+        bands: equal-width timestep bands over ``[0, num_train_timesteps)``.
+        samples: examples (drawn with replacement per band) of each kind per band.
+    """
+    from peft import PeftModel
+
+    if bands < 1 or samples < 1:
+        raise APLAdapterError(f"bands and samples must be >= 1, got {bands} and {samples}")
+    parts = load_frozen_parts(base)
+    encoded = encode_data(parts, read_metadata(data, c2_mode=c2), None, torch.device("cpu"))
+    encoder = PeftModel.from_pretrained(parts.text_encoder, str(adapter)) if adapter else None
+    unet, scheduler = parts.unet.float(), parts.noise_scheduler
+
+    def eps(noisy, t, ids, prefixed: bool) -> torch.Tensor:
+        if encoder is None:
+            states = parts.text_encoder(ids)[0]
+        elif prefixed:
+            states = encoder(ids)[0]
+        else:
+            with encoder.disable_adapter():
+                states = encoder(ids)[0]
+        return unet(noisy, t, encoder_hidden_states=states).sample
+
+    generator = torch.Generator().manual_seed(seed)
+    total = scheduler.config.num_train_timesteps
+    edges = [round(total * k / bands) for k in range(bands + 1)]
+    rows = []
+    for kind, pool in (("identity", encoded.identity_rows), ("preservation", encoded.preservation_rows)):
+        if len(pool) == 0:
+            continue
+        for low, high in itertools.pairwise(edges):
+            picks = pool[torch.randint(0, len(pool), (samples,), generator=generator)]
+            t = torch.randint(low, high, (samples,), generator=generator)
+            latents = encoded.latent_mean[picks]
+            noisy = scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
+            target = eps(noisy, t, encoded.c2_ids[picks], prefixed=False)
+            without = F.mse_loss(eps(noisy, t, encoded.c1_ids[picks], prefixed=False), target).item()
+            with_prefix = None
+            if encoder is not None:
+                with_prefix = F.mse_loss(eps(noisy, t, encoded.c1_ids[picks], prefixed=True), target).item()
+            rows.append(GapRow(kind, low, high, without, with_prefix))
+    return rows
+
+
+def format_rows(rows: list[GapRow]) -> str:
+    """A Markdown table of :func:`eps_gap_by_timestep`'s rows."""
+    lines = ["| kind | t | gap without prefix | gap with prefix | with / without |", "|---|---|---|---|---|"]
+    for row in rows:
+        with_prefix = "-" if row.gap_with is None else f"{row.gap_with:.5f}"
+        ratio = "-" if row.gap_with is None or row.gap_without == 0 else f"{row.ratio:.2f}"
+        lines.append(f"| {row.kind} | [{row.t_low}, {row.t_high}) | {row.gap_without:.5f} | {with_prefix} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m apl_adapter.training.diagnostics",
+        description=__doc__.split("Example:")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--base", required=True, help="Local diffusers folder of the base model.")
+    parser.add_argument("--data", required=True, help="APL data folder (metadata.jsonl + images).")
+    parser.add_argument("--adapter", default=None, help="Trained adapter folder (apl-train writes <out>/adapter).")
+    parser.add_argument("--bands", type=int, default=7, help="Timestep bands (default 7).")
+    parser.add_argument("--samples", type=int, default=64, help="Examples of each kind per band (default 64).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of examples, timesteps and noise.")
+    parser.add_argument("--c2", choices=("attribute", "empty"), default="attribute", help="Identity target prompt.")
+    args = parser.parse_args(argv)
+    try:
+        rows = eps_gap_by_timestep(args.base, args.data, args.adapter, args.bands, args.samples, args.seed, args.c2)
+    except (APLAdapterError, FileNotFoundError) as err:
+        print(f"diagnostics: error: {err}", file=sys.stderr)
+        return 2
+    print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
