@@ -21,11 +21,9 @@ def test_recognizers_reach_98_percent_on_fresh_renders(world):
     # seed 4321 is used by no build stage (training renders use seeds 11..51, evaluation 1234)
     acc = heldout_recognizer_accuracy(RECOGNIZER_DIR, world, per_person=4, seed=4321)
     assert acc["num_images"] == 2 * 40 * 4 + 40 * 4
-    for view in ("identity_top1", "presence", "attributes"):
+    # the bar, all four views (scenes measured 98.1% here: 4,800 recognizer steps; 1,200 gave 93%)
+    for view in ("identity_top1", "presence", "attributes", "scene"):
         assert acc[view] >= 0.98, (view, acc)
-    # The bar is 98% for scenes too; the shipped recognizer measures 93% (it confuses
-    # circles and squares, which the world's VAE rounds off). Reported as a miss; this guards it.
-    assert acc["scene"] >= 0.90, acc
 
 
 def test_identity_recognizer_implements_the_metrics_interface(world):

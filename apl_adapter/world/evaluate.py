@@ -125,9 +125,13 @@ def evaluate_world(
         people = world.seen + world.unseen
         prompts = [world.attribute_prompt(p.name, k) for k, p in enumerate(people)]
         images = sample_images(pipe, prompts, EVAL_SEED + 1)
-        face = [o.face_present for o in ident.observe(images)]
+        observed = ident.observe(images)
+        face = [o.face_present for o in observed]
         row["attribute_prompts"] = {
             "attribute_agreement": attr.agreement(images, [p.attributes for p in people]),
+            # How often a face drawn from someone's *attribute* prompt is recognized as that person: the floor
+            # APL can reach with c2 = attribute prompt (people sharing attributes are confused by any recognizer).
+            "top1_as_described_person": identity_metrics(observed, [p.name for p in people])["top1_accuracy"],
             "face_presence_rate": sum(face) / len(face),
             "num_images": len(images),
         }
