@@ -14,7 +14,7 @@ import pytest
 
 from apl_adapter.world.models import model_path
 
-from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
+# No one-thread fixture here: the <= 2 min training budget of the issue is measured with torch's default threads.
 
 # APL_WORLD_ASSETS: a folder written by `apl-world build --out` (default: the models shipped in the package)
 ASSETS = os.environ.get("APL_WORLD_ASSETS")
@@ -25,56 +25,54 @@ except FileNotFoundError:  # the world's weights are produced by `apl-world buil
 
 pytestmark = pytest.mark.skipif(WORLD_BASE is None, reason="world weights not built (run `apl-world build`)")
 
-NUM_NAMES = 6
+IMAGES_PER_NAME = 8  # half the demo's 16: the same recipe at half the sampling time
 KNOWN_MISS = (
-    "known miss (issue 4): with the paper's m = 10 prefix a 200-step run leaves these 6 names at 12/12 "
-    "(measured 1.00 -> 1.00, scenes kept); longer prefixes anonymize but break scene prompts. strict: passing "
-    "flags that the fix landed."
+    "known miss (issue 4): the demo's m = 10 recipe (60 s of training) lowers seen top-1 92.5% -> 60.0% (40 images) "
+    "but scene accuracy falls 68.8% -> 54.7% over the 96 scenes (goal: <= 2 points). Every setting tried trades one "
+    "for the other in this world (README, 'Why, as far as measured'). strict: passing flags that the fix landed."
 )
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=KNOWN_MISS)
 def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path):
+    from apl_adapter.bench.demo import DEMO_BATCH_SIZE, DEMO_LR, DEMO_PREFIX_LEN, DEMO_STEPS
     from apl_adapter.bench.protocol import BenchModels, BenchSpec, Person, run_protocol
-    from apl_adapter.bench.world import pick_scenes, world_readers
+    from apl_adapter.bench.world import ALL_SCENES, pick_scenes, world_readers
     from apl_adapter.training import TrainConfig, train
-    from apl_adapter.training.generate import IdentitySpec, generate_identity_data
+    from apl_adapter.world.data import write_apl_dataset
     from apl_adapter.world.models import load_world_pipeline
     from apl_adapter.world.spec import WorldSpec
 
     world = WorldSpec.from_seed(0)
-    seen = world.seen[:NUM_NAMES]
-    data = generate_identity_data(
-        WORLD_BASE,
-        [IdentitySpec(p.name, world.attribute_prompt(p.name, 0)) for p in seen],
-        tmp_path / "data",
-        per_name=8,
-        captions=[scene.caption(i) for i, scene in enumerate(world.scenes[::2])],
-        per_caption=1,
-        batch_size=64,
-        show_progress=False,
-    )
+    # the demo's recipe: every seen name sampled with template 0 by the base model, scene renders with captions
+    data = tmp_path / "data"
+    write_apl_dataset(data, images_per_person=IMAGES_PER_NAME, num_scenes=160, templates=[0], assets=ASSETS)
     result = train(
-        TrainConfig(base=str(WORLD_BASE), data=str(data), out=str(tmp_path / "run"), steps=200, batch_size=8, lr=3e-2),
+        TrainConfig(
+            base=str(WORLD_BASE), data=str(data), out=str(tmp_path / "run"), steps=DEMO_STEPS,
+            batch_size=DEMO_BATCH_SIZE, lr=DEMO_LR, prefix_len=DEMO_PREFIX_LEN,
+        ),
         show_progress=False,
-    )
+    )  # fmt: skip
     spec = BenchSpec(
-        persons=[Person(p.name, dict(p.attributes), "seen") for p in seen],
-        person_templates=["a photo of {}"],
-        scenes=pick_scenes(world, 12),
+        persons=[Person(p.name, dict(p.attributes), "seen") for p in world.seen],
+        person_templates=[world.person_templates[0]],
+        scenes=pick_scenes(world, ALL_SCENES),
         seeds=[100, 101],
         batch_size=64,
     )
     readers = world_readers(os.path.join(ASSETS, "recognizer") if ASSETS else None)
     sections = run_protocol(spec, BenchModels(base=load_world_pipeline("base", ASSETS)), readers, result.adapter_dir)
-    seen_section, scenes = sections["seen"], sections["scenes"]
+    seen, scenes = sections["seen"], sections["scenes"]
     print(
-        f"seen top-1 {seen_section['base']['top1_accuracy']:.2f} -> {seen_section['apl']['top1_accuracy']:.2f}, "
-        f"scenes {scenes['base']['scene_accuracy']:.2f} -> {scenes['apl']['scene_accuracy']:.2f}"
+        f"training {result.seconds:.0f} s; "
+        f"seen top-1 {seen['base']['top1_accuracy']:.3f} -> {seen['apl']['top1_accuracy']:.3f}, "
+        f"scenes {scenes['base']['scene_accuracy']:.3f} -> {scenes['apl']['scene_accuracy']:.3f}"
     )
-    assert seen_section["base"]["top1_accuracy"] >= 0.6  # the base model draws these people
-    # "measurably lowers": at least 3 of the 12 images lose their name (the full demo's numbers are in the README)
-    assert seen_section["apl"]["top1_accuracy"] <= seen_section["base"]["top1_accuracy"] - 0.25
-    assert seen_section["apl"]["face_presence_rate"] >= 0.8  # anonymous faces, not no faces
-    assert scenes["apl"]["scene_accuracy"] >= scenes["base"]["scene_accuracy"] - 1 / 12  # at most one scene lost
+    assert seen["base"]["top1_accuracy"] >= 0.6  # the base model draws these people
+    # "measurably lowers": a quarter of the 40 images lose their name (the full demo's numbers are in the README)
+    assert seen["apl"]["top1_accuracy"] <= seen["base"]["top1_accuracy"] - 0.25
+    assert seen["apl"]["face_presence_rate"] >= 0.8  # anonymous faces, not no faces
+    # "keeps scene accuracy": the issue's goal, at most 2 points lost over the world's 96 scenes
+    assert scenes["apl"]["scene_accuracy"] >= scenes["base"]["scene_accuracy"] - 0.02

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 from ..errors import APLAdapterError
+from .world import ALL_SCENES
 
 DESCRIPTION = textwrap.dedent(
     """\
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-data", default=None, help="The prefix's training data folder: templates used "
                         "there are marked, the others reported as held out.")  # fmt: skip
     parser.add_argument("--seeds", default="0,1", help="Comma list of generation seeds (default 0,1).")
-    parser.add_argument("--num-scenes", type=int, default=24, help="Scene prompts (spread over all scenes).")
+    parser.add_argument(
+        "--num-scenes", type=int, default=ALL_SCENES, help="Scene prompts, spread over all scenes (default: each once)."
+    )
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (the paper: 20).")
     parser.add_argument("--guidance-scale", type=float, default=7.0, help="CFG scale (the paper: 7).")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per pipeline call.")
