@@ -50,3 +50,5 @@ def test_cli_prints_the_table_and_refuses_bad_settings(base_folder, data_folder,
     assert "| identity | [0, 1000) |" in capsys.readouterr().out
     assert main(["--base", str(base_folder), "--data", str(data_folder), "--bands", "0"]) == 2
     assert "bands and samples must be >= 1" in capsys.readouterr().err
+    assert main(["--base", str(base_folder.parent / "missing"), "--data", str(data_folder)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -62,6 +62,7 @@ def eps_gap_by_timestep(
     samples: int = 64,
     seed: int = 0,
     c2: str = "attribute",
+    device: str = "cpu",
 ) -> list[GapRow]:
     """The objective's gap per timestep band for ``samples`` examples of each kind (see the module docstring).
 
@@ -71,25 +72,28 @@ def eps_gap_by_timestep(
         adapter: a trained APL adapter folder; without one only ``gap_without`` is measured.
         bands: equal-width timestep bands over ``[0, num_train_timesteps)``.
         samples: examples (drawn with replacement per band) of each kind per band.
+        device: where the frozen models run (``"cuda"`` for a real SD folder); sampling stays on the CPU.
     """
     from peft import PeftModel
 
     if bands < 1 or samples < 1:
         raise APLAdapterError(f"bands and samples must be >= 1, got {bands} and {samples}")
     parts = load_frozen_parts(base)
-    encoded = encode_data(parts, read_metadata(data, c2_mode=c2), None, torch.device("cpu"))
-    encoder = PeftModel.from_pretrained(parts.text_encoder, str(adapter)) if adapter else None
-    unet, scheduler = parts.unet.float(), parts.noise_scheduler
+    run_on = torch.device(device)
+    encoded = encode_data(parts, read_metadata(data, c2_mode=c2), None, run_on)
+    text_encoder = parts.text_encoder.to(run_on)
+    encoder = PeftModel.from_pretrained(text_encoder, str(adapter)).to(run_on) if adapter else None
+    unet, scheduler = parts.unet.to(run_on), parts.noise_scheduler
 
     def eps(noisy, t, ids, prefixed: bool) -> torch.Tensor:
         if encoder is None:
-            states = parts.text_encoder(ids)[0]
+            states = text_encoder(ids)[0]
         elif prefixed:
             states = encoder(ids)[0]
         else:
             with encoder.disable_adapter():
                 states = encoder(ids)[0]
-        return unet(noisy, t, encoder_hidden_states=states).sample
+        return unet(noisy, t, encoder_hidden_states=states).sample.float()
 
     generator = torch.Generator().manual_seed(seed)
     total = scheduler.config.num_train_timesteps
@@ -103,11 +107,13 @@ def eps_gap_by_timestep(
             t = torch.randint(low, high, (samples,), generator=generator)
             latents = encoded.latent_mean[picks]
             noisy = scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
-            target = eps(noisy, t, encoded.c2_ids[picks], prefixed=False)
-            without = F.mse_loss(eps(noisy, t, encoded.c1_ids[picks], prefixed=False), target).item()
+            noisy, t = noisy.to(run_on, unet.dtype), t.to(run_on)
+            c1, c2_ids = encoded.c1_ids[picks].to(run_on), encoded.c2_ids[picks].to(run_on)
+            target = eps(noisy, t, c2_ids, prefixed=False)
+            without = F.mse_loss(eps(noisy, t, c1, prefixed=False), target).item()
             with_prefix = None
             if encoder is not None:
-                with_prefix = F.mse_loss(eps(noisy, t, encoded.c1_ids[picks], prefixed=True), target).item()
+                with_prefix = F.mse_loss(eps(noisy, t, c1, prefixed=True), target).item()
             rows.append(GapRow(kind, low, high, without, with_prefix))
     return rows
 
@@ -135,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="Examples of each kind per band (default 64).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of examples, timesteps and noise.")
     parser.add_argument("--c2", choices=("attribute", "empty"), default="attribute", help="Identity target prompt.")
+    parser.add_argument("--device", default="cpu", help="Where the models run: cpu (default) or cuda.")
     args = parser.parse_args(argv)
     try:
-        rows = eps_gap_by_timestep(args.base, args.data, args.adapter, args.bands, args.samples, args.seed, args.c2)
+        rows = eps_gap_by_timestep(
+            args.base, args.data, args.adapter, args.bands, args.samples, args.seed, args.c2, args.device
+        )
     except (APLAdapterError, FileNotFoundError) as err:
         print(f"diagnostics: error: {err}", file=sys.stderr)
         return 2
