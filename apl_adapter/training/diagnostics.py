@@ -12,9 +12,11 @@ Example:
 
 ```python
 >>> from apl_adapter.training.diagnostics import eps_gap_by_timestep
->>> rows = eps_gap_by_timestep("world-base", "apl-data", "runs/apl/adapter", bands=4)
+>>> from apl_adapter.world import model_path
+>>> # the shipped world's base, the demo's data and a 1,200-step m = 10 prefix (README, "Measuring it")
+>>> rows = eps_gap_by_timestep(model_path("base"), "demo-out/data", "runs/apl/adapter")
 >>> [(row.kind, row.t_low, round(row.ratio, 2)) for row in rows][:2]
-[('identity', 0, 0.37), ('identity', 250, 0.44)]
+[('identity', 0, 0.36), ('identity', 143, 0.41)]
 ```
 """
 
