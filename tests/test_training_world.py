@@ -36,10 +36,10 @@ KNOWN_MISS = (
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=KNOWN_MISS)
 def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path):
-    from apl_adapter.bench.demo import DEMO_BATCH_SIZE, DEMO_LR, DEMO_PREFIX_LEN, DEMO_STEPS
+    from apl_adapter.bench.demo import demo_train_config
     from apl_adapter.bench.protocol import BenchModels, BenchSpec, Person, run_protocol
     from apl_adapter.bench.world import ALL_SCENES, pick_scenes, world_readers
-    from apl_adapter.training import TrainConfig, train
+    from apl_adapter.training import train
     from apl_adapter.world.data import write_apl_dataset
     from apl_adapter.world.models import load_world_pipeline
     from apl_adapter.world.spec import WorldSpec
@@ -48,13 +48,7 @@ def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path)
     # the demo's recipe: every seen name sampled with template 0 by the base model, scene renders with captions
     data = tmp_path / "data"
     write_apl_dataset(data, images_per_person=IMAGES_PER_NAME, num_scenes=160, templates=[0], assets=ASSETS)
-    result = train(
-        TrainConfig(
-            base=str(WORLD_BASE), data=str(data), out=str(tmp_path / "run"), steps=DEMO_STEPS,
-            batch_size=DEMO_BATCH_SIZE, lr=DEMO_LR, prefix_len=DEMO_PREFIX_LEN,
-        ),
-        show_progress=False,
-    )  # fmt: skip
+    result = train(demo_train_config(data, tmp_path / "run", ASSETS), show_progress=False)
     spec = BenchSpec(
         persons=[Person(p.name, dict(p.attributes), "seen") for p in world.seen],
         person_templates=[world.person_templates[0]],

@@ -27,6 +27,25 @@ DEMO_PREFIX_LEN = 10
 DEMO_BATCH_SIZE = 8
 
 
+def demo_train_config(
+    data: str | Path,
+    out: str | Path,
+    assets: str | Path | None = None,
+    steps: int = DEMO_STEPS,
+    batch_size: int = DEMO_BATCH_SIZE,
+    lr: float = DEMO_LR,
+    prefix_len: int = DEMO_PREFIX_LEN,
+):
+    """The demo's :class:`~apl_adapter.training.TrainConfig` on the world base model (also the acceptance test's)."""
+    from ..training import TrainConfig
+    from ..world.models import model_path
+
+    return TrainConfig(
+        base=str(model_path("base", assets)), data=str(data), out=str(out), steps=steps, batch_size=batch_size,
+        lr=lr, prefix_len=prefix_len, log_every=10,
+    )  # fmt: skip
+
+
 def run_demo(
     out_dir: str | Path = "demo-out",
     steps: int = DEMO_STEPS,
@@ -43,8 +62,7 @@ def run_demo(
     Writes ``<out_dir>/data`` (reused if present), ``<out_dir>/run`` (the training run, adapter in
     ``run/adapter``) and ``<out_dir>/bench`` (report.md, report.json, grid.png).
     """
-    from ..training import TrainConfig, train
-    from ..world.models import model_path
+    from ..training import train
     from .report import to_markdown
     from .runner import run_bench
     from .world import world_bench_inputs
@@ -62,12 +80,7 @@ def run_demo(
     data_seconds = time.perf_counter() - started
     print(f"[2/3] training the APL prefix (m = {prefix_len}, {steps} steps, batch {batch_size}, lr {lr:g})")
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
-    result = train(
-        TrainConfig(
-            base=str(model_path("base", assets)), data=str(data), out=str(out / "run"), steps=steps,
-            batch_size=batch_size, lr=lr, prefix_len=prefix_len, log_every=10,
-        )
-    )  # fmt: skip
+    result = train(demo_train_config(data, out / "run", assets, steps, batch_size, lr, prefix_len))
     print("[3/3] apl-bench")
     spec, models, readers = world_bench_inputs(seeds=list(seeds), train_data=data, assets=assets)
     extra = {"training": {"steps": steps, "batch_size": batch_size, "lr": lr, "prefix_len": prefix_len,
