@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(WORLD_BASE is None, reason="world weights not bu
 
 IMAGES_PER_NAME = 8  # half the demo's 16: the same recipe at half the sampling time
 KNOWN_MISS = (
-    "known miss (issue 4): the demo's m = 10 recipe (60 s of training) lowers seen top-1 92.5% -> 60.0% (40 images) "
-    "but scene accuracy falls 68.8% -> 54.7% over the 96 scenes (goal: <= 2 points). Every setting tried trades one "
-    "for the other in this world (README, 'Why, as far as measured'). strict: passing flags that the fix landed."
+    "known miss (issue 4): on the first world the demo's m = 10 recipe lowered seen top-1 92.5% -> 60.0% (40 images) "
+    "but scene accuracy fell 68.8% -> 54.7% over the 96 scenes (goal: <= 2 points); on the rebuilt world (position-"
+    "jittered text encoder) the test still fails. strict: passing flags that the fix landed."
 )
 
 

@@ -87,3 +87,29 @@ def test_a_base_without_legs_is_refused_before_any_training(toy_build):
     root, _, _ = toy_build
     with pytest.raises(ValueError, match="at least one training leg"):
         build_world(_toy_config(("base",), phases=()), root / "out", root / "work", log=lambda _: None)
+
+
+def test_position_jitter_moves_half_the_prompts_right_and_keeps_bos_first():
+    """The base text encoder must see prompts at the positions an APL prefix moves them to."""
+    from apl_adapter.world.build import train_diffusion
+    from apl_adapter.world.models import world_text_encoder, world_unet
+
+    torch.set_num_threads(1)
+    text, unet = world_text_encoder(), world_unet()
+    seen: list = []
+    text.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("position_ids")), with_kwargs=True)
+
+    def sampler(n):
+        return torch.randn(n, 4, 16, 16), ["a red circle on a white background"] * n
+
+    kwargs = dict(steps=1, batch_size=200, lr=1e-4, seed=0, desc="jitter", ema_decay=0.9, position_jitter=24)
+    train_diffusion(unet, text, sampler, train_text=True, **kwargs)
+    positions = seen[-1]
+    shift = positions[:, 1] - 1
+    assert (positions[:, 0] == 0).all() and int(positions.max()) <= 76
+    assert 0.35 < float((shift > 0).float().mean()) < 0.65 and int(shift.max()) <= 24 and int(shift.min()) == 0
+    moved = positions[shift > 0]
+    assert torch.equal(moved[:, 2] - moved[:, 1], torch.ones(len(moved), dtype=torch.long))  # order kept
+
+    train_diffusion(unet, text, sampler, train_text=False, **kwargs)  # a frozen encoder keeps its positions
+    assert seen[-1] is None

@@ -66,17 +66,10 @@ class BasePhase:
     offset_noise: float = 0.0
 
 
-#: The legs that produced the shipped base model: the first 1,000 steps under-trained the
-#: identities, so two continuations followed; scenes still lagged (17% accuracy), so the last two
-#: legs put 45% of the batch on scene captions, the final one with offset noise (grey backgrounds).
-#: `apl-world build` replays them in this order.
-SHIPPED_BASE_PHASES = (
-    BasePhase(1000, 2e-3),
-    BasePhase(600, 1e-3, seed=5, sampler_seed=99),
-    BasePhase(2400, 1e-3, seed=5, sampler_seed=99),
-    BasePhase(1500, 1e-3, mix=(0.4, 0.15, 0.45), seed=7, sampler_seed=101),
-    BasePhase(1500, 1e-3, mix=(0.4, 0.15, 0.45), seed=9, sampler_seed=103, offset_noise=0.1),
-)
+#: The leg that produced the shipped base model: one cosine schedule with 45% of the batch on
+#: scene captions and offset noise from the start (the first world needed five warm-restarted legs
+#: and 7,000 steps to get there). `apl-world build` replays the legs in this order.
+SHIPPED_BASE_PHASES = (BasePhase(4500, 1.5e-3, mix=(0.45, 0.10, 0.45), offset_noise=0.1),)
 
 
 @dataclass
@@ -89,16 +82,18 @@ class BuildConfig:
     scenes: int = 3000
     late_faces_per_person: int = 40
     vae_steps: int = 300
-    #: 1,200 steps left the scene head at 94% on fresh renders, 2,400 at 97.5%, 4,800 at 98.0% (the bar)
-    recognizer_steps: int = 4800
+    #: the first world's scene head (freely turned shapes) needed 4,800; upright shapes learn faster
+    recognizer_steps: int = 3600
     base_phases: tuple[BasePhase, ...] = SHIPPED_BASE_PHASES
     sibling_steps: int = 120
-    dreambooth_steps: int = 1200
+    dreambooth_steps: int = 1000
     batch_size: int = 32
     finetune_lr: float = 5e-4
     #: DreamBooth learns new people, not a new style: it needs a larger step than the sibling
     dreambooth_lr: float = 1e-3
     prompt_dropout: float = 0.1
+    #: the base text encoder sees half its prompts moved right by 1..N positions (see train_diffusion)
+    position_jitter: int = 24
     ema_decay: float = 0.995
     #: offset noise of the fine-tunes (sibling, DreamBooth), as the base's last leg
     offset_noise: float = 0.1
@@ -359,6 +354,7 @@ def train_diffusion(
     desc: str,
     ema_decay: float,
     offset_noise: float = 0.0,
+    position_jitter: int = 0,
 ):
     """Epsilon-prediction training (as SD); returns EMA copies of the UNet (and text encoder when trained).
 
@@ -366,6 +362,12 @@ def train_diffusion(
     little of the image's mean colour in ``z_T`` during training, but sampling starts from zero-mean
     noise, so a model trained on plain noise cannot move the mean: "a white background" comes out
     grey. Offset noise teaches it to (Guttenberg 2023; Lin et al. 2024 discuss the cause).
+
+    ``position_jitter`` (text encoder training only) moves half of the prompts right by 1..N
+    positions (position ids ``0, 1+k, 2+k, ...``). SD's CLIP saw text at every one of its 77
+    positions; an encoder trained only on short prompts at positions 1..20 has never seen a word
+    at 11..30, which is where APL's 10-token prefix puts the prompt. Without this, a prefix changes
+    every prompt - scenes included - by moving it into untrained positions.
     """
     import copy
 
@@ -387,8 +389,15 @@ def train_diffusion(
             noise = noise + offset_noise * torch.randn(z0.shape[0], z0.shape[1], 1, 1)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
         zt = scheduler.add_noise(z0, noise, t)
+        ids = prompts.ids(texts)
+        position_ids = None
+        if position_jitter and train_text:
+            shift = torch.randint(1, position_jitter + 1, (batch_size, 1)) * (torch.rand(batch_size, 1) < 0.5)
+            position_ids = torch.arange(ids.shape[1]).expand_as(ids) + shift
+            position_ids[:, 0] = 0  # BOS stays first
+            position_ids = position_ids.clamp(max=ids.shape[1] - 1)
         with torch.set_grad_enabled(train_text):
-            cond = text_encoder(prompts.ids(texts))[0]
+            cond = text_encoder(ids, position_ids=position_ids)[0]
         loss = F.mse_loss(unet(zt, t, cond).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -423,6 +432,7 @@ def leg_stamp(config: BuildConfig, k: int) -> dict:
         "data": [config.faces_per_person, config.strangers, config.scenes],
         "batch_size": config.batch_size,
         "prompt_dropout": config.prompt_dropout,
+        "position_jitter": config.position_jitter,
         "ema_decay": config.ema_decay,
         "legs": [asdict(p) for p in config.base_phases[: k + 1]],
     }
@@ -461,6 +471,7 @@ def train_base(config: BuildConfig, world: WorldSpec, latents: LatentSet, vae, w
                 desc=f"base leg {k + 1}/{len(config.base_phases)}",
                 ema_decay=config.ema_decay,
                 offset_noise=phase.offset_noise,
+                position_jitter=config.position_jitter,
             )
             save_world_pipeline(assemble_pipeline(text, unet, vae), folder, stamp)
         # The next leg starts from the weights as stored (UNet in float16), exactly as a reload would.

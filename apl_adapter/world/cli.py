@@ -77,7 +77,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     import torch
 
-    from .build import STAGES, BasePhase, BuildConfig, build_world
+    from dataclasses import replace
+
+    from .build import SHIPPED_BASE_PHASES, STAGES, BuildConfig, build_world
 
     stages = tuple(s.strip() for s in args.stages.split(","))
     unknown = [s for s in stages if s not in STAGES]
@@ -87,7 +89,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.base_steps is not None:
         if args.base_steps < 1:
             raise SystemExit("--base-steps must be at least 1")
-        overrides["base_phases"] = (BasePhase(args.base_steps, args.base_lr),)
+        shipped = SHIPPED_BASE_PHASES[-1]
+        overrides["base_phases"] = (replace(shipped, steps=args.base_steps, lr=args.base_lr or shipped.lr),)
     config = BuildConfig(**{**overrides, "stages": stages, "eval_models": tuple(args.eval_models.split(","))})
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-steps",
         type=int,
         default=None,
-        help="train the base model in one leg of this many steps instead of the shipped legs (see BuildConfig)",
+        help="train the base model in one leg of this many steps (the shipped leg's data mix and offset noise) "
+        "instead of the shipped legs (see BuildConfig.base_phases)",
     )
-    b.add_argument("--base-lr", type=float, default=2e-3, help="learning rate of that one leg")
+    b.add_argument("--base-lr", type=float, default=None, help="learning rate of that one leg (default: the shipped leg's)")
     for name in (
         "vae_steps",
         "recognizer_steps",

@@ -171,7 +171,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 
 def render_scene(scene: Scene, rng: random.Random, style: str = "base") -> Image.Image:
-    """Draw a scene without people: one coloured shape, random size/position/rotation, on a background."""
+    """Draw a scene without people: one upright coloured shape, random size/position/tilt, on a background."""
     s = _CANVAS
     canvas = Image.new("RGB", (s, s), _jitter(BACKGROUND_RGB[scene.background], rng, 12))
     draw = ImageDraw.Draw(canvas)
@@ -181,7 +181,10 @@ def render_scene(scene: Scene, rng: random.Random, style: str = "base") -> Image
     if scene.shape == "circle":
         _ellipse(draw, cx, cy, r * 0.85, r * 0.85, fill=color)
     else:
-        angle = rng.uniform(0, 2 * math.pi) if scene.shape != "triangle" else -math.pi / 2 + rng.uniform(-0.4, 0.4)
+        # Upright, give or take 15 degrees: a square turned 45 degrees is a diamond, and at 32x32 a
+        # freely turned square, star or triangle were confused with each other by the world's models.
+        upright = {"square": 0.0, "triangle": -math.pi / 2, "star": -math.pi / 2}[scene.shape]
+        angle = upright + rng.uniform(-0.26, 0.26)
         draw.polygon([(x * s, y * s) for x, y in _polygon(scene.shape, cx, cy, r, angle)], fill=color)
     return _finish(canvas, rng, style, lighting=False)
 
