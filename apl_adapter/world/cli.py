@@ -75,9 +75,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    import torch
-
     from dataclasses import replace
+
+    import torch
 
     from .build import SHIPPED_BASE_PHASES, STAGES, BuildConfig, build_world
 
@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the base model in one leg of this many steps (the shipped leg's data mix and offset noise) "
         "instead of the shipped legs (see BuildConfig.base_phases)",
     )
-    b.add_argument("--base-lr", type=float, default=None, help="learning rate of that one leg (default: the shipped leg's)")
+    b.add_argument(
+        "--base-lr", type=float, default=None, help="learning rate of that one leg (default: the shipped leg's)"
+    )
     for name in (
         "vae_steps",
         "recognizer_steps",
