@@ -18,13 +18,30 @@ from pathlib import Path
 
 from ..errors import APLAdapterError
 
-# World-scale training settings (README, "Measuring it"): the paper's m = 10 prefix, with 400 steps
-# at lr 1e-2 (10x the paper's rate for ~50x fewer steps) to fit the demo's 10-minute budget. Longer
-# prefixes anonymize more in this world but break scene prompts (README: the m sweep and why).
+# World-scale training settings (README, "Measuring it": the sweep that chose them). 400 steps at
+# lr 1e-2 (10x the paper's rate for ~50x fewer steps) fit the demo's 10-minute budget; batch 16 and
+# m = 20 anonymize more than the paper's batch 1 and m = 10 in this small world, and 40% identity
+# triplets (the paper: 50%) keep scene prompts within the 2-point goal.
 DEMO_STEPS = 400
 DEMO_LR = 1e-2
-DEMO_PREFIX_LEN = 10
-DEMO_BATCH_SIZE = 8
+DEMO_PREFIX_LEN = 20
+DEMO_BATCH_SIZE = 16
+DEMO_IDENTITY_FRACTION = 0.4
+DEMO_PER_NAME = 16  # base-model images per seen name
+DEMO_NUM_SCENES = 320  # scene renders (preservation pairs)
+
+
+def write_demo_data(
+    folder: str | Path, per_name: int = DEMO_PER_NAME, num_scenes: int = DEMO_NUM_SCENES, assets=None
+) -> int:
+    """Write the demo's training data (also the acceptance test's) as an ``apl-train`` folder; returns its rows.
+
+    Identity images are sampled from the base model with "a photo of <Name>" only (template 0: the
+    other person templates stay held out for the bench); scenes are rendered with their captions.
+    """
+    from ..world.data import write_apl_dataset
+
+    return write_apl_dataset(folder, images_per_person=per_name, num_scenes=num_scenes, templates=[0], assets=assets)
 
 
 def demo_train_config(
@@ -35,6 +52,7 @@ def demo_train_config(
     batch_size: int = DEMO_BATCH_SIZE,
     lr: float = DEMO_LR,
     prefix_len: int = DEMO_PREFIX_LEN,
+    identity_fraction: float = DEMO_IDENTITY_FRACTION,
 ):
     """The demo's :class:`~apl_adapter.training.TrainConfig` on the world base model (also the acceptance test's)."""
     from ..training import TrainConfig
@@ -42,7 +60,7 @@ def demo_train_config(
 
     return TrainConfig(
         base=str(model_path("base", assets)), data=str(data), out=str(out), steps=steps, batch_size=batch_size,
-        lr=lr, prefix_len=prefix_len, log_every=10,
+        lr=lr, prefix_len=prefix_len, identity_fraction=identity_fraction, log_every=10,
     )  # fmt: skip
 
 
@@ -50,12 +68,13 @@ def run_demo(
     out_dir: str | Path = "demo-out",
     steps: int = DEMO_STEPS,
     batch_size: int = DEMO_BATCH_SIZE,
-    per_name: int = 16,
-    num_scenes: int = 320,
+    per_name: int = DEMO_PER_NAME,
+    num_scenes: int = DEMO_NUM_SCENES,
     seeds: tuple[int, ...] = (0,),
     lr: float = DEMO_LR,
     assets: str | Path | None = None,
     prefix_len: int = DEMO_PREFIX_LEN,
+    identity_fraction: float = DEMO_IDENTITY_FRACTION,
 ) -> dict:
     """Data -> training -> bench; returns the bench report and prints its Markdown.
 
@@ -72,19 +91,19 @@ def run_demo(
     data = out / "data"
     if not (data / "metadata.jsonl").is_file():
         print(f"[1/3] sampling training data from the world base model into {data}")
-        from ..world.data import write_apl_dataset
-
-        # identity images sampled from the base model with "a photo of <Name>" (template 0 only: the other
-        # person templates stay held out for the bench), scenes rendered with their captions
-        write_apl_dataset(data, images_per_person=per_name, num_scenes=num_scenes, templates=[0], assets=assets)
+        write_demo_data(data, per_name, num_scenes, assets)
     data_seconds = time.perf_counter() - started
-    print(f"[2/3] training the APL prefix (m = {prefix_len}, {steps} steps, batch {batch_size}, lr {lr:g})")
+    print(
+        f"[2/3] training the APL prefix (m = {prefix_len}, {steps} steps, batch {batch_size}, lr {lr:g}, "
+        f"identity fraction {identity_fraction:g})"
+    )
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
-    result = train(demo_train_config(data, out / "run", assets, steps, batch_size, lr, prefix_len))
+    config = demo_train_config(data, out / "run", assets, steps, batch_size, lr, prefix_len, identity_fraction)
+    result = train(config)
     print("[3/3] apl-bench")
     spec, models, readers = world_bench_inputs(seeds=list(seeds), train_data=data, assets=assets)
     extra = {"training": {"steps": steps, "batch_size": batch_size, "lr": lr, "prefix_len": prefix_len,
-                          "seconds": result.seconds,
+                          "identity_fraction": identity_fraction, "seconds": result.seconds,
                           "final_loss": result.final_loss, "data_seconds": data_seconds}}  # fmt: skip
     report = run_bench(spec, models, readers, result.adapter_dir, out / "bench", extra=extra)
     print(to_markdown(report))
@@ -103,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prefix-len", type=int, default=DEMO_PREFIX_LEN, help="Prefix length m (see DEMO_PREFIX_LEN)."
     )
-    parser.add_argument("--per-name", type=int, default=16, help="Training images per seen name.")
+    parser.add_argument(
+        "--identity-fraction", type=float, default=DEMO_IDENTITY_FRACTION,
+        help="Share of identity triplets per batch (the rest: scene preservation pairs).",
+    )  # fmt: skip
+    parser.add_argument("--per-name", type=int, default=DEMO_PER_NAME, help="Training images per seen name.")
     parser.add_argument("--seeds", default="0", help="Bench seeds (one seed keeps the demo short).")
     parser.add_argument("--lr", type=float, default=DEMO_LR, help="Adam learning rate (10x the paper's 1e-3, for "
                         "400 instead of ~20k steps).")  # fmt: skip
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = tuple(int(s) for s in args.seeds.split(","))
         run_demo(
             args.out, steps=args.steps, batch_size=args.batch_size, per_name=args.per_name, seeds=seeds, lr=args.lr,
-            assets=args.assets, prefix_len=args.prefix_len,
+            assets=args.assets, prefix_len=args.prefix_len, identity_fraction=args.identity_fraction,
         )  # fmt: skip
     except (APLAdapterError, FileNotFoundError, ValueError) as err:
         print(f"apl demo: error: {err}", file=sys.stderr)
