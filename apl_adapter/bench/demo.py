@@ -93,18 +93,19 @@ def run_demo(
         print(f"[1/3] sampling training data from the world base model into {data}")
         write_demo_data(data, per_name, num_scenes, assets)
     data_seconds = time.perf_counter() - started
-    print(
-        f"[2/3] training the APL prefix (m = {prefix_len}, {steps} steps, batch {batch_size}, lr {lr:g}, "
-        f"identity fraction {identity_fraction:g})"
-    )
+    config = demo_train_config(
+        data, out / "run", assets, steps=steps, batch_size=batch_size, lr=lr, prefix_len=prefix_len,
+        identity_fraction=identity_fraction,
+    )  # fmt: skip
+    recipe = {key: getattr(config, key) for key in ("steps", "batch_size", "lr", "prefix_len", "identity_fraction")}
+    print(f"[2/3] training the APL prefix ({', '.join(f'{key} {value:g}' for key, value in recipe.items())})")
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
-    config = demo_train_config(data, out / "run", assets, steps, batch_size, lr, prefix_len, identity_fraction)
     result = train(config)
     print("[3/3] apl-bench")
     spec, models, readers = world_bench_inputs(seeds=list(seeds), train_data=data, assets=assets)
-    extra = {"training": {"steps": steps, "batch_size": batch_size, "lr": lr, "prefix_len": prefix_len,
-                          "identity_fraction": identity_fraction, "seconds": result.seconds,
-                          "final_loss": result.final_loss, "data_seconds": data_seconds}}  # fmt: skip
+    # the report records the settings the run used, read off its config
+    extra = {"training": {**recipe, "seconds": result.seconds, "final_loss": result.final_loss,
+                          "data_seconds": data_seconds}}  # fmt: skip
     report = run_bench(spec, models, readers, result.adapter_dir, out / "bench", extra=extra)
     print(to_markdown(report))
     print(
