@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from apl_adapter import APLConfig
 from apl_adapter.testing import tiny_sd_pipeline
 from apl_adapter.training import TrainConfig, apl_loss, train
 from apl_adapter.training.data import write_data_folder
-from apl_adapter.training.loop import tokenize
+from apl_adapter.training.loop import learning_rate, tokenize
 from apl_adapter.training.objective import noisy_latents
 
 from .reference import reference_encode
@@ -128,6 +129,31 @@ def test_resume_gives_the_same_prefix_as_an_uninterrupted_run(base_folder, data_
     # and a different seed really gives a different prefix (the comparison above can fail)
     other = train(TrainConfig(out=str(tmp_path / "other"), steps=6, seed=1, **common), show_progress=False)
     assert not torch.allclose(_prefix(other.adapter_dir), _prefix(full.adapter_dir))
+
+
+def test_interrupted_cosine_run_resumes_on_its_schedule(base_folder, data_folder, tmp_path):
+    # the schedule runs over --steps, so an interrupted run resumes with the same --steps it was started with
+    common = {"base": str(base_folder), "data": str(data_folder), "batch_size": 2, "lr": 1e-2, "steps": 6}
+    full = train(
+        TrainConfig(out=str(tmp_path / "full"), lr_schedule="cosine", checkpoint_every=3, **common), show_progress=False
+    )
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "cut" / "checkpoint-3")  # killed after step 3
+    resumed = train(
+        TrainConfig(out=str(tmp_path / "cut"), lr_schedule="cosine", resume="latest", **common), show_progress=False
+    )
+    torch.testing.assert_close(_prefix(resumed.adapter_dir), _prefix(full.adapter_dir), rtol=0, atol=1e-6)
+
+
+def test_cosine_schedule_decays_from_lr_to_zero_and_changes_the_result(base_folder, data_folder, tmp_path):
+    config = TrainConfig(base="b", data="d", out="o", steps=10, lr=1e-2, lr_schedule="cosine")
+    rates = [learning_rate(config, step) for step in range(10)]
+    assert rates[0] == pytest.approx(1e-2) and rates[5] == pytest.approx(5e-3) and rates[9] == pytest.approx(5e-3 * (1 + math.cos(0.9 * math.pi)))
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert learning_rate(TrainConfig(base="b", data="d", out="o", steps=10, lr=1e-2), 9) == 1e-2
+    common = {"base": str(base_folder), "data": str(data_folder), "batch_size": 2, "lr": 1e-2, "steps": 4}
+    constant = train(TrainConfig(out=str(tmp_path / "constant"), **common), show_progress=False)
+    cosine = train(TrainConfig(out=str(tmp_path / "cosine"), lr_schedule="cosine", **common), show_progress=False)
+    assert not torch.allclose(_prefix(cosine.adapter_dir), _prefix(constant.adapter_dir))
 
 
 @pytest.mark.slow

@@ -32,6 +32,10 @@ class TrainConfig:
     out: str = field(metadata={"help": "Run folder: adapter/ (final), checkpoint-N/, loss.csv, train_config.json."})
     steps: int = field(default=1000, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (the paper: 1e-3)."})
+    lr_schedule: Literal["constant", "cosine"] = field(
+        default="constant",
+        metadata={"help": "'constant' (the paper) or 'cosine': decay from lr to 0 at the last step."},
+    )
     prefix_len: int = field(default=10, metadata={"help": "Prefix length m (the paper: 10)."})
     prefix_init: Literal["random_uniform", "text", "vocab"] = field(
         default="random_uniform", metadata={"help": "Prefix initialisation (the authors: U[0,1))."}
@@ -75,6 +79,10 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (
+                self.lr_schedule in ("constant", "cosine"),
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
+            ),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (
                 self.latent_mode in ("sample", "mean"),

@@ -113,6 +113,13 @@ def draw_batch(
     return latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows]
 
 
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based) under ``config.lr_schedule``."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+    return config.lr
+
+
 def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
     if config.identity_fraction > 0 and len(data.identity_rows) == 0:
         raise DataFormatError(
@@ -215,6 +222,8 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     )
     loss_value = math.nan
     for step in progress:
+        for group in optimizer.param_groups:  # a function of the step alone, so a resumed run follows it exactly
+            group["lr"] = learning_rate(config, step)
         latents, noise, timesteps, c1_ids, c2_ids = (
             tensor.to(accelerator.device)
             for tensor in draw_batch(data, config, step, accelerator.process_index, num_train_timesteps)
