@@ -77,6 +77,16 @@ def test_data_writes_the_training_format(tmp_path):
         assert Image.open(out / r["file_name"]).size == (32, 32)
     scenes = [r for r in rows if r["kind"] == "preservation"]
     assert len(scenes) == 3 and all(r["c1"] == r["c2"] for r in scenes)
+    # captions come from every scene template unless told otherwise (``templates`` restricts only the names)
+    def caption_templates(folder):
+        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        by_caption = {scene.caption(k): k for scene in world.scenes for k in range(len(world.scene_templates))}
+        return {by_caption[r["c1"]] for r in rows}
+
+    write_apl_dataset(tmp_path / "all", images_per_person=0, num_scenes=40, templates=[0])
+    assert caption_templates(tmp_path / "all") == set(range(len(world.scene_templates)))
+    write_apl_dataset(tmp_path / "one", images_per_person=0, num_scenes=40, scene_templates=[2])
+    assert caption_templates(tmp_path / "one") == {2}
     with pytest.raises(FileExistsError, match="new --out"):
         write_apl_dataset(out, images_per_person=1, num_scenes=1)
     assert not (tmp_path / "data.tmp").exists()

@@ -43,19 +43,22 @@ def write_apl_dataset(
     templates: list[int] | None = None,
     assets: str | os.PathLike | None = None,
     batch_size: int = 64,
+    scene_templates: list[int] | None = None,
 ) -> int:
     """Sample identity triplets for the people of ``split`` and render preservation pairs; returns the row count.
 
-    ``templates`` restricts the person/scene templates used (indices), so a benchmark can hold
-    some out of APL training. Written to ``<out>.tmp`` first and renamed, so a failure leaves
-    no half dataset behind.
+    ``templates`` restricts the person templates of the identity triplets (indices), so a benchmark
+    can hold some out of APL training; ``scene_templates`` restricts the captions of the
+    preservation pairs (default: all of them - the prefix must leave every person-free prompt
+    alone, and a prefix trained on one caption template changes the others). Written to
+    ``<out>.tmp`` first and renamed, so a failure leaves no half dataset behind.
     """
     from .models import load_world_pipeline
 
     world = WorldSpec.from_seed(world_seed)
     people = getattr(world, split)
     person_templates = templates or list(range(len(world.person_templates)))
-    scene_templates = templates or list(range(len(world.scene_templates)))
+    scene_templates = scene_templates or list(range(len(world.scene_templates)))
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; pass a new --out folder (nothing was written)")
