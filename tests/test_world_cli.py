@@ -77,6 +77,7 @@ def test_data_writes_the_training_format(tmp_path):
         assert Image.open(out / r["file_name"]).size == (32, 32)
     scenes = [r for r in rows if r["kind"] == "preservation"]
     assert len(scenes) == 3 and all(r["c1"] == r["c2"] for r in scenes)
+
     # captions come from every scene template unless told otherwise (``templates`` restricts only the names)
     def caption_templates(folder):
         rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]

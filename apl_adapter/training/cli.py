@@ -57,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help=helps["out"])
     parser.add_argument("--steps", type=int, default=1000, help=helps["steps"] + " Default: 1000.")
     parser.add_argument("--lr", type=float, default=1e-3, help=helps["lr"])
-    parser.add_argument(
-        "--lr-schedule", choices=["constant", "cosine"], default="constant", help=helps["lr_schedule"]
-    )
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help=helps["lr_schedule"])
     parser.add_argument("--prefix-len", type=int, default=10, help=helps["prefix_len"])
     parser.add_argument("--prefix-init", choices=["random_uniform", "text", "vocab"], default="random_uniform")
     parser.add_argument("--c2", choices=["attribute", "empty"], default="attribute", help=helps["c2"])
