@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from apl_adapter.bench.cli import main
-from apl_adapter.bench.protocol import Person, attribute_agreement, fall_ratio, pixel_change
+from apl_adapter.bench.protocol import Person, attribute_agreement, fall_ratio, paired_change, pixel_change
 from apl_adapter.bench.report import goals, strip_images, to_markdown, write_report
 from apl_adapter.bench.world import pick_scenes, read_identity_list, read_templates, templates_in_training_data
 from apl_adapter.errors import APLAdapterError
@@ -71,6 +71,7 @@ def test_goals_are_judged_on_the_measured_numbers(tmp_path):
             "base": {"scene_accuracy": 0.95},
             "apl": {"scene_accuracy": 0.90},
             "accuracy_drop_points": 5.0,
+            "paired": paired_change([True, True, True, True], [True, True, True, False]),
             "same_seed_pixel_change": 0.01,
             "_images": ([Image.new("RGB", (8, 8))], [Image.new("RGB", (8, 8))], []),
         },
@@ -93,6 +94,7 @@ def test_goals_are_judged_on_the_measured_numbers(tmp_path):
     markdown = to_markdown(report)
     assert "| seen | 10 | 90.0% | 5.0% | 18.0x |" in markdown
     assert "**no**" in markdown and "not measured" in markdown
+    assert "= +5.0 points; 1 lost, 0 gained, McNemar p = 1" in markdown
     write_report(report, sections, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["sections"]["seen"]["accuracy_fall"] == 18.0
     assert Image.open(tmp_path / "out" / "grid.png").size[1] > 16
@@ -139,3 +141,16 @@ def test_cli_rejects_bad_adapter_and_seeds(capsys, tmp_path):
 
         parse_seeds("0,x")
     assert not (tmp_path / "out").exists()
+
+
+def test_paired_change_counts_discordant_pairs_and_gives_the_exact_mcnemar_p():
+    # 16 scenes lost and 3 gained among 192 same-seed pairs (the rest agree):
+    # p = 2 * P(X <= 3), X ~ Binomial(19, 1/2) = 2 * (1 + 19 + 171 + 969) / 2**19
+    before = [True] * 16 + [False] * 3 + [True] * 170 + [False] * 3
+    after = [False] * 16 + [True] * 3 + [True] * 170 + [False] * 3
+    paired = paired_change(before, after)
+    assert (paired["lost"], paired["gained"]) == (16, 3)
+    assert paired["mcnemar_p"] == pytest.approx(2 * 1160 / 2**19)
+    assert paired_change(after, before)["mcnemar_p"] == paired["mcnemar_p"]  # two-sided
+    assert paired_change([True, False], [True, False]) == {"lost": 0, "gained": 0, "mcnemar_p": 1.0}
+    assert paired_change([True] * 8, [False] * 8)["mcnemar_p"] == pytest.approx(2 / 2**8)

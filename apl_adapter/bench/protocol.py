@@ -16,6 +16,7 @@ implement the same three small interfaces.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,23 @@ def attribute_agreement(read: Sequence[dict[str, str]], expected: Sequence[dict[
     }
 
 
+def paired_change(before: Sequence[bool], after: Sequence[bool]) -> dict:
+    """What a change did to same-seed pairs: images it broke, images it fixed, and the exact McNemar p-value.
+
+    Only discordant pairs carry information about the change; under "no effect" each one is a fair
+    coin, so ``p`` is the two-sided binomial tail of ``min(lost, gained)`` in ``lost + gained`` tosses.
+    A few points of accuracy over ~100 prompts are often within that noise; ``p`` says when they are not.
+
+    >>> paired_change([True, True, True, False], [False, True, True, True])
+    {'lost': 1, 'gained': 1, 'mcnemar_p': 1.0}
+    """
+    lost = sum(b and not a for b, a in zip(before, after))
+    gained = sum(a and not b for b, a in zip(before, after))
+    tosses = lost + gained
+    tail = sum(math.comb(tosses, k) for k in range(min(lost, gained) + 1)) / 2**tosses
+    return {"lost": lost, "gained": gained, "mcnemar_p": min(1.0, 2 * tail)}
+
+
 def fall_ratio(before: float, after: float) -> float:
     """How many times a rate fell (``inf`` when it fell to 0 from a positive rate, 1 when both are 0)."""
     if after == 0:
@@ -194,15 +212,17 @@ def measure_scenes(pipe, adapter, spec: BenchSpec, readers: BenchReaders, desc: 
     plain, anonymized = generate_pair(pipe, adapter, prompts, seeds, spec, desc)
     labels = [scene.label for scene, _ in cases]
 
-    def accuracy(images) -> float:
-        return float(np.mean([read == label for read, label in zip(readers.scenes.read_scenes(images), labels)]))
+    def correct(images) -> list[bool]:
+        return [read == label for read, label in zip(readers.scenes.read_scenes(images), labels)]
 
-    base_acc, apl_acc = accuracy(plain), accuracy(anonymized)
+    base_ok, apl_ok = correct(plain), correct(anonymized)
+    base_acc, apl_acc = float(np.mean(base_ok)), float(np.mean(apl_ok))
     return {
         "num_images": len(cases),
         "base": {"scene_accuracy": base_acc},
         "apl": {"scene_accuracy": apl_acc},
         "accuracy_drop_points": 100 * (base_acc - apl_acc),
+        "paired": paired_change(base_ok, apl_ok),
         "same_seed_pixel_change": pixel_change(plain, anonymized),
         "_images": (plain, anonymized, cases),
     }

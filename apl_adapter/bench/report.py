@@ -68,12 +68,20 @@ def goals(sections: dict) -> list[dict]:
             {
                 "measure": "scene accuracy, base minus APL (prompts without a person)",
                 "value": f"{_pct(scenes['base']['scene_accuracy'])} - {_pct(scenes['apl']['scene_accuracy'])} "
-                f"= {drop:+.1f} points",
+                f"= {drop:+.1f} points{_paired(scenes)}",
                 "goal": f"<= {SCENE_DROP_GOAL_POINTS:g} points",
                 "met": drop <= SCENE_DROP_GOAL_POINTS,
             }
         )
     return rows
+
+
+def _paired(section: dict) -> str:
+    """``"; 16 lost, 3 gained, McNemar p = 0.004"`` for a section measured with same-seed pairs."""
+    paired = section.get("paired")
+    if not paired:
+        return ""
+    return f"; {paired['lost']} lost, {paired['gained']} gained, McNemar p = {paired['mcnemar_p']:.2g}"
 
 
 def _threshold_row(measure: str, value: float | None, goal: float) -> dict:
@@ -140,8 +148,8 @@ def to_markdown(report: dict) -> str:
             s = sections[name]
             lines.append(
                 f"\n**{name}** ({s['num_images']} images): scene accuracy base {_pct(s['base']['scene_accuracy'])}, "
-                f"APL {_pct(s['apl']['scene_accuracy'])} ({s['accuracy_drop_points']:+.1f} points); same-seed "
-                f"pixel change {s['same_seed_pixel_change']:.4f} (0 = identical images)."
+                f"APL {_pct(s['apl']['scene_accuracy'])} ({s['accuracy_drop_points']:+.1f} points{_paired(s)}); "
+                f"same-seed pixel change {s['same_seed_pixel_change']:.4f} (0 = identical images)."
             )
     lines += ["", f"Generated {report['num_images']} images in {report['seconds']:.0f} s.", ""]
     return "\n".join(lines)
