@@ -2,8 +2,8 @@
 
 The paper's recipe at world scale (``apl_adapter.world.data``): identity images sampled from the
 base model with "a photo of <Name>" for the seen names only (c2 = the same template with the
-person's attribute description), preservation pairs = scene renders with captions; the other
-person templates stay held out.
+person's attribute description), preservation pairs = scene renders with captions in all of the
+world's caption templates; the other person templates stay held out.
 
     python -m apl_adapter.bench.demo --out demo-out         # or, from Python: run_demo("demo-out")
 """
@@ -37,7 +37,8 @@ def write_demo_data(
     """Write the demo's training data (also the acceptance test's) as an ``apl-train`` folder; returns its rows.
 
     Identity images are sampled from the base model with "a photo of <Name>" only (template 0: the
-    other person templates stay held out for the bench); scenes are rendered with their captions.
+    other person templates stay held out for the bench); scenes are rendered with captions in every
+    caption template (the prefix must leave every person-free prompt alone).
     """
     from ..world.data import write_apl_dataset
 
