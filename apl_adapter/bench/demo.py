@@ -98,8 +98,9 @@ def run_demo(
         data, out / "run", assets, steps=steps, batch_size=batch_size, lr=lr, prefix_len=prefix_len,
         identity_fraction=identity_fraction,
     )  # fmt: skip
-    recipe = {key: getattr(config, key) for key in ("steps", "batch_size", "lr", "prefix_len", "identity_fraction")}
-    print(f"[2/3] training the APL prefix ({', '.join(f'{key} {value:g}' for key, value in recipe.items())})")
+    keys = ("steps", "batch_size", "lr", "lr_schedule", "prefix_len", "identity_fraction")
+    recipe = {key: getattr(config, key) for key in keys}
+    print(f"[2/3] training the APL prefix ({', '.join(f'{key} {value}' for key, value in recipe.items())})")
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
     result = train(config)
     print("[3/3] apl-bench")
