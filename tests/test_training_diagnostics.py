@@ -52,3 +52,42 @@ def test_cli_prints_the_table_and_refuses_bad_settings(base_folder, data_folder,
     assert "bands and samples must be >= 1" in capsys.readouterr().err
     assert main(["--base", str(base_folder.parent / "missing"), "--data", str(data_folder)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_split_takes_each_position_from_the_right_encoding():
+    import torch
+
+    from apl_adapter.errors import APLAdapterError
+    from apl_adapter.training.diagnostics import split_prefixed_states
+
+    prefixed, plain = torch.randn(2, 12, 3), torch.randn(2, 12, 3)
+    halves = split_prefixed_states(prefixed, plain, 4)
+    prefix_states, prompt_states = halves["prefix_states"], halves["prompt_states"]
+    assert prefix_states.shape == prompt_states.shape == (2, 12, 3)
+    # prefix states only: BOS and P1..P4 as prefixed, then the plain prompt from its position 1
+    assert torch.equal(prefix_states[:, :5], prefixed[:, :5]) and torch.equal(prefix_states[:, 5:], plain[:, 1:8])
+    # prompt states only: plain BOS, the prefixed prompt states moved back to position 1, plain tail
+    assert torch.equal(prompt_states[:, :1], plain[:, :1])
+    assert torch.equal(prompt_states[:, 1:8], prefixed[:, 5:]) and torch.equal(prompt_states[:, 8:], plain[:, 8:])
+    with pytest.raises(APLAdapterError, match="differ in shape"):
+        split_prefixed_states(prefixed, plain[:, :11], 4)
+    with pytest.raises(APLAdapterError, match="num_virtual_tokens must be in"):
+        split_prefixed_states(prefixed, plain, 11)
+
+
+def test_split_run_measures_both_halves_without_moving_the_rest(base_folder, data_folder, adapter, capsys):  # noqa: F811
+    whole = eps_gap_by_timestep(base_folder, data_folder, adapter, bands=2, samples=4)
+    split = eps_gap_by_timestep(base_folder, data_folder, adapter, bands=2, samples=4, split=True)
+    # the halves draw no random numbers: the same examples, timesteps and noise as the plain run
+    assert [(r.gap_without, r.gap_with) for r in split] == [(r.gap_without, r.gap_with) for r in whole]
+    for row in split:
+        assert row.gap_prefix_states is not None and row.gap_prompt_states is not None
+        if row.kind == "preservation":  # each half alone already moves a caption's eps
+            assert row.gap_prefix_states > 1e-8 and row.gap_prompt_states > 1e-8
+    assert all(r.gap_prefix_states is None for r in whole)
+    args = ["--base", str(base_folder), "--data", str(data_folder), "--bands", "1", "--samples", "2"]
+    assert main([*args, "--adapter", str(adapter), "--split"]) == 0
+    table = capsys.readouterr().out
+    assert "prefix states only | prompt states only |" in table and table.splitlines()[2].count("|") == 8
+    assert main([*args, "--split"]) == 2
+    assert "needs an adapter" in capsys.readouterr().err

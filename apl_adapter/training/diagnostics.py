@@ -6,6 +6,11 @@ closed. For preservation pairs (c1 = c2 = a caption) the gap is 0 without the pr
 damage the prefix does with it - which classifier-free guidance multiplies at sampling time.
 Everything is the frozen model's own ``eps``, on the training data's images, seeded.
 
+With ``split`` (CLI ``--split``) the prefixed context is taken apart (:func:`split_prefixed_states`):
+the gap with only the prefix's own output states added (the prompt's states as without a prefix),
+and with only the prompt's states as the prefix changed them (the prefix's own states left out).
+CLIP is causal, so the prefix's states are the same for every prompt; the UNet reads both.
+
     python -m apl_adapter.training.diagnostics --base world-base/ --data apl-data/ --adapter runs/apl/adapter
 
 Example:
@@ -46,6 +51,8 @@ class GapRow:
     t_high: int
     gap_without: float  # plain c1 vs c2 (0 for preservation pairs)
     gap_with: float | None  # [AP] + c1 vs c2; None without an adapter
+    gap_prefix_states: float | None = None  # only the prefix's own states added (``split``)
+    gap_prompt_states: float | None = None  # only the prompt's states changed by the prefix (``split``)
 
     @property
     def ratio(self) -> float:
@@ -53,6 +60,34 @@ class GapRow:
         if self.gap_with is None:
             return float("nan")
         return self.gap_with / self.gap_without if self.gap_without > 0 else float("inf")
+
+
+def split_prefixed_states(
+    prefixed: torch.Tensor, plain: torch.Tensor, num_virtual_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Take apart what a prefix changes in the UNet's context, as two whole contexts.
+
+    Args:
+        prefixed: ``(B, L, D)`` text-encoder states with the prefix (``[BOS][P1..Pm] prompt ...``).
+        plain: ``(B, L, D)`` states of the same prompts without it (``[BOS] prompt ...``).
+        num_virtual_tokens: ``m``.
+
+    Returns:
+        ``"prefix_states"``: ``prefixed`` with every position after the prefix taken from ``plain``
+        (shifted by ``m``), so the prefix's own states are the only change; ``"prompt_states"``:
+        ``plain`` with its first ``L - 1 - m`` prompt positions taken from ``prefixed``, so the change
+        the prefix made to the prompt's states is the only one. Both ``(B, L, D)``.
+    """
+    if prefixed.shape != plain.shape:
+        raise APLAdapterError(
+            f"prefixed and plain states differ in shape: {tuple(prefixed.shape)} vs {tuple(plain.shape)}"
+        )
+    m, length = num_virtual_tokens, prefixed.shape[1]
+    if not 0 < m < length - 1:
+        raise APLAdapterError(f"num_virtual_tokens must be in [1, {length - 2}] for {length} positions, got {m}")
+    prefix_states = torch.cat([prefixed[:, : 1 + m], plain[:, 1 : length - m]], dim=1)
+    prompt_states = torch.cat([plain[:, :1], prefixed[:, 1 + m :], plain[:, length - m :]], dim=1)
+    return {"prefix_states": prefix_states, "prompt_states": prompt_states}
 
 
 @torch.no_grad()
@@ -65,6 +100,7 @@ def eps_gap_by_timestep(
     seed: int = 0,
     c2: str = "attribute",
     device: str = "cpu",
+    split: bool = False,
 ) -> list[GapRow]:
     """The objective's gap per timestep band for ``samples`` examples of each kind (see the module docstring).
 
@@ -75,27 +111,32 @@ def eps_gap_by_timestep(
         bands: equal-width timestep bands over ``[0, num_train_timesteps)``.
         samples: examples (drawn with replacement per band) of each kind per band.
         device: where the frozen models run (``"cuda"`` for a real SD folder); sampling stays on the CPU.
+        split: also measure the two halves of :func:`split_prefixed_states` (needs ``adapter``).
     """
     from peft import PeftModel
 
     if bands < 1 or samples < 1:
         raise APLAdapterError(f"bands and samples must be >= 1, got {bands} and {samples}")
+    if split and adapter is None:
+        raise APLAdapterError("split takes the prefixed context apart, so it needs an adapter: pass --adapter")
     parts = load_frozen_parts(base)
     run_on = torch.device(device)
     encoded = encode_data(parts, read_metadata(data, c2_mode=c2), None, run_on)
     text_encoder = parts.text_encoder.to(run_on)
     encoder = PeftModel.from_pretrained(text_encoder, str(adapter)).to(run_on) if adapter else None
     unet, scheduler = parts.unet.to(run_on), parts.noise_scheduler
+    prefix_len = encoder.peft_config[encoder.active_adapter].num_virtual_tokens if encoder is not None else 0
 
-    def eps(noisy, t, ids, prefixed: bool) -> torch.Tensor:
+    def states(ids, prefixed: bool) -> torch.Tensor:
         if encoder is None:
-            states = text_encoder(ids)[0]
-        elif prefixed:
-            states = encoder(ids)[0]
-        else:
-            with encoder.disable_adapter():
-                states = encoder(ids)[0]
-        return unet(noisy, t, encoder_hidden_states=states).sample.float()
+            return text_encoder(ids)[0]
+        if prefixed:
+            return encoder(ids)[0]
+        with encoder.disable_adapter():
+            return encoder(ids)[0]
+
+    def eps(noisy, t, context) -> torch.Tensor:
+        return unet(noisy, t, encoder_hidden_states=context).sample.float()
 
     generator = torch.Generator().manual_seed(seed)
     total = scheduler.config.num_train_timesteps
@@ -111,22 +152,39 @@ def eps_gap_by_timestep(
             noisy = scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
             noisy, t = noisy.to(run_on, unet.dtype), t.to(run_on)
             c1, c2_ids = encoded.c1_ids[picks].to(run_on), encoded.c2_ids[picks].to(run_on)
-            target = eps(noisy, t, c2_ids, prefixed=False)
-            without = F.mse_loss(eps(noisy, t, c1, prefixed=False), target).item()
-            with_prefix = None
+            target = eps(noisy, t, states(c2_ids, prefixed=False))
+            plain = states(c1, prefixed=False)
+            row = GapRow(kind, low, high, F.mse_loss(eps(noisy, t, plain), target).item(), None)
             if encoder is not None:
-                with_prefix = F.mse_loss(eps(noisy, t, c1, prefixed=True), target).item()
-            rows.append(GapRow(kind, low, high, without, with_prefix))
+                prefixed = states(c1, prefixed=True)
+                row.gap_with = F.mse_loss(eps(noisy, t, prefixed), target).item()
+                if split:
+                    halves = split_prefixed_states(prefixed, plain, prefix_len)
+                    row.gap_prefix_states = F.mse_loss(eps(noisy, t, halves["prefix_states"]), target).item()
+                    row.gap_prompt_states = F.mse_loss(eps(noisy, t, halves["prompt_states"]), target).item()
+            rows.append(row)
     return rows
 
 
 def format_rows(rows: list[GapRow]) -> str:
-    """A Markdown table of :func:`eps_gap_by_timestep`'s rows."""
-    lines = ["| kind | t | gap without prefix | gap with prefix | with / without |", "|---|---|---|---|---|"]
+    """A Markdown table of :func:`eps_gap_by_timestep`'s rows (two more columns for a ``split`` run)."""
+    split = any(row.gap_prefix_states is not None for row in rows)
+    header = "| kind | t | gap without prefix | gap with prefix | with / without |"
+    rule = "|---|---|---|---|---|"
+    if split:
+        header += " prefix states only | prompt states only |"
+        rule += "---|---|"
+    lines = [header, rule]
+
+    def value(gap: float | None) -> str:
+        return "-" if gap is None else f"{gap:.5f}"
+
     for row in rows:
-        with_prefix = "-" if row.gap_with is None else f"{row.gap_with:.5f}"
         ratio = "-" if row.gap_with is None or row.gap_without == 0 else f"{row.ratio:.2f}"
-        lines.append(f"| {row.kind} | [{row.t_low}, {row.t_high}) | {row.gap_without:.5f} | {with_prefix} | {ratio} |")
+        line = f"| {row.kind} | [{row.t_low}, {row.t_high}) | {row.gap_without:.5f} | {value(row.gap_with)} | {ratio} |"
+        if split:
+            line += f" {value(row.gap_prefix_states)} | {value(row.gap_prompt_states)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -144,10 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Seed of examples, timesteps and noise.")
     parser.add_argument("--c2", choices=("attribute", "empty"), default="attribute", help="Identity target prompt.")
     parser.add_argument("--device", default="cpu", help="Where the models run: cpu (default) or cuda.")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="Also measure the gap with only the prefix's own states added and with only the prompt's states "
+        "changed (needs --adapter).",
+    )
     args = parser.parse_args(argv)
     try:
         rows = eps_gap_by_timestep(
-            args.base, args.data, args.adapter, args.bands, args.samples, args.seed, args.c2, args.device
+            args.base, args.data, args.adapter, args.bands, args.samples, args.seed, args.c2, args.device, args.split
         )
     except (APLAdapterError, FileNotFoundError) as err:
         print(f"diagnostics: error: {err}", file=sys.stderr)
