@@ -152,9 +152,11 @@ def eps_gap_by_timestep(
             noisy = scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
             noisy, t = noisy.to(run_on, unet.dtype), t.to(run_on)
             c1, c2_ids = encoded.c1_ids[picks].to(run_on), encoded.c2_ids[picks].to(run_on)
-            target = eps(noisy, t, states(c2_ids, prefixed=False))
             plain = states(c1, prefixed=False)
-            row = GapRow(kind, low, high, F.mse_loss(eps(noisy, t, plain), target).item(), None)
+            eps_plain = eps(noisy, t, plain)
+            # preservation pairs have c2 == c1: their target is the plain eps, not a second UNet pass
+            target = eps_plain if torch.equal(c1, c2_ids) else eps(noisy, t, states(c2_ids, prefixed=False))
+            row = GapRow(kind, low, high, F.mse_loss(eps_plain, target).item(), None)
             if encoder is not None:
                 prefixed = states(c1, prefixed=True)
                 row.gap_with = F.mse_loss(eps(noisy, t, prefixed), target).item()
