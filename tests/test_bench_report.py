@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 from PIL import Image
@@ -13,7 +14,7 @@ from apl_adapter.bench.protocol import Person, attribute_agreement, fall_ratio, 
 from apl_adapter.bench.report import goals, strip_images, to_markdown, write_report
 from apl_adapter.bench.world import pick_scenes, read_identity_list, read_templates, templates_in_training_data
 from apl_adapter.errors import APLAdapterError
-from apl_adapter.world.spec import WorldSpec
+from apl_adapter.world.spec import SCENE_BACKGROUNDS, WorldSpec
 
 
 def test_attribute_agreement_counts_per_attribute_and_all_at_once():
@@ -131,6 +132,24 @@ def test_scene_prompts_spread_over_the_world():
     scenes = pick_scenes(world, 24)
     assert len(scenes) == 24 and len({s.label for s in scenes}) == 24
     assert {s.label.split(" on ")[1] for s in scenes} == {"white", "black", "sky blue", "grass green"}
+    # 6 scenes per background over 4 caption templates: each background in every template, once or twice
+    pairs = Counter(caption_of(world, case) for case in scenes)
+    assert set(pairs) == {(b, t) for b in range(4) for t in range(4)} and set(pairs.values()) == {1, 2}
+
+
+def caption_of(world, case) -> tuple[int, int]:
+    """(background index, caption template index) of a bench scene prompt."""
+    for scene in world.scenes:
+        for template in range(len(world.scene_templates)):
+            if scene.caption(template) == case.prompt:
+                return SCENE_BACKGROUNDS.index(scene.background), template
+    raise AssertionError(f"{case.prompt!r} is no world caption")
+
+
+def test_scene_prompts_ask_every_background_in_every_caption_template():
+    world = WorldSpec.from_seed(0)
+    pairs = Counter(caption_of(world, case) for case in pick_scenes(world, 96))
+    assert pairs == Counter({(b, t): 6 for b in range(4) for t in range(4)})
 
 
 def test_cli_rejects_bad_adapter_and_seeds(capsys, tmp_path):

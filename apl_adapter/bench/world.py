@@ -6,6 +6,7 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from ..errors import APLAdapterError
@@ -25,7 +26,11 @@ ALL_SCENES = 96
 
 
 def pick_scenes(world, count: int) -> list[SceneCase]:
-    """``count`` scenes spread evenly over all of the world's scenes, captions cycling through its templates."""
+    """``count`` scenes spread evenly over all of the world's scenes, each background in every caption template.
+
+    Every (background, caption template) pair gets the same number of prompts, give or take one, so
+    the bench's per-template scene numbers are not per-background numbers in disguise.
+    """
     scenes = list(world.scenes)
     if count <= 0:
         return []
@@ -35,7 +40,17 @@ def pick_scenes(world, count: int) -> list[SceneCase]:
     while math.gcd(stride, len(scenes)) != 1:
         stride += 1
     picked = [scenes[(k * stride) % len(scenes)] for k in range(min(count, len(scenes)))]
-    return [SceneCase(scene.caption(index), scene_label(scene)) for index, scene in enumerate(picked)]
+    num_templates = len(world.scene_templates)
+    used: Counter[tuple[str, int]] = Counter()
+    cases = []
+    for index, scene in enumerate(picked):
+        # the template this background has had least often; ties rotate with the index, so colours and shapes
+        # meet every template too (template = index % 4 alone tied it to the background, which the world's
+        # scene order cycles fastest)
+        template = min(range(num_templates), key=lambda t: (used[scene.background, t], (t - index) % num_templates))
+        used[scene.background, template] += 1
+        cases.append(SceneCase(scene.caption(template), scene_label(scene)))
+    return cases
 
 
 def read_identity_list(path: str | os.PathLike, world) -> list[Person]:
