@@ -167,3 +167,31 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(capsys, base_folder, tmp_pa
     assert code == 0, err
     code, err = run(capsys, base_folder, data, tmp_path / "run")
     assert code == 2 and "already holds a training run" in err and "--resume latest" in err
+
+
+def test_generate_can_draw_identity_images_from_the_description(capsys, base_folder, tmp_path):
+    from apl_adapter.training.generate import IdentitySpec, generate_identity_data
+
+    def first_image(spec: IdentitySpec, images_from: str, out: str) -> tuple[dict, np.ndarray]:
+        folder = generate_identity_data(
+            base_folder, [spec], tmp_path / out, per_name=1, templates=("{name}",), num_inference_steps=2,
+            show_progress=False, images_from=images_from,
+        )  # fmt: skip
+        row = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
+        return row, np.asarray(Image.open(folder / row["file_name"]))
+
+    row, from_description = first_image(IdentitySpec("Ann Lee", "a photo of a woman"), "description", "d")
+    assert (row["c1"], row["c2"]) == ("Ann Lee", "a photo of a woman")  # the triplet's prompts are unchanged
+    _, drawn_by_that_prompt = first_image(IdentitySpec("a photo of a woman", "x"), "name", "same-prompt")
+    _, from_name = first_image(IdentitySpec("Ann Lee", "a photo of a woman"), "name", "n")
+    assert np.array_equal(from_description, drawn_by_that_prompt)  # same prompt, same seed
+    assert not np.array_equal(from_description, from_name)
+
+    names = tmp_path / "names.tsv"
+    names.write_text("Ann Lee\ta photo of a woman\nBo Kim\n")
+    code = main(
+        ["generate-identity-data", "--base", str(base_folder), "--identities", str(names), "--out",
+         str(tmp_path / "gen"), "--images-from", "description"]
+    )  # fmt: skip
+    assert code == 2 and "Bo Kim has none" in capsys.readouterr().err
+    assert not (tmp_path / "gen").exists()

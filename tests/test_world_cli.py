@@ -91,3 +91,21 @@ def test_data_writes_the_training_format(tmp_path):
     with pytest.raises(FileExistsError, match="new --out"):
         write_apl_dataset(out, images_per_person=1, num_scenes=1)
     assert not (tmp_path / "data.tmp").exists()
+
+
+@needs_base
+def test_data_can_draw_identity_images_from_the_attribute_prompt(tmp_path):
+    import numpy as np
+
+    from apl_adapter.world.evaluate import sample_images
+    from apl_adapter.world.models import load_world_pipeline
+
+    world = WorldSpec.from_seed(0)
+    code = main(["data", "--out", str(tmp_path / "d"), "--split", "late", "--images-per-person", "1", "--scenes", "0",
+                 "--templates", "0", "--images-from", "description"])  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["c1"] for r in rows] == [world.identity_prompt(p.name, 0) for p in world.late]  # c1 stays the name
+    expected = sample_images(load_world_pipeline("base"), [r["c2"] for r in rows], seed=0)
+    for row, image in zip(rows, expected):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "d" / row["file_name"])), np.asarray(image))

@@ -106,6 +106,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, default=7.0, help="Classifier-free guidance scale.")
     parser.add_argument("--batch-size", type=int, default=8, help="Images per pipeline call.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image (image k uses seed + k).")
+    parser.add_argument(
+        "--images-from",
+        choices=("name", "description"),
+        default="name",
+        help="Prompt that draws the identity images: the name prompt (the authors: images of the person) or "
+        "the name's description (the anonymous face the prefix should give; every name needs one).",
+    )
     return parser
 
 
@@ -128,6 +135,7 @@ def run_generate(argv: list[str]) -> int:
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         seed=args.seed,
+        images_from=args.images_from,
     )
     print(f"training data written to {out}")
     return 0

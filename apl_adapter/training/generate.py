@@ -2,7 +2,9 @@
 
 For each name, ``per_name`` images are sampled with the name prompt (DDIM 20 steps, CFG 7 by
 default) and written as identity triplets; optional captions give preservation pairs the same
-way. The output is a data folder in the format of :mod:`apl_adapter.training.data`, written
+way. ``images_from="description"`` samples the identity images with the anonymous description
+``c2`` instead (the faces the prefix should produce; not the paper's data, see the README's
+"Measuring it"). The output is a data folder in the format of :mod:`apl_adapter.training.data`, written
 to a temporary folder first and renamed when complete.
 """
 
@@ -12,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -70,11 +73,14 @@ def generate_identity_data(
     batch_size: int = 8,
     seed: int = 0,
     show_progress: bool = True,
+    images_from: Literal["name", "description"] = "name",
 ) -> Path:
     """Sample identity triplets (and optional preservation pairs) from the base model into ``out``.
 
     Image ``k`` of name ``i`` uses template ``k % len(templates)`` and the seed ``seed + running index``,
-    so a run is reproducible. Returns ``out``.
+    so a run is reproducible. ``images_from`` says which prompt draws the identity images: the name
+    prompt ``c1`` (the authors: images of the person) or the description ``c2`` (images of the
+    anonymous face the prefix should produce; every name then needs a description). Returns ``out``.
 
     Example:
 
@@ -90,19 +96,29 @@ def generate_identity_data(
     out = Path(out)
     if out.exists():
         raise APLAdapterError(f"{out} already exists; choose a new --out or delete it first.")
+    if images_from not in ("name", "description"):
+        raise APLAdapterError(f"images_from must be 'name' or 'description', got {images_from!r}.")
+    if images_from == "description":
+        missing = [spec.name for spec in identities if not spec.c2]
+        if missing:
+            raise APLAdapterError(
+                f"Identity images from the description need one for every name; {', '.join(missing)} has none. "
+                "Write 'Name<TAB>description' lines, or sample the images from the name prompt."
+            )
     for template in templates:
         if "{name}" not in template:
             raise APLAdapterError(f"Template {template!r} has no '{{name}}' placeholder, e.g. 'a photo of {{name}}'.")
     pipe = StableDiffusionPipeline.from_pretrained(check_base_folder(base), safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    jobs: list[dict] = []
+    jobs: list[tuple[str, dict]] = []  # (the prompt that draws the image, its metadata row)
     for spec in identities:
         for k in range(per_name):
             c1 = templates[k % len(templates)].format(name=spec.name)
-            jobs.append({"kind": "identity", "c1": c1, "c2": spec.c2, "identity": spec.name})
+            row = {"kind": "identity", "c1": c1, "c2": spec.c2, "identity": spec.name}
+            jobs.append((c1 if images_from == "name" else spec.c2, row))
     for caption in captions or []:
-        jobs.extend({"kind": "preservation", "c1": caption, "c2": caption} for _ in range(per_caption))
+        jobs.extend((caption, {"kind": "preservation", "c1": caption, "c2": caption}) for _ in range(per_caption))
     with atomic_folder(out) as staging:
         (staging / "images").mkdir()
         with (staging / METADATA_NAME).open("w", encoding="utf-8") as metadata:
@@ -110,13 +126,13 @@ def generate_identity_data(
                 chunk = jobs[start : start + batch_size]
                 generators = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
                 images = pipe(
-                    [job["c1"] for job in chunk],
+                    [prompt for prompt, _ in chunk],
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     generator=generators,
                 ).images
-                for j, (job, image) in enumerate(zip(chunk, images)):
+                for j, ((_, row), image) in enumerate(zip(chunk, images)):
                     file_name = f"images/{start + j:06d}.png"
                     image.save(staging / file_name)
-                    metadata.write(json.dumps({"file_name": file_name, **job}) + "\n")
+                    metadata.write(json.dumps({"file_name": file_name, **row}) + "\n")
     return out

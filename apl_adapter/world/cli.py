@@ -72,6 +72,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     n = write_apl_dataset(
         args.out, args.images_per_person, args.scenes, args.split, args.seed, args.world_seed,
         indices(args.templates), args.assets, scene_templates=indices(args.scene_templates),
+        images_from=args.images_from,
     )  # fmt: skip
     print(f"wrote {n} rows to {args.out}/metadata.jsonl")
     return 0
@@ -150,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--scene-templates", default=None, help="comma-separated caption template indices of the scenes (default: all)"
+    )
+    d.add_argument(
+        "--images-from",
+        choices=("name", "description"),
+        default="name",
+        help="prompt that draws the identity images: the name prompt (the authors: images of the person) or the "
+        "person's attribute description (the anonymous face the prefix should give)",
     )
     d.add_argument("--seed", type=int, default=0)
 

@@ -44,6 +44,7 @@ def write_apl_dataset(
     assets: str | os.PathLike | None = None,
     batch_size: int = 64,
     scene_templates: list[int] | None = None,
+    images_from: str = "name",
 ) -> int:
     """Sample identity triplets for the people of ``split`` and render preservation pairs; returns the row count.
 
@@ -52,6 +53,8 @@ def write_apl_dataset(
     preservation pairs (default: all of them - the prefix must leave every person-free prompt
     alone, and a prefix trained on one caption template changes the others). Written to
     ``<out>.tmp`` first and renamed, so a failure leaves no half dataset behind.
+    ``images_from="description"`` draws each identity image with the person's attribute prompt
+    (``c2``) instead of the name prompt (``c1``, the authors' data), from the same seed.
     """
     from .models import load_world_pipeline
 
@@ -59,6 +62,8 @@ def write_apl_dataset(
     people = getattr(world, split)
     person_templates = templates or list(range(len(world.person_templates)))
     scene_templates = scene_templates or list(range(len(world.scene_templates)))
+    if images_from not in ("name", "description"):
+        raise ValueError(f"images_from must be 'name' or 'description', got {images_from!r}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; pass a new --out folder (nothing was written)")
@@ -73,7 +78,8 @@ def write_apl_dataset(
         for start in tqdm(range(0, len(jobs), batch_size), desc="identity images"):
             chunk = jobs[start : start + batch_size]
             prompts = [world.identity_prompt(p.name, t) for p, t in chunk]
-            for (person, t), prompt, image in zip(chunk, prompts, sample_images(pipe, prompts, seed + start)):
+            drawn = prompts if images_from == "name" else [world.attribute_prompt(p.attributes, t) for p, t in chunk]
+            for (person, t), prompt, image in zip(chunk, prompts, sample_images(pipe, drawn, seed + start)):
                 name = f"images/{len(rows):06d}.png"
                 image.save(tmp / name)
                 rows.append(
