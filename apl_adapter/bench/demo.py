@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from ..errors import APLAdapterError
 
@@ -31,7 +32,8 @@ DEMO_LR = 1e-2
 DEMO_PREFIX_LEN = 10
 DEMO_BATCH_SIZE = 16
 DEMO_IDENTITY_FRACTION = 0.2
-DEMO_IMAGES_FROM = "description"  # the prompt that draws the identity images ("name": the paper's data)
+#: the prompt that draws the identity images ("name": the paper's data)
+DEMO_IMAGES_FROM: Literal["name", "description"] = "description"
 DEMO_PER_NAME = 16  # base-model images per seen name
 DEMO_NUM_SCENES = 320  # scene renders (preservation pairs)
 
@@ -41,7 +43,7 @@ def write_demo_data(
     per_name: int = DEMO_PER_NAME,
     num_scenes: int = DEMO_NUM_SCENES,
     assets=None,
-    images_from: str = DEMO_IMAGES_FROM,
+    images_from: Literal["name", "description"] = DEMO_IMAGES_FROM,
 ) -> int:
     """Write the demo's training data (also the acceptance test's) as an ``apl-train`` folder; returns its rows.
 
@@ -89,7 +91,7 @@ def run_demo(
     assets: str | Path | None = None,
     prefix_len: int = DEMO_PREFIX_LEN,
     identity_fraction: float = DEMO_IDENTITY_FRACTION,
-    images_from: str = DEMO_IMAGES_FROM,
+    images_from: Literal["name", "description"] = DEMO_IMAGES_FROM,
 ) -> dict:
     """Data -> training -> bench; returns the bench report and prints its Markdown.
 

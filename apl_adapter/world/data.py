@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from tqdm.auto import tqdm
 
@@ -44,7 +45,7 @@ def write_apl_dataset(
     assets: str | os.PathLike | None = None,
     batch_size: int = 64,
     scene_templates: list[int] | None = None,
-    images_from: str = "name",
+    images_from: Literal["name", "description"] = "name",
 ) -> int:
     """Sample identity triplets for the people of ``split`` and render preservation pairs; returns the row count.
 
