@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from apl_adapter.testing import tiny_sd_pipeline
@@ -195,3 +196,26 @@ def test_generate_can_draw_identity_images_from_the_description(capsys, base_fol
     )  # fmt: skip
     assert code == 2 and "Bo Kim has none" in capsys.readouterr().err
     assert not (tmp_path / "gen").exists()
+
+
+def test_text_init_needs_its_phrase(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-init", "text")
+    assert_clean_failure(code, err, tmp_path / "run", "--prefix-init-text")
+
+
+def test_text_init_starts_from_the_phrase_in_the_base_vocabulary(capsys, base_folder, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    data = write_data_folder(tmp_path / "data", rows())
+    # Adam moves each coordinate by about lr per step, so lr = 1e-9 leaves the initial prefix in the adapter
+    extra = ("--prefix-init", "text", "--prefix-init-text", "a photo of", "--prefix-len", "4", "--lr", "1e-9")
+    code, err = run(capsys, base_folder, data, tmp_path / "run", *extra)
+    assert code == 0, err
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    prefix = next(v for k, v in saved.items() if "apl_prefix" in k)
+    ids = CLIPTokenizer.from_pretrained(base_folder / "tokenizer")("a photo of", add_special_tokens=False).input_ids
+    table = CLIPTextModel.from_pretrained(base_folder / "text_encoder").get_input_embeddings().weight.detach()
+    expected = table[torch.tensor((ids * 4)[:4])]
+    torch.testing.assert_close(prefix.float(), expected.float(), atol=1e-6, rtol=0)

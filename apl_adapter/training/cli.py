@@ -59,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3, help=helps["lr"])
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help=helps["lr_schedule"])
     parser.add_argument("--prefix-len", type=int, default=10, help=helps["prefix_len"])
-    parser.add_argument("--prefix-init", choices=["random_uniform", "text", "vocab"], default="random_uniform")
+    parser.add_argument(
+        "--prefix-init",
+        choices=["random_uniform", "text", "vocab"],
+        default="random_uniform",
+        help=helps["prefix_init"],
+    )
+    parser.add_argument("--prefix-init-text", default=None, help=helps["prefix_init_text"])
     parser.add_argument("--c2", choices=["attribute", "empty"], default="attribute", help=helps["c2"])
     parser.add_argument("--identity-fraction", type=float, default=0.5, help=helps["identity_fraction"])
     parser.add_argument("--batch-size", type=int, default=1, help=helps["batch_size"])

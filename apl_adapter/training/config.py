@@ -38,7 +38,15 @@ class TrainConfig:
     )
     prefix_len: int = field(default=10, metadata={"help": "Prefix length m (the paper: 10)."})
     prefix_init: Literal["random_uniform", "text", "vocab"] = field(
-        default="random_uniform", metadata={"help": "Prefix initialisation (the authors: U[0,1))."}
+        default="random_uniform",
+        metadata={
+            "help": "Prefix initialisation: 'random_uniform' = U[0,1) (the authors), 'text' = the token embeddings of "
+            "prefix_init_text (repeated to m), 'vocab' = m random vocabulary rows."
+        },
+    )
+    prefix_init_text: str | None = field(
+        default=None,
+        metadata={"help": "Phrase for prefix_init='text', tokenized with the base folder's tokenizer (e.g. 'a')."},
     )
     c2: Literal["attribute", "empty"] = field(
         default="attribute",
@@ -82,6 +90,10 @@ class TrainConfig:
             (
                 self.lr_schedule in ("constant", "cosine"),
                 f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
+            ),
+            (
+                self.prefix_init != "text" or bool(self.prefix_init_text),
+                "prefix_init='text' needs prefix_init_text (--prefix-init-text), e.g. 'a photo of'",
             ),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (

@@ -188,7 +188,14 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
 
     text_encoder = get_peft_model(
         parts.text_encoder,
-        APLConfig(num_virtual_tokens=config.prefix_len, prefix_init=config.prefix_init, init_seed=config.seed),
+        APLConfig(
+            num_virtual_tokens=config.prefix_len,
+            prefix_init=config.prefix_init,
+            prefix_init_text=config.prefix_init_text,
+            # the phrase is read with the base model's own vocabulary, not a default CLIP tokenizer
+            tokenizer_name_or_path=str(Path(config.base) / "tokenizer") if config.prefix_init == "text" else None,
+            init_seed=config.seed,
+        ),
     )
     text_encoder.eval()  # CLIP has no dropout by default; eval keeps it deterministic if a config adds some
     prefix = text_encoder.base_model.model.embeddings.apl_prefix["default"]
