@@ -202,6 +202,8 @@ def test_text_init_needs_its_phrase(capsys, base_folder, tmp_path):
     data = write_data_folder(tmp_path / "data", rows())
     code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-init", "text")
     assert_clean_failure(code, err, tmp_path / "run", "--prefix-init-text")
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-init-text", "a photo of")
+    assert_clean_failure(code, err, tmp_path / "run", "--prefix-init text")  # a phrase that would be ignored
 
 
 def test_text_init_starts_from_the_phrase_in_the_base_vocabulary(capsys, base_folder, tmp_path):

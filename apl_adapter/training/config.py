@@ -95,6 +95,10 @@ class TrainConfig:
                 self.prefix_init != "text" or bool(self.prefix_init_text),
                 "prefix_init='text' needs prefix_init_text (--prefix-init-text), e.g. 'a photo of'",
             ),
+            (
+                self.prefix_init == "text" or self.prefix_init_text is None,
+                f"prefix_init_text is read only with prefix_init='text' (--prefix-init text), got {self.prefix_init!r}",
+            ),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (
                 self.latent_mode in ("sample", "mean"),
