@@ -14,7 +14,7 @@ from apl_adapter.testing import tiny_sd_pipeline
 from apl_adapter.training.cli import main
 from apl_adapter.training.data import write_data_folder
 
-from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
+from .test_training_loop import _one_thread, _prefix  # noqa: F401 - _one_thread: autouse, one torch thread
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,6 @@ def test_text_init_needs_its_phrase(capsys, base_folder, tmp_path):
 
 
 def test_text_init_starts_from_the_phrase_in_the_base_vocabulary(capsys, base_folder, tmp_path):
-    from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
     data = write_data_folder(tmp_path / "data", rows())
@@ -215,8 +214,7 @@ def test_text_init_starts_from_the_phrase_in_the_base_vocabulary(capsys, base_fo
     extra = ("--prefix-init", "text", "--prefix-init-text", "a photo of", "--prefix-len", "4", "--lr", "1e-9")
     code, err = run(capsys, base_folder, data, tmp_path / "run", *extra)
     assert code == 0, err
-    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
-    prefix = next(v for k, v in saved.items() if "apl_prefix" in k)
+    prefix = _prefix(tmp_path / "run" / "adapter")
     ids = CLIPTokenizer.from_pretrained(base_folder / "tokenizer")("a photo of", add_special_tokens=False).input_ids
     table = CLIPTextModel.from_pretrained(base_folder / "text_encoder").get_input_embeddings().weight.detach()
     expected = table[torch.tensor((ids * 4)[:4])]
