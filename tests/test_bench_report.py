@@ -171,5 +171,21 @@ def test_paired_change_counts_discordant_pairs_and_gives_the_exact_mcnemar_p():
     assert (paired["lost"], paired["gained"]) == (16, 3)
     assert paired["mcnemar_p"] == pytest.approx(2 * 1160 / 2**19)
     assert paired_change(after, before)["mcnemar_p"] == paired["mcnemar_p"]  # two-sided
-    assert paired_change([True, False], [True, False]) == {"lost": 0, "gained": 0, "mcnemar_p": 1.0}
+    assert paired_change([True, False], [True, False]) == {
+        "lost": 0, "gained": 0, "mcnemar_p": 1.0, "change_ci95_points": [0.0, 0.0]
+    }  # fmt: skip
     assert paired_change([True] * 8, [False] * 8)["mcnemar_p"] == pytest.approx(2 / 2**8)
+
+
+def test_paired_change_interval_of_the_accuracy_change():
+    # d = (3 - 16) / 192; var = ((16 + 3) / 192 - d^2) / 192, the paired-proportions normal interval
+    before = [True] * 16 + [False] * 3 + [True] * 170 + [False] * 3
+    after = [False] * 16 + [True] * 3 + [True] * 170 + [False] * 3
+    d = (3 - 16) / 192
+    half = 1.96 * ((19 / 192 - d * d) / 192) ** 0.5
+    low, high = paired_change(before, after)["change_ci95_points"]
+    assert (low, high) == (pytest.approx(100 * (d - half), abs=0.05), pytest.approx(100 * (d + half), abs=0.05))
+    assert high < 0  # 16 lost against 3 gained: a loss, and the interval says so
+    assert paired_change(after, before)["change_ci95_points"] == [-high, -low]  # symmetric
+    with pytest.raises(ValueError, match="one 'after' per 'before'"):
+        paired_change([True, True], [True])

@@ -64,7 +64,7 @@ def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path)
         f"seen top-1 {seen['base']['top1_accuracy']:.3f} -> {seen['apl']['top1_accuracy']:.3f}, "
         f"scenes {scenes['base']['scene_accuracy']:.3f} -> {scenes['apl']['scene_accuracy']:.3f} "
         f"({scenes['paired']['lost']} lost, {scenes['paired']['gained']} gained, "
-        f"McNemar p = {scenes['paired']['mcnemar_p']:.2g})"
+        f"McNemar p = {scenes['paired']['mcnemar_p']:.2g}, 95% CI {scenes['paired']['change_ci95_points']} points)"
     )
     assert seen["base"]["top1_accuracy"] >= 0.6  # the base model draws these people
     # "measurably lowers": a quarter of the 40 images lose their name (the full demo's numbers are in the README)

@@ -151,20 +151,30 @@ def attribute_agreement(read: Sequence[dict[str, str]], expected: Sequence[dict[
 
 
 def paired_change(before: Sequence[bool], after: Sequence[bool]) -> dict:
-    """What a change did to same-seed pairs: images it broke, images it fixed, and the exact McNemar p-value.
+    """What a change did to same-seed pairs: images it broke, images it fixed, the exact McNemar p-value, and a
+    95% interval of the accuracy change.
 
     Only discordant pairs carry information about the change; under "no effect" each one is a fair
     coin, so ``p`` is the two-sided binomial tail of ``min(lost, gained)`` in ``lost + gained`` tosses.
     A few points of accuracy over ~100 prompts are often within that noise; ``p`` says when they are not.
+    ``change_ci95_points`` is the normal-approximation interval of ``after - before`` accuracy for paired
+    proportions, in points: how far the measured change could be from the true one (so whether a goal such as
+    "at most 2 points lost" is met, not only whether anything changed).
 
     >>> paired_change([True, True, True, False], [False, True, True, True])
-    {'lost': 1, 'gained': 1, 'mcnemar_p': 1.0}
+    {'lost': 1, 'gained': 1, 'mcnemar_p': 1.0, 'change_ci95_points': [-69.3, 69.3]}
     """
+    if len(before) != len(after):
+        raise ValueError(f"paired_change needs one 'after' per 'before': got {len(before)} and {len(after)}")
     lost = sum(b and not a for b, a in zip(before, after))
     gained = sum(a and not b for b, a in zip(before, after))
     tosses = lost + gained
     tail = sum(math.comb(tosses, k) for k in range(min(lost, gained) + 1)) / 2**tosses
-    return {"lost": lost, "gained": gained, "mcnemar_p": min(1.0, 2 * tail)}
+    n = max(len(before), 1)
+    change = (gained - lost) / n
+    half = 1.96 * math.sqrt(max(tosses / n - change**2, 0.0) / n)
+    interval = [round(100 * (change - half), 1), round(100 * (change + half), 1)]
+    return {"lost": lost, "gained": gained, "mcnemar_p": min(1.0, 2 * tail), "change_ci95_points": interval}
 
 
 def fall_ratio(before: float, after: float) -> float:
