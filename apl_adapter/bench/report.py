@@ -77,14 +77,14 @@ def goals(sections: dict) -> list[dict]:
 
 
 def _paired(section: dict) -> str:
-    """``"; 16 lost, 3 gained, McNemar p = 0.0044, 95% CI -11.1 to -2.4"`` for a section with same-seed pairs."""
+    """``"; 16 lost, 3 gained, McNemar p = 0.0044, APL minus base 95% CI -11.1 to -2.4"`` (same-seed pairs)."""
     paired = section.get("paired")
     if not paired:
         return ""
     low, high = paired["change_ci95_points"]
     return (
         f"; {paired['lost']} lost, {paired['gained']} gained, McNemar p = {paired['mcnemar_p']:.2g}, "
-        f"95% CI {low:+.1f} to {high:+.1f}"
+        f"APL minus base 95% CI {low:+.1f} to {high:+.1f}"
     )
 
 
