@@ -96,6 +96,7 @@ def test_goals_are_judged_on_the_measured_numbers(tmp_path):
     assert "| seen | 10 | 90.0% | 5.0% | 18.0x |" in markdown
     assert "**no**" in markdown and "not measured" in markdown
     assert "= +5.0 points; 1 lost, 0 gained, McNemar p = 1, APL minus base 95% CI -67.4 to +17.4" in markdown
+    assert "APL 90.0% (base minus APL +5.0 points; 1 lost" in markdown  # the section says which way it runs
     write_report(report, sections, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["sections"]["seen"]["accuracy_fall"] == 18.0
     assert Image.open(tmp_path / "out" / "grid.png").size[1] > 16

@@ -152,7 +152,8 @@ def to_markdown(report: dict) -> str:
             s = sections[name]
             lines.append(
                 f"\n**{name}** ({s['num_images']} images): scene accuracy base {_pct(s['base']['scene_accuracy'])}, "
-                f"APL {_pct(s['apl']['scene_accuracy'])} ({s['accuracy_drop_points']:+.1f} points{_paired(s)}); "
+                f"APL {_pct(s['apl']['scene_accuracy'])} "
+                f"(base minus APL {s['accuracy_drop_points']:+.1f} points{_paired(s)}); "
                 f"same-seed pixel change {s['same_seed_pixel_change']:.4f} (0 = identical images)."
             )
     lines += ["", f"Generated {report['num_images']} images in {report['seconds']:.0f} s.", ""]
