@@ -78,20 +78,13 @@ def write_apl_dataset(
         jobs = [(p, person_templates[k % len(person_templates)]) for p in people for k in range(images_per_person)]
         for start in tqdm(range(0, len(jobs), batch_size), desc="identity images"):
             chunk = jobs[start : start + batch_size]
-            prompts = [world.identity_prompt(p.name, t) for p, t in chunk]
-            drawn = prompts if images_from == "name" else [world.attribute_prompt(p.attributes, t) for p, t in chunk]
-            for (person, t), prompt, image in zip(chunk, prompts, sample_images(pipe, drawn, seed + start)):
+            c1s = [world.identity_prompt(p.name, t) for p, t in chunk]
+            c2s = [world.attribute_prompt(p.attributes, t) for p, t in chunk]
+            drawn = c1s if images_from == "name" else c2s
+            for (person, _), c1, c2, image in zip(chunk, c1s, c2s, sample_images(pipe, drawn, seed + start)):
                 name = f"images/{len(rows):06d}.png"
                 image.save(tmp / name)
-                rows.append(
-                    {
-                        "file_name": name,
-                        "kind": "identity",
-                        "c1": prompt,
-                        "c2": world.attribute_prompt(person.attributes, t),
-                        "identity": person.name,
-                    }
-                )
+                rows.append({"file_name": name, "kind": "identity", "c1": c1, "c2": c2, "identity": person.name})
         for _ in tqdm(range(num_scenes), desc="scene images"):
             scene = rng.choice(world.scenes)
             caption = scene.caption(rng.choice(scene_templates))
