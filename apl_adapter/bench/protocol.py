@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -100,14 +100,19 @@ class BenchReaders:
     scenes: SceneReader
 
 
+def in_chunks(count: int, size: int, desc: str) -> Iterator[slice]:
+    """Slices of ``range(count)``, at most ``size`` long, behind a progress bar: the bench's generation batches."""
+    for start in tqdm(range(0, count, size), desc=desc, leave=False):
+        yield slice(start, start + size)
+
+
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec, desc: str) -> list[Image.Image]:
     """Images for ``prompts``, image ``i`` from ``torch.Generator().manual_seed(seeds[i])`` (same seed = same noise)."""
     images: list[Image.Image] = []
-    for start in tqdm(range(0, len(prompts), spec.batch_size), desc=desc, leave=False):
-        chunk = list(prompts[start : start + spec.batch_size])
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + spec.batch_size]]
+    for part in in_chunks(len(prompts), spec.batch_size, desc):
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[part]]
         images += pipe(
-            chunk,
+            list(prompts[part]),
             num_inference_steps=spec.num_inference_steps,
             guidance_scale=spec.guidance_scale,
             generator=generators,

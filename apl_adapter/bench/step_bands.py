@@ -32,12 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..pipelines import apply_apl, remove_apl
-from .protocol import BenchReaders, BenchSpec, SceneCase, paired_change
+from .protocol import BenchReaders, BenchSpec, SceneCase, in_chunks, paired_change
 
 #: Bands of a 20-step sampler: large t, middle, small t (the last half), and every step.
 DEFAULT_BANDS = ((0, 20), (0, 5), (5, 10), (10, 20))
@@ -96,8 +95,7 @@ def generate_with_prefix_steps(
 def _generate(pipe, contexts, seeds, prefix_steps: set[int], spec: BenchSpec, desc: str) -> list:
     plain, prefixed, negative = contexts
     images: list = []
-    for start in tqdm(range(0, len(seeds), spec.batch_size), desc=desc, leave=False):
-        part = slice(start, start + spec.batch_size)
+    for part in in_chunks(len(seeds), spec.batch_size, desc):
         images += generate_with_prefix_steps(
             pipe, plain[part], prefixed[part], negative[part], seeds[part], prefix_steps,
             spec.num_inference_steps, spec.guidance_scale,
