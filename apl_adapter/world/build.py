@@ -53,7 +53,7 @@ MIX = (0.6, 0.2, 0.2)  # sampling fractions of named faces, strangers (attribute
 class BasePhase:
     """One leg of the base model's training.
 
-    Each leg starts from the previous leg's EMA weights *as stored* (UNet in float16), with a fresh
+    Each leg starts from the previous leg's EMA weights *as stored* (UNet and text encoder in float16), with a fresh
     AdamW, warm-up and cosine schedule: a warm restart. Seeds are offsets added to ``BuildConfig.seed``.
     """
 
@@ -474,7 +474,7 @@ def train_base(config: BuildConfig, world: WorldSpec, latents: LatentSet, vae, w
                 position_jitter=config.position_jitter,
             )
             save_world_pipeline(assemble_pipeline(text, unet, vae), folder, stamp)
-        # The next leg starts from the weights as stored (UNet in float16), exactly as a reload would.
+        # The next leg starts from the weights as stored (float16), exactly as a reload would.
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
         unet, text = pipe.unet, pipe.text_encoder
     return folder
@@ -515,20 +515,30 @@ def finetune_unet(
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-def store_unet_half(unet_dir: Path) -> None:
-    """Store UNet weights as float16 (half the bytes in the package); diffusers loads them back as float32."""
+def store_weights_half(weights_file: Path) -> None:
+    """Store a safetensors file's floating weights as float16 (half the bytes in the package).
+
+    The model's ``config.json`` keeps its float32 dtype, so diffusers and transformers load the
+    weights back as float32.
+    """
     from safetensors.torch import load_file, save_file
 
-    path = Path(unet_dir) / "diffusion_pytorch_model.safetensors"
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
-    save_file(tensors, path, metadata={"format": "pt"})
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights_file).items()}
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+
+
+def store_unet_half(unet_dir: Path) -> None:
+    """Store UNet weights as float16; diffusers loads them back as float32."""
+    store_weights_half(Path(unet_dir) / "diffusion_pytorch_model.safetensors")
 
 
 def save_world_pipeline(pipe, folder: Path, stamp: dict | None = None) -> None:
-    """Save a world pipeline (UNet in float16) atomically, with an optional stamp file inside."""
+    """Save a world pipeline (UNet and text encoder in float16) atomically, with an optional stamp file inside."""
     with atomic_folder(folder, replace=True) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         store_unet_half(staging / "unet")
+        # the width-128 encoder's 49,408-token embedding is 25 MB in float32
+        store_weights_half(staging / "text_encoder" / "model.safetensors")
         if stamp is not None:
             (staging / LEG_STAMP).write_text(json.dumps(stamp, indent=1))
 
