@@ -2,7 +2,7 @@
 
 Architecture (chosen for a 2-core CPU budget): 32x32 RGB images, an ``AutoencoderKL`` that
 downsamples 2x to 16x16x4 latents, a ~2.2 M-parameter ``UNet2DConditionModel`` on those latents,
-a 3-layer width-64 ``CLIPTextModel`` over the real 49,408-token CLIP vocabulary (causal, 77
+a 3-layer width-128 ``CLIPTextModel`` over the real 49,408-token CLIP vocabulary (causal, 77
 positions, so APL's prefix layout is exactly that of SD 1.5), and SD 1.5's DDIM scheduler.
 
 Three models ship in ``assets/``:
@@ -41,13 +41,14 @@ from .render import IMAGE_SIZE
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL_KINDS = ("base", "sibling", "dreambooth")
-TEXT_WIDTH = 64
+#: 64 was the first shipped width: a 10 x 64 prefix could not move a name without moving scenes (README)
+TEXT_WIDTH = 128
 TEXT_LAYERS = 3
 LATENT_SIZE = IMAGE_SIZE // 2
 
 
 def world_text_encoder(seed: int = 0) -> CLIPTextModel:
-    """A fresh 3-layer, width-64 causal CLIP text encoder with the real vocabulary and 77 positions."""
+    """A fresh 3-layer, width-128 causal CLIP text encoder with the real vocabulary and 77 positions."""
     torch.manual_seed(seed)
     return CLIPTextModel(
         tiny_clip_text_config(hidden_size=TEXT_WIDTH, layers=TEXT_LAYERS, heads=4, projection_dim=TEXT_WIDTH)
