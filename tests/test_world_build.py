@@ -60,10 +60,11 @@ def test_every_stage_writes_a_loadable_model(toy_build):
 def test_weights_ship_in_float16_and_load_as_float32(toy_build):
     from safetensors.torch import load_file
 
-    base = toy_build[0] / "out" / "base"
+    root, _, _ = toy_build
+    base = root / "out" / "base"
     for weights in (base / "unet" / "diffusion_pytorch_model.safetensors", base / "text_encoder" / "model.safetensors"):
         assert {t.dtype for t in load_file(weights).values() if t.is_floating_point()} == {torch.float16}, weights
-    pipe = load_world_pipeline("base", toy_build[0] / "out")
+    pipe = load_world_pipeline("base", root / "out")
     assert pipe.text_encoder.dtype == torch.float32 and pipe.unet.dtype == torch.float32
 
 

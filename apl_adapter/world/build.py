@@ -527,16 +527,11 @@ def store_weights_half(weights_file: Path) -> None:
     save_file(tensors, weights_file, metadata={"format": "pt"})
 
 
-def store_unet_half(unet_dir: Path) -> None:
-    """Store UNet weights as float16; diffusers loads them back as float32."""
-    store_weights_half(Path(unet_dir) / "diffusion_pytorch_model.safetensors")
-
-
 def save_world_pipeline(pipe, folder: Path, stamp: dict | None = None) -> None:
     """Save a world pipeline (UNet and text encoder in float16) atomically, with an optional stamp file inside."""
     with atomic_folder(folder, replace=True) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        store_unet_half(staging / "unet")
+        store_weights_half(staging / "unet" / "diffusion_pytorch_model.safetensors")
         # the width-128 encoder's 49,408-token embedding is 25 MB in float32
         store_weights_half(staging / "text_encoder" / "model.safetensors")
         if stamp is not None:
@@ -547,7 +542,7 @@ def save_world_unet(unet, folder: Path) -> None:
     """Save only the UNet of a fine-tuned world model (float16) into ``folder/unet``, atomically."""
     with atomic_folder(Path(folder) / "unet", replace=True) as staging:
         unet.save_pretrained(staging, safe_serialization=True)
-        store_unet_half(staging)
+        store_weights_half(staging / "diffusion_pytorch_model.safetensors")
 
 
 def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str], None] = print) -> dict:
