@@ -17,21 +17,23 @@ def _inspect(folder: str) -> dict:
     tensors = check_adapter_folder(folder)
     with open(f"{folder}/{CONFIG_NAME}") as handle:
         config = json.load(handle)
-    prefixes = {key: value for key, value in tensors.items() if "apl_prefix" in key}
     return {
         "folder": folder,
         "peft_type": config.get("peft_type"),
         "num_virtual_tokens": config.get("num_virtual_tokens"),
         "token_dim": config.get("token_dim"),
         "prefix_init": config.get("prefix_init"),
+        "prefix_depth": config.get("prefix_depth", "shallow"),
         "apply_to_negative_prompt": config.get("apply_to_negative_prompt"),
+        # check_adapter_folder admits only the prefix tensors the config declares
         "tensors": {
             key: {
                 "shape": list(value.shape),
                 "dtype": str(value.dtype),
-                "row_norms": value.float().norm(dim=1).tolist(),
+                # (m,) for the prefix; (num_layers, m) for a deep prefix's keys / values
+                "row_norms": value.float().norm(dim=-1).tolist(),
             }
-            for key, value in prefixes.items()
+            for key, value in tensors.items()
         },
     }
 
@@ -56,11 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"APL adapter at {info['folder']}")
-    print(f"  prefix: {info['num_virtual_tokens']} vectors x {info['token_dim']} (init: {info['prefix_init']})")
+    print(
+        f"  prefix: {info['num_virtual_tokens']} vectors x {info['token_dim']}, {info['prefix_depth']} "
+        f"(init: {info['prefix_init']})"
+    )
     print(f"  negative prompt prefixed: {info['apply_to_negative_prompt']}")
     for key, tensor in info["tensors"].items():
-        norms = ", ".join(f"{n:.2f}" for n in tensor["row_norms"])
-        print(f"  {key}: {tuple(tensor['shape'])} {tensor['dtype']}, row norms [{norms}]")
+        norms = tensor["row_norms"]
+        if norms and isinstance(norms[0], list):  # deep rows: one line per layer would flood; give the range
+            flat = [n for layer in norms for n in layer]
+            print(f"  {key}: {tuple(tensor['shape'])} {tensor['dtype']}, row norms {min(flat):.2f}..{max(flat):.2f}")
+            continue
+        print(
+            f"  {key}: {tuple(tensor['shape'])} {tensor['dtype']}, row norms [{', '.join(f'{n:.2f}' for n in norms)}]"
+        )
     return 0
 
 

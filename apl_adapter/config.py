@@ -15,6 +15,13 @@ MAX_CLIP_POSITIONS = 77
 PEFT_TYPE_NAME = "APL"
 
 InitMethod = Literal["random_uniform", "text", "vocab"]
+PrefixDepth = Literal["shallow", "deep"]
+PREFIX_DEPTHS = ("shallow", "deep")
+
+
+def apl_target_modules(prefix_depth: str) -> list[str]:
+    """The module names an APL prefix wraps: the embeddings, plus each layer's key/value projections when deep."""
+    return ["embeddings", "k_proj", "v_proj"] if prefix_depth == "deep" else ["embeddings"]
 
 
 @dataclass
@@ -67,6 +74,14 @@ class APLConfig(PeftConfig):
         default="after_bos",
         metadata={"help": "Where the prefix goes. 'after_bos' is the paper's layout (positions 1..m)."},
     )
+    prefix_depth: PrefixDepth = field(
+        default="shallow",
+        metadata={
+            "help": "'shallow' = the paper: m vectors at the encoder's input only. 'deep' = also learned keys and "
+            "values at positions 1..m of every encoder layer (prefix-tuning / P-tuning v2), initialised to the ones "
+            "the shallow prefix produces, so training starts from the paper's prefix and can only add leverage."
+        },
+    )
     apply_to_negative_prompt: bool = field(
         default=False,
         metadata={
@@ -75,7 +90,11 @@ class APLConfig(PeftConfig):
         },
     )
     target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Set automatically: APL wraps the text encoder's `embeddings` module."}
+        default=None,
+        metadata={
+            "help": "Set automatically: APL wraps the text encoder's `embeddings` module (and, for a deep prefix, "
+            "every layer's `k_proj` and `v_proj`)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -96,9 +115,15 @@ class APLConfig(PeftConfig):
             raise APLAdapterError(f"prefix_init must be 'random_uniform', 'text' or 'vocab', got {self.prefix_init!r}")
         if self.prefix_init == "text" and not self.prefix_init_text:
             raise APLAdapterError("prefix_init='text' needs prefix_init_text, e.g. 'a photo of an anonymous person'")
+        if self.prefix_depth not in PREFIX_DEPTHS:
+            raise APLAdapterError(f"prefix_depth must be 'shallow' or 'deep', got {self.prefix_depth!r}")
         if self.prefix_position != "after_bos":
             raise APLAdapterError(f"prefix_position {self.prefix_position!r} is not supported; use 'after_bos'")
-        self.target_modules = ["embeddings"]
+        self.target_modules = apl_target_modules(self.prefix_depth)
+
+    @property
+    def is_deep(self) -> bool:
+        return self.prefix_depth == "deep"
 
     @property
     def is_prompt_learning(self) -> bool:

@@ -16,6 +16,12 @@ shifted EOS. Two pieces do this, both installed by :class:`APLModel`:
 - a forward pre-hook on the ``CLIPTextModel`` rewrites ``input_ids`` / ``attention_mask``
   (:func:`insert_prefix_ids`), so everything downstream sees consistent positions.
 
+A *deep* prefix (``APLConfig(prefix_depth="deep")``, prefix-tuning / P-tuning v2 style) also
+owns, for every encoder layer, the keys and values at positions ``1..m``: each layer's ``k_proj`` /
+``v_proj`` is wrapped by :class:`APLPrefixProjection`, which replaces those rows of its output. They
+start as the keys and values the shallow prefix itself produces (:func:`prefix_layer_kv`), so a deep
+adapter's first forward equals the shallow one's; training then moves each layer's rows freely.
+
 Because the change is made in place (as LoRA does), a diffusers pipeline holding the text
 encoder applies the prefix without any change to the pipeline.
 """
@@ -23,7 +29,8 @@ encoder applies the prefix without any change to the pipeline.
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -31,7 +38,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
-from .config import APLConfig
+from .config import APLConfig, apl_target_modules
 from .errors import APLAdapterError
 
 
@@ -138,6 +145,73 @@ def _is_tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
+@dataclass(frozen=True)
+class PrefixWeights:
+    """The tensors of one APL prefix.
+
+    Attributes:
+        embeds: ``(m, D)``, the vectors at positions ``1..m`` of the encoder's input (the paper's prefix).
+        keys, values: ``(num_layers, m, D)`` for a deep prefix - what each layer's key / value projection gives
+            at positions ``1..m`` is replaced by these rows (before the split into heads); ``None`` when shallow.
+    """
+
+    embeds: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keys is None) != (self.values is None):
+            raise APLAdapterError("A deep prefix needs both keys and values (or neither, for a shallow prefix).")
+        if self.embeds.ndim != 2:
+            raise APLAdapterError(f"The prefix must be (m, D), got shape {tuple(self.embeds.shape)}")
+        m, width = self.embeds.shape
+        for name, rows in (("keys", self.keys), ("values", self.values)):
+            if rows is not None and (rows.ndim != 3 or tuple(rows.shape[1:]) != (m, width)):
+                raise APLAdapterError(
+                    f"Deep prefix {name} must be (num_layers, {m}, {width}) to match the (m, D) prefix, "
+                    f"got {tuple(rows.shape)}"
+                )
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def is_deep(self) -> bool:
+        return self.keys is not None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of the prefix (one when shallow, three when deep)."""
+        return (self.embeds,) if self.keys is None else (self.embeds, self.keys, self.values)
+
+    def detached(self) -> PrefixWeights:
+        """A float32 copy that shares nothing with the adapter (for graph constants and caches)."""
+        copy = [t.detach().float().clone() for t in self.tensors()]
+        return PrefixWeights(*copy)
+
+
+def as_prefix_weights(prefix: torch.Tensor | PrefixWeights) -> PrefixWeights:
+    """A ``(m, D)`` tensor (a shallow prefix) or :class:`PrefixWeights` -> :class:`PrefixWeights`."""
+    return prefix if isinstance(prefix, PrefixWeights) else PrefixWeights(prefix)
+
+
+def prefix_layer_kv(text_model: nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a shallow prefix ``embeds`` ``(m, D)`` produces at positions ``1..m`` of every layer.
+
+    Returns ``(keys, values)``, each ``(num_layers, m, D)``: the start of a deep prefix that computes exactly
+    what the shallow one does.
+    """
+    from .prefix_cache import CachedPrefixEncoder  # the one re-implementation of CLIP's layers
+
+    with torch.no_grad():
+        state = CachedPrefixEncoder(text_model, embeds.detach(), use_kernel=False).prefix_state(embeds.detach())
+
+    def merged(per_layer: list[torch.Tensor]) -> torch.Tensor:  # (1, H, P, Dh) per layer -> (layers, m, D)
+        return torch.stack([t[0, :, 1:].transpose(0, 1).reshape(t.shape[2] - 1, -1) for t in per_layer])
+
+    return merged(state.keys).float(), merged(state.values).float()
+
+
 # ----------------------------------------------------------------------------------------------
 # The tuner layer
 # ----------------------------------------------------------------------------------------------
@@ -149,22 +223,33 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
     Expects ids already shifted by :func:`insert_prefix_ids` (the text model's pre-hook does it).
     """
 
-    adapter_layer_names = ("apl_prefix",)
+    adapter_layer_names = ("apl_prefix", "apl_deep_keys", "apl_deep_values")
     other_param_names = ("num_virtual_tokens",)
 
-    def __init__(self, base_layer: CLIPTextEmbeddings, adapter_name: str, config: APLConfig) -> None:
+    def __init__(
+        self, base_layer: CLIPTextEmbeddings, adapter_name: str, config: APLConfig, text_model: nn.Module
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.apl_prefix = nn.ParameterDict()
+        self.apl_deep_keys = nn.ParameterDict()
+        self.apl_deep_values = nn.ParameterDict()
         self.num_virtual_tokens: dict[str, int] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        #: the deep rows of the prefixed forward now running (set and cleared by the text model's hooks)
+        self._deep_scope: PrefixWeights | None = None
+        self.update_layer(adapter_name, config, text_model)
 
-    def update_layer(self, adapter_name: str, config: APLConfig) -> None:
+    def update_layer(self, adapter_name: str, config: APLConfig, text_model: nn.Module) -> None:
         weight = self.base_layer.token_embedding.weight
-        self.apl_prefix[adapter_name] = nn.Parameter(initial_prefix(config, weight))
+        prefix = initial_prefix(config, weight)
+        self.apl_prefix[adapter_name] = nn.Parameter(prefix)
+        if config.prefix_depth == "deep":
+            keys, values = prefix_layer_kv(text_model, prefix)
+            self.apl_deep_keys[adapter_name] = nn.Parameter(keys.to(weight.device))
+            self.apl_deep_values[adapter_name] = nn.Parameter(values.to(weight.device))
         self.num_virtual_tokens[adapter_name] = config.num_virtual_tokens
         self.set_adapter(self.active_adapters)
 
@@ -190,6 +275,24 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
             )
         return self.apl_prefix[active[0]] if active else None
 
+    @property
+    def active_prefix_weights(self) -> PrefixWeights | None:
+        """Every tensor of the active adapter's prefix (deep rows included), ``None`` when adapters are disabled."""
+        prefix = self.active_prefix
+        if prefix is None:
+            return None
+        name = next(n for n in self.active_adapters if n in self.apl_prefix)
+        if name not in self.apl_deep_keys:
+            return PrefixWeights(prefix)
+        return PrefixWeights(prefix, self.apl_deep_keys[name], self.apl_deep_values[name])
+
+    def deep_rows(self, kind: Literal["keys", "values"], layer_index: int) -> torch.Tensor | None:
+        """The ``(m, D)`` rows layer ``layer_index``'s projection must give, inside a deep prefixed forward."""
+        scope = self._deep_scope
+        if scope is None or scope.keys is None:
+            return None
+        return (scope.keys if kind == "keys" else scope.values)[layer_index]
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -205,6 +308,39 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "apl." + super().__repr__()
+
+
+class APLPrefixProjection(nn.Module, BaseTunerLayer):
+    """A layer's ``k_proj`` or ``v_proj`` whose output rows at positions ``1..m`` come from a deep prefix.
+
+    It holds no weights of its own: the rows live in the :class:`APLEmbedding` (one place for every prefix
+    tensor, so PEFT saves them side by side). Inside the text model's prefixed forward the embedding exposes the
+    active deep rows (:meth:`APLEmbedding.deep_rows`); anywhere else - the prefix K/V cache and the export graphs
+    call the projections on other segments - this is the plain projection.
+    """
+
+    adapter_layer_names = ()
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Linear, embedding: APLEmbedding, layer_index: int, kind: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "_embedding", embedding)  # a reference, not a submodule: the text model owns it
+        self.layer_index = layer_index
+        self.kind = kind
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = embedding._active_adapter
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(hidden)
+        rows = self._embedding.deep_rows(self.kind, self.layer_index)
+        if rows is None or out.shape[-2] <= rows.shape[0]:
+            return out
+        return splice_prefix(out, rows)
+
+    def __repr__(self) -> str:
+        return f"apl.prefix_{self.kind}[{self.layer_index}](" + repr(self.base_layer) + ")"
 
 
 def initial_prefix(config: APLConfig, token_embedding: torch.Tensor) -> torch.Tensor:
@@ -247,9 +383,12 @@ def _prefix_inputs_hook(text_model: CLIPTextModel, args: tuple, kwargs: dict[str
     layer = text_model.embeddings
     if not isinstance(layer, APLEmbedding):
         return None
-    prefix = layer.active_prefix
-    if prefix is None:
+    weights = layer.active_prefix_weights
+    # A deep prefix's rows reach the layers' projections for this forward only (cleared by _end_prefix_scope).
+    layer._deep_scope = weights if weights is not None and weights.is_deep else None
+    if weights is None:
         return None
+    prefix = weights.embeds
     args, kwargs = list(args), dict(kwargs)
     names = ("input_ids", "attention_mask", "position_ids")
     for i, name in enumerate(names[: len(args)]):
@@ -271,6 +410,13 @@ def _prefix_inputs_hook(text_model: CLIPTextModel, args: tuple, kwargs: dict[str
     return tuple(args), kwargs
 
 
+def _end_prefix_scope(text_model: CLIPTextModel, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    """Forward hook (run even when the forward raises): the deep rows act inside the prefixed forward only."""
+    layer = text_model.embeddings
+    if isinstance(layer, APLEmbedding):
+        layer._deep_scope = None
+
+
 # ----------------------------------------------------------------------------------------------
 # The tuner
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +432,30 @@ def clip_text_model_of(model: nn.Module) -> CLIPTextModel:
         f"APL adapts CLIP text encoders (transformers CLIPTextModel or CLIPTextModelWithProjection), "
         f"got {type(model).__name__}. Pass the pipeline's text_encoder (or text_encoder_2 for SDXL)."
     )
+
+
+def prefix_parameters(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """The trainable tensors of one APL adapter, by attribute name: ``apl_prefix`` ``(m, D)`` and, for a deep
+    prefix, ``apl_deep_keys`` / ``apl_deep_values`` ``(num_layers, m, D)``. Give them to the optimizer."""
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    embedding = clip_text_model_of(base).embeddings
+    if not isinstance(embedding, APLEmbedding) or adapter_name not in embedding.apl_prefix:
+        raise APLAdapterError(f"No APL adapter named {adapter_name!r} in this text encoder.")
+    return {
+        name: getattr(embedding, name)[adapter_name]
+        for name in APLEmbedding.adapter_layer_names
+        if adapter_name in getattr(embedding, name)
+    }
+
+
+def _projection_of(key: str) -> tuple[int, str] | None:
+    """``"encoder.layers.3.self_attn.k_proj"`` -> ``(3, "keys")``; ``None`` for any other module name."""
+    parts = key.split(".")
+    if len(parts) < 5 or parts[-1] not in ("k_proj", "v_proj") or parts[-2] != "self_attn":
+        return None
+    if parts[-5:-3] != ["encoder", "layers"] or not parts[-3].isdigit():
+        return None
+    return int(parts[-3]), "keys" if parts[-1] == "k_proj" else "values"
 
 
 class APLModel(BaseTuner):
@@ -314,7 +484,7 @@ class APLModel(BaseTuner):
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: APLConfig, model_config: dict) -> APLConfig:
-        peft_config.target_modules = ["embeddings"]
+        peft_config.target_modules = apl_target_modules(peft_config.prefix_depth)
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: APLConfig, adapter_name: str) -> None:
@@ -336,7 +506,9 @@ class APLModel(BaseTuner):
 
     @staticmethod
     def _check_target_module_exists(peft_config: APLConfig, key: str) -> bool:
-        return key in ("embeddings", "text_model.embeddings")
+        if key in ("embeddings", "text_model.embeddings"):
+            return True
+        return peft_config.prefix_depth == "deep" and _projection_of(key) is not None
 
     def _create_and_replace(
         self,
@@ -348,24 +520,40 @@ class APLModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
+        text_model = clip_text_model_of(self.model)
+        projection = _projection_of(current_key)
+        if projection is not None:
+            if isinstance(target, APLPrefixProjection):
+                return  # already wrapped by an earlier deep adapter; the rows come from the active one
+            embedding = text_model.embeddings
+            if not isinstance(target, nn.Linear) or not isinstance(embedding, APLEmbedding):
+                raise APLAdapterError(f"{current_key} is a {type(target).__name__}; a deep prefix wraps nn.Linear")
+            wrapper = APLPrefixProjection(target, embedding, *projection)
+            self._replace_module(parent, target_name, wrapper, target)
+            return
         if isinstance(target, APLEmbedding):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, peft_config, text_model)
             return
         if not isinstance(target, CLIPTextEmbeddings):
             raise APLAdapterError(f"{current_key} is a {type(target).__name__}, not CLIPTextEmbeddings")
-        self._replace_module(parent, target_name, APLEmbedding(target, adapter_name, peft_config), target)
+        self._replace_module(parent, target_name, APLEmbedding(target, adapter_name, peft_config, text_model), target)
         if not hasattr(parent, "_apl_hook_handle"):
-            parent._apl_hook_handle = parent.register_forward_pre_hook(_prefix_inputs_hook, with_kwargs=True)
+            parent._apl_hook_handle = (
+                parent.register_forward_pre_hook(_prefix_inputs_hook, with_kwargs=True),
+                parent.register_forward_hook(_end_prefix_scope, with_kwargs=True, always_call=True),
+            )
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's version copies `.weight` from the child, which CLIPTextEmbeddings lacks; nothing else is needed.
         setattr(parent, child_name, new_module)
         if isinstance(new_module, APLEmbedding):
-            new_module.apl_prefix.to(child.token_embedding.weight.device)
+            device = child.token_embedding.weight.device
+            for params in (new_module.apl_prefix, new_module.apl_deep_keys, new_module.apl_deep_values):
+                params.to(device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
-            param.requires_grad = ".apl_prefix." in f".{name}"
+            param.requires_grad = any(f".{n}." in f".{name}" for n in APLEmbedding.adapter_layer_names)
 
     def _check_merge_allowed(self) -> None:
         raise APLAdapterError(
@@ -375,8 +563,7 @@ class APLModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
         text_model = clip_text_model_of(self.model)
-        handle = text_model.__dict__.pop("_apl_hook_handle", None)
-        if handle is not None:
+        for handle in text_model.__dict__.pop("_apl_hook_handle", ()):
             handle.remove()
         return super()._unload_and_optionally_merge(merge=merge, **kwargs)
 

@@ -41,12 +41,28 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 from .errors import APLAdapterError
-from .model import APLEmbedding, clip_eos_token_id, clip_text_model_of, insert_prefix_ids, warn_if_prompt_truncated
+from .model import (
+    APLEmbedding,
+    PrefixWeights,
+    as_prefix_weights,
+    clip_eos_token_id,
+    clip_text_model_of,
+    insert_prefix_ids,
+    splice_prefix,
+    warn_if_prompt_truncated,
+)
 from .ops import prefix_attention, prefix_attention_reference
 
 __all__ = ["CachedPrefixEncoder", "PrefixState"]
 
-PrefixSource = torch.Tensor | Callable[[], torch.Tensor | None]
+
+def _plain(projection: nn.Module) -> nn.Module:
+    """The projection itself, or the ``nn.Linear`` inside an :class:`~apl_adapter.model.APLPrefixProjection`."""
+    return getattr(projection, "base_layer", projection)
+
+
+PrefixLike = torch.Tensor | PrefixWeights
+PrefixSource = PrefixLike | Callable[[], PrefixLike | None]
 
 
 @dataclass
@@ -72,8 +88,9 @@ class CachedPrefixEncoder(nn.Module):
     Args:
         text_encoder: a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` (plain, or wrapped by an
             APL adapter - the adapter's own prefix splicing is bypassed, its base embeddings are used).
-        prefix: the ``(m, D)`` prefix vectors (a tensor or ``nn.Parameter``, tracked for in-place changes), or a
-            callable returning the current prefix (``None``: no prefix, the encoder runs unchanged).
+        prefix: the ``(m, D)`` prefix vectors (a tensor or ``nn.Parameter``, tracked for in-place changes), a
+            :class:`~apl_adapter.model.PrefixWeights` (a deep prefix: per-layer keys and values at ``1..m`` too), or
+            a callable returning either (``None``: no prefix, the encoder runs unchanged).
         use_kernel: use the fused ``prefix_attention`` kernel where built (else the PyTorch reference).
 
     ``forward`` takes ``input_ids`` ``(B, L)`` as produced by the CLIP tokenizer (BOS first, ``L <= 77``) and returns
@@ -100,7 +117,7 @@ class CachedPrefixEncoder(nn.Module):
             raise APLAdapterError(
                 "from_adapter needs a text encoder with an APL adapter (get_peft_model(..., APLConfig()))"
             )
-        return cls(base, prefix=lambda: embeddings.active_prefix, use_kernel=use_kernel)
+        return cls(base, prefix=lambda: embeddings.active_prefix_weights, use_kernel=use_kernel)
 
     # What diffusers' encode_prompt reads from a text encoder besides calling it.
     @property
@@ -123,23 +140,21 @@ class CachedPrefixEncoder(nn.Module):
         """Drop the cached prefix state; the next call recomputes it (needed after changing the encoder weights)."""
         self._state = None
 
-    def current_prefix(self) -> torch.Tensor | None:
-        return self.prefix() if callable(self.prefix) else self.prefix
+    def current_prefix(self) -> PrefixWeights | None:
+        prefix = self.prefix() if callable(self.prefix) else self.prefix
+        return None if prefix is None else as_prefix_weights(prefix)
 
     @staticmethod
-    def _version_of(prefix: torch.Tensor) -> tuple:
-        return (
-            prefix.untyped_storage().data_ptr(),
-            prefix.storage_offset(),
-            prefix._version,
-            prefix.dtype,
-            prefix.device,
-            tuple(prefix.shape),
+    def _version_of(prefix: PrefixWeights) -> tuple:
+        return tuple(
+            (t.untyped_storage().data_ptr(), t.storage_offset(), t._version, t.dtype, t.device, tuple(t.shape))
+            for t in prefix.tensors()
         )
 
-    def prefix_state(self, prefix: torch.Tensor) -> PrefixState:
+    def prefix_state(self, prefix: PrefixLike) -> PrefixState:
         """The state for ``prefix``: cached, or computed now (with autograd when training the prefix)."""
-        track_grad = torch.is_grad_enabled() and prefix.requires_grad
+        prefix = as_prefix_weights(prefix)
+        track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in prefix.tensors())
         if track_grad:
             return self._compute_state(prefix, version=None)
         version = self._version_of(prefix)
@@ -148,18 +163,21 @@ class CachedPrefixEncoder(nn.Module):
                 self._state = self._compute_state(prefix, version)
         return self._state
 
-    def _compute_state(self, prefix: torch.Tensor, version: tuple | None) -> PrefixState:
-        """Run the causal encoder on ``[BOS][P1..Pm]`` alone, keeping every layer's K/V and hidden states."""
+    def _compute_state(self, prefix: PrefixWeights, version: tuple | None) -> PrefixState:
+        """Run the causal encoder on ``[BOS][P1..Pm]`` alone, keeping every layer's K/V and hidden states.
+
+        A deep prefix replaces each layer's keys and values at ``1..m`` with its own rows before attention."""
         tm = self.text_model
         weight = tm.embeddings.token_embedding.weight
-        m = prefix.shape[0]
+        m = prefix.num_virtual_tokens
         bos = weight[tm.config.bos_token_id][None]
-        tokens = torch.cat([bos, prefix.to(device=weight.device, dtype=weight.dtype)], dim=0)
+        tokens = torch.cat([bos, prefix.embeds.to(device=weight.device, dtype=weight.dtype)], dim=0)
         hidden = (tokens + tm.embeddings.position_embedding.weight[: m + 1])[None]  # (1, P, D)
         empty = hidden.new_empty(1, self._heads, 0, self._head_dim)
         keys, values, states = [], [], [hidden]
-        for layer in tm.encoder.layers:
-            hidden, k, v = self._layer(layer, hidden, empty, empty)
+        for index, layer in enumerate(tm.encoder.layers):
+            rows = None if prefix.keys is None else (prefix.keys[index], prefix.values[index])
+            hidden, k, v = self._layer(layer, hidden, empty, empty, rows)
             keys.append(k)
             values.append(v)
             states.append(hidden)
@@ -182,15 +200,27 @@ class CachedPrefixEncoder(nn.Module):
         return x.view(batch, length, self._heads, self._head_dim).transpose(1, 2)  # (B, H, L, Dh)
 
     def _layer(
-        self, layer: nn.Module, hidden: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        k_prefix: torch.Tensor,
+        v_prefix: torch.Tensor,
+        deep_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One ``CLIPEncoderLayer`` on positions after the prefix; returns (output, this segment's K, V)."""
+        """One ``CLIPEncoderLayer`` on a segment; returns (output, this segment's K, V).
+
+        ``deep_rows``: ``(m, D)`` keys and values that replace the segment's own at its positions ``1..m`` (the
+        ``[BOS][P1..Pm]`` segment of a deep prefix)."""
         attn = layer.self_attn
         batch, length, width = hidden.shape
         normed = layer.layer_norm1(hidden)
+        # The plain projections: a deep adapter's wrappers act only inside the full prefixed forward.
+        keys, values = _plain(attn.k_proj)(normed), _plain(attn.v_proj)(normed)
+        if deep_rows is not None:
+            keys, values = splice_prefix(keys, deep_rows[0]), splice_prefix(values, deep_rows[1])
         q = self._split_heads(attn.q_proj(normed))
-        k = self._split_heads(attn.k_proj(normed))
-        v = self._split_heads(attn.v_proj(normed))
+        k = self._split_heads(keys)
+        v = self._split_heads(values)
         attention = prefix_attention if self.use_kernel else prefix_attention_reference
         context = attention(q, k, v, k_prefix, v_prefix, causal=True, scale=attn.scale)
         hidden = hidden + attn.out_proj(context.transpose(1, 2).reshape(batch, length, width))
@@ -225,7 +255,8 @@ class CachedPrefixEncoder(nn.Module):
                 "pass no attention_mask, or use the full encoder for padded masks."
             )
         config = self.text_model.config
-        warn_if_prompt_truncated(input_ids, prefix.shape[0], clip_eos_token_id(config), config.max_position_embeddings)
+        m = prefix.num_virtual_tokens
+        warn_if_prompt_truncated(input_ids, m, clip_eos_token_id(config), config.max_position_embeddings)
         return self.encode_with_state(input_ids, self.prefix_state(prefix), output_hidden_states, return_dict)
 
     def encode_with_state(

@@ -56,22 +56,62 @@ def check_adapter_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{weights_path} cannot be read ({type(err).__name__}: {err}); the file is truncated or corrupted. "
             "Re-save the adapter or copy it again."
         ) from err
-    prefixes = {k: v for k, v in tensors.items() if "apl_prefix" in k}
-    if not prefixes:
-        raise APLAdapterError(f"{weights_path} holds no APL prefix tensor (keys: {sorted(tensors)[:5]}).")
+    check_prefix_tensors(tensors, config, weights_path)
+    return tensors
+
+
+def expected_tensor_names(config: dict) -> tuple[str, ...]:
+    """The tensors an APL adapter of this config holds, by name: the prefix, plus the deep rows when deep."""
+    deep = config.get("prefix_depth", "shallow") == "deep"
+    return ("apl_prefix", "apl_deep_keys", "apl_deep_values") if deep else ("apl_prefix",)
+
+
+def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights_path: Path) -> None:
+    """Refuse a weights file that holds anything but the prefix tensors its config declares, or bad values.
+
+    An adapter is a prefix and nothing else: PEFT would load any other tensor into the base model (a key ending
+    in ``final_layer_norm.weight`` rewrites the encoder), so every key must be ``...embeddings.<name>``.
+    """
+    expected = expected_tensor_names(config)
+    found: dict[str, torch.Tensor] = {}
+    extra = []
+    for key, value in tensors.items():
+        parent, _, name = key.rpartition(".")
+        if name in expected and parent.rpartition(".")[2] == "embeddings" and name not in found:
+            found[name] = value
+        else:
+            extra.append(key)
+    if extra:
+        raise APLAdapterError(
+            f"{weights_path} holds tensors that are not part of an APL prefix: {', '.join(sorted(extra)[:6])}"
+            f"{' ...' if len(extra) > 6 else ''}. An APL adapter holds only {', '.join(expected)}; refusing to load "
+            "it, because PEFT would write the others into the text encoder. Use the adapter apl-train saved."
+        )
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise APLAdapterError(
+            f"{weights_path} lacks {', '.join(missing)} (keys: {sorted(tensors)[:5]}); the config declares a "
+            f"{config.get('prefix_depth', 'shallow')} prefix. The folder mixes files of two adapters; re-save it."
+        )
     m = config.get("num_virtual_tokens")
-    for key, value in prefixes.items():
+    width = found["apl_prefix"].shape[-1] if found["apl_prefix"].ndim == 2 else None
+    for name, value in found.items():
         if not torch.isfinite(value).all():
             raise APLAdapterError(
-                f"{weights_path}: prefix {key} contains NaN or Inf values; the training diverged. "
+                f"{weights_path}: {name} contains NaN or Inf values; the training diverged. "
                 "Use an earlier checkpoint or lower the learning rate."
             )
-        if value.ndim != 2 or (m is not None and value.shape[0] != m):
+        rows = 2 if name == "apl_prefix" else 3
+        if value.ndim != rows or (m is not None and value.shape[-2] != m) or value.shape[-1] != width:
             raise APLAdapterError(
-                f"{weights_path}: prefix {key} has shape {tuple(value.shape)}, but the config says "
+                f"{weights_path}: {name} has shape {tuple(value.shape)}, but the config says "
                 f"num_virtual_tokens={m}; the folder mixes files of two adapters."
             )
-    return tensors
+    if "apl_deep_keys" in found and found["apl_deep_keys"].shape != found["apl_deep_values"].shape:
+        raise APLAdapterError(
+            f"{weights_path}: deep keys {tuple(found['apl_deep_keys'].shape)} and values "
+            f"{tuple(found['apl_deep_values'].shape)} differ in shape; the folder mixes files of two adapters."
+        )
 
 
 def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> Path:

@@ -39,9 +39,10 @@ import onnx
 import torch
 
 from apl_adapter.atomic import replace_folder
+from apl_adapter.model import PrefixWeights
 
 from .errors import ExportError, TensorRTUnavailableError
-from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph
+from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph, make_standard_text_encoder
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
 from .runtime_base import load_scheduler
 from .specs import ModelSpec, ShapeRanges, text_encoder_spec, unet_spec, vae_decoder_spec
@@ -86,6 +87,11 @@ class LoadedPipeline:
     prefix: torch.Tensor  # (m, D)
     apply_to_negative_prompt: bool
     adapter_dir: Path
+    prefix_weights: PrefixWeights | None = None  # every prefix tensor (a deep prefix's rows too); None = shallow
+
+    def __post_init__(self) -> None:
+        if self.prefix_weights is None:
+            self.prefix_weights = PrefixWeights(self.prefix)
 
     @property
     def vae_factor(self) -> int:
@@ -107,7 +113,7 @@ Progress = Callable[[str], None]
 # "fast": the prefix's per-layer keys/values are graph constants and each layer's attention is one
 # apl::PrefixAttention node (a TensorRT plugin, apl_export.trt_plugin); onnxruntime cannot run that node.
 TEXT_ENCODER_VARIANTS: dict[str, Callable[..., torch.nn.Module]] = {
-    "standard": lambda clip, prefix, as_input, m: CLIPTextEncoderGraph(clip, prefix, as_input, m),
+    "standard": make_standard_text_encoder,
     "fast": make_fast_text_encoder,
 }
 FAST_TEXT_ENCODER = "fast"
@@ -224,16 +230,17 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
     except APLAdapterError as err:
         raise ExportError(f"--adapter {adapter_dir} does not fit {model_dir}: {err}") from err
     config = peft_model.peft_config["default"]
-    prefix = peft_model.get_base_model().embeddings.apl_prefix["default"].detach().clone()
+    weights = peft_model.get_base_model().embeddings.active_prefix_weights.detached()
     return LoadedPipeline(
         text_encoder=peft_model,
         unet=UNet2DConditionModel.from_pretrained(model_dir / UNET).eval(),
         vae=AutoencoderKL.from_pretrained(model_dir / "vae").eval(),
         tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
         scheduler=load_scheduler(model_dir / "scheduler"),
-        prefix=prefix,
+        prefix=weights.embeds,
         apply_to_negative_prompt=bool(config.apply_to_negative_prompt),
         adapter_dir=adapter_dir,
+        prefix_weights=weights,
     )
 
 
@@ -306,9 +313,14 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
     m = loaded.prefix.shape[0]
     ranges = options.ranges
     baked = options.prefix_mode == "baked"
+    if loaded.prefix_weights.is_deep and not baked:
+        raise ExportError(
+            "This adapter is a deep prefix (keys and values at every encoder layer); --prefix-mode input feeds only "
+            "the (m, D) input vectors, so a deep prefix is exported baked. Use --prefix-mode baked (the default)."
+        )
     models: dict[str, dict] = {}
 
-    graph = make_text_encoder(clip, loaded.prefix if baked else None, not baked, m)
+    graph = make_text_encoder(clip, loaded.prefix_weights if baked else None, not baked, m)
     # The graph runs CLIP's submodules directly: the PEFT hook must not shift the ids a second time.
     spec = text_encoder_spec(TEXT_ENCODER, width, graph.output_names[1], width, ranges, prefix_len=0 if baked else m)
     reference = PeftTextEncoderReference(loaded.text_encoder, spec.output_names, prefix_as_input=not baked)
@@ -338,6 +350,7 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
     return {
         "format_version": FORMAT_VERSION,
         "prefix_mode": options.prefix_mode,
+        "prefix_depth": "deep" if loaded.prefix_weights.is_deep else "shallow",
         "text_encoder_variant": options.text_encoder,
         "num_virtual_tokens": m,
         "hidden_size": width,

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from apl_adapter.model import clip_eos_token_id, clip_text_model_of, insert_prefix_ids, splice_prefix
+from apl_adapter.model import (
+    PrefixWeights,
+    as_prefix_weights,
+    clip_eos_token_id,
+    clip_text_model_of,
+    insert_prefix_ids,
+    splice_prefix,
+)
+from apl_adapter.prefix_cache import CachedPrefixEncoder, PrefixState
 
 from .errors import ExportError
 
@@ -93,6 +101,70 @@ class CLIPTextEncoderGraph(nn.Module):
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return hidden, pooled
+
+
+class BakedPrefixStateGraph(nn.Module):
+    """CLIP text encoder whose prefix is baked as its per-layer keys / values; int32 ``input_ids`` ``(B, 77)``.
+
+    The prefix positions ``0..m`` are computed once, here, by :class:`~apl_adapter.prefix_cache.CachedPrefixEncoder`
+    (deep rows included); the graph runs only positions ``m+1..76``, attending to the constant prefix K/V.
+    ``use_kernel=False`` writes that attention as plain SDPA (onnxruntime and stock TensorRT run it): the graph
+    of a *deep* prefix, whose per-layer rows the input-splicing :class:`CLIPTextEncoderGraph` cannot express.
+    ``use_kernel=True`` is the fast variant (one ``apl::PrefixAttention`` node per layer, see ``trt_plugin``).
+
+    Outputs as :class:`CLIPTextEncoderGraph` with a baked prefix: ``last_hidden_state`` ``(B, 77, D)`` and
+    ``pooler_output`` ``(B, D)`` (``text_embeds`` for ``CLIPTextModelWithProjection``).
+    """
+
+    def __init__(self, text_encoder: nn.Module, prefix: torch.Tensor | PrefixWeights, use_kernel: bool) -> None:
+        super().__init__()
+        clip = clip_text_model_of(text_encoder)
+        weights = as_prefix_weights(prefix).detached()
+        if weights.embeds.shape[1] != clip.config.hidden_size:
+            raise ExportError(
+                f"The APL prefix has shape {tuple(weights.embeds.shape)} but this text encoder has width "
+                f"{clip.config.hidden_size}; export an adapter trained for this encoder width."
+            )
+        if weights.is_deep and weights.keys.shape[0] != clip.config.num_hidden_layers:
+            raise ExportError(
+                f"The deep prefix has rows for {weights.keys.shape[0]} layers but this text encoder has "
+                f"{clip.config.num_hidden_layers}; export it with the encoder it was trained for."
+            )
+        self.encoder = CachedPrefixEncoder(text_encoder, weights, use_kernel=use_kernel)
+        with torch.no_grad():
+            state = self.encoder.prefix_state(weights)
+        self.num_layers = len(state.keys)
+        for i, (k, v) in enumerate(zip(state.keys, state.values)):
+            self.register_buffer(f"prefix_key_{i}", k.detach().clone(), persistent=False)
+            self.register_buffer(f"prefix_value_{i}", v.detach().clone(), persistent=False)
+        self.register_buffer("prefix_hidden", state.hidden_states[-1].detach().clone(), persistent=False)
+        self.has_projection = hasattr(text_encoder, "text_projection")
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["last_hidden_state", "text_embeds" if self.has_projection else "pooler_output"]
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [getattr(self, f"prefix_key_{i}") for i in range(self.num_layers)]
+        values = [getattr(self, f"prefix_value_{i}") for i in range(self.num_layers)]
+        # Only the last layer's prefix hidden state is read (final layer norm); the others stay out of the graph.
+        state = PrefixState(keys, values, [self.prefix_hidden], version=None)
+        out = self.encoder.encode_with_state(input_ids.to(torch.int64), state)
+        pooled = out.text_embeds if self.has_projection else out.pooler_output
+        return out.last_hidden_state, pooled
+
+
+def make_standard_text_encoder(
+    clip: nn.Module, prefix: torch.Tensor | PrefixWeights | None, prefix_as_input: bool, m: int
+) -> nn.Module:
+    """The standard (onnxruntime- and TensorRT-ready) graph of the prefixed text encoder.
+
+    A shallow or no prefix: :class:`CLIPTextEncoderGraph`. A deep prefix (baked only): :class:`BakedPrefixStateGraph`
+    without the custom kernel."""
+    if prefix is not None and as_prefix_weights(prefix).is_deep:
+        return BakedPrefixStateGraph(clip, prefix, use_kernel=False)
+    embeds = prefix.embeds if isinstance(prefix, PrefixWeights) else prefix
+    return CLIPTextEncoderGraph(clip, embeds, prefix_as_input, m)
 
 
 class UNetGraph(nn.Module):

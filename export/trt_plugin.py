@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from apl_adapter.model import clip_text_model_of
-from apl_adapter.prefix_cache import CachedPrefixEncoder, PrefixState
+from apl_adapter.model import PrefixWeights
 
 from .errors import ExportError
+from .modules import BakedPrefixStateGraph
 
 OP_DOMAIN = "apl"
 OP_NAME = "PrefixAttention"
@@ -142,48 +142,22 @@ def onnx_reference_ops() -> list[type]:
     return [PrefixAttention]
 
 
-class FastCLIPTextEncoderGraph(nn.Module):
+class FastCLIPTextEncoderGraph(BakedPrefixStateGraph):
     """CLIP text encoder with a baked APL prefix whose K/V are graph constants; int32 ``input_ids`` ``(B, 77)``.
 
     Same outputs as ``apl_export.modules.CLIPTextEncoderGraph`` with a baked prefix: ``last_hidden_state``
     ``(B, 77, D)`` and ``pooler_output`` ``(B, D)`` (``text_embeds`` for ``CLIPTextModelWithProjection``), but only
     positions ``m+1..76`` are computed; attention is ``torch.ops.apl.prefix_attention`` (exported as
-    ``apl::PrefixAttention``).
+    ``apl::PrefixAttention``). A deep prefix's per-layer rows are part of those constants.
     """
 
-    def __init__(self, text_encoder: nn.Module, prefix: torch.Tensor) -> None:
-        super().__init__()
-        clip = clip_text_model_of(text_encoder)
-        if prefix.ndim != 2 or prefix.shape[1] != clip.config.hidden_size:
-            raise ExportError(
-                f"The APL prefix has shape {tuple(prefix.shape)} but this text encoder has width "
-                f"{clip.config.hidden_size}; export an adapter trained for this encoder width."
-            )
-        self.encoder = CachedPrefixEncoder(text_encoder, prefix.detach())
-        with torch.no_grad():
-            state = self.encoder.prefix_state(prefix.detach())
-        self.num_layers = len(state.keys)
-        for i, (k, v) in enumerate(zip(state.keys, state.values)):
-            self.register_buffer(f"prefix_key_{i}", k.detach().clone(), persistent=False)
-            self.register_buffer(f"prefix_value_{i}", v.detach().clone(), persistent=False)
-        self.register_buffer("prefix_hidden", state.hidden_states[-1].detach().clone(), persistent=False)
-        self.has_projection = hasattr(text_encoder, "text_projection")
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["last_hidden_state", "text_embeds" if self.has_projection else "pooler_output"]
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = [getattr(self, f"prefix_key_{i}") for i in range(self.num_layers)]
-        values = [getattr(self, f"prefix_value_{i}") for i in range(self.num_layers)]
-        # Only the last layer's prefix hidden state is read (final layer norm); the others stay out of the graph.
-        state = PrefixState(keys, values, [self.prefix_hidden], version=None)
-        out = self.encoder.encode_with_state(input_ids.to(torch.int64), state)
-        pooled = out.text_embeds if self.has_projection else out.pooler_output
-        return out.last_hidden_state, pooled
+    def __init__(self, text_encoder: nn.Module, prefix: torch.Tensor | PrefixWeights) -> None:
+        super().__init__(text_encoder, prefix, use_kernel=True)
 
 
-def make_fast_text_encoder(clip: nn.Module, prefix: torch.Tensor | None, prefix_as_input: bool, m: int) -> nn.Module:
+def make_fast_text_encoder(
+    clip: nn.Module, prefix: torch.Tensor | PrefixWeights | None, prefix_as_input: bool, m: int
+) -> nn.Module:
     """Entry for ``apl_export.exporter.TEXT_ENCODER_VARIANTS["fast"]`` (same arguments as the standard graph)."""
     if prefix_as_input or prefix is None:
         raise ExportError(

@@ -68,24 +68,33 @@ def find_checkpoint(resume: str, out: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, prefix: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> int:
-    """Copy the checkpoint's prefix into ``prefix`` and its Adam state into ``optimizer``; return its step."""
+def load_checkpoint(path: Path, prefix: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """Copy the checkpoint's prefix tensors into ``prefix`` (see :func:`apl_adapter.model.prefix_parameters`) and
+    its Adam state into ``optimizer``; return its step."""
     tensors = check_adapter_folder(path)
-    saved = next(value for key, value in tensors.items() if "apl_prefix" in key)
-    if saved.shape != prefix.shape:
+    saved = {key.rsplit(".", 1)[-1]: value for key, value in tensors.items()}
+    if set(saved) != set(prefix):
         raise APLAdapterError(
-            f"Checkpoint {path} holds a prefix of shape {tuple(saved.shape)} (m x width) but this run builds "
-            f"{tuple(prefix.shape)}: the width of the base model's text encoder or --prefix-len differs. Resume "
-            "with the same base model and --prefix-len, or start a new run."
+            f"Checkpoint {path} holds {sorted(saved)} but this run trains {sorted(prefix)}: --prefix-depth differs. "
+            "Resume with the same --prefix-depth, or start a new run."
         )
+    for name, param in prefix.items():
+        if saved[name].shape != param.shape:
+            raise APLAdapterError(
+                f"Checkpoint {path} holds {name} of shape {tuple(saved[name].shape)} but this run builds "
+                f"{tuple(param.shape)}: the base model's text encoder (width, layers) or --prefix-len differs. "
+                "Resume with the same base model and --prefix-len, or start a new run."
+            )
+    device = next(iter(prefix.values())).device
     with torch.no_grad():
-        prefix.copy_(saved.to(prefix.device, prefix.dtype))
+        for name, param in prefix.items():
+            param.copy_(saved[name].to(param.device, param.dtype))
     state_dict = optimizer.state_dict()
     moments = load_file(str(path / OPTIMIZER_NAME))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in moments.items():
         index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value.to(prefix.device) if name != "step" else value
+        state.setdefault(int(index), {})[name] = value.to(device) if name != "step" else value
     state_dict["state"] = state
     optimizer.load_state_dict(state_dict)
     return int(json.loads((path / STATE_NAME).read_text())["step"])

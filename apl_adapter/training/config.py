@@ -48,6 +48,13 @@ class TrainConfig:
         default=None,
         metadata={"help": "Phrase for prefix_init='text', tokenized with the base folder's tokenizer (e.g. 'a')."},
     )
+    prefix_depth: Literal["shallow", "deep"] = field(
+        default="shallow",
+        metadata={
+            "help": "'shallow' = the paper (the m input vectors only); 'deep' = also learned keys and values at "
+            "every encoder layer (prefix-tuning), starting from what the shallow prefix gives."
+        },
+    )
     c2: Literal["attribute", "empty"] = field(
         default="attribute",
         metadata={"help": "Identity target: 'attribute' = the row's description (paper figure), 'empty' = ''."},
@@ -98,6 +105,10 @@ class TrainConfig:
             (
                 self.prefix_init == "text" or self.prefix_init_text is None,
                 f"prefix_init_text is read only with prefix_init='text' (--prefix-init text), got {self.prefix_init!r}",
+            ),
+            (
+                self.prefix_depth in ("shallow", "deep"),
+                f"prefix_depth must be 'shallow' or 'deep', got {self.prefix_depth!r}",
             ),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import APLConfig
 from ..errors import APLAdapterError
+from ..model import prefix_parameters
 from ..serialization import save_adapter
 from .base_model import FrozenParts, check_base_folder, load_frozen_parts
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -195,17 +196,18 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
             # the phrase is read with the base model's own vocabulary, not a default CLIP tokenizer
             tokenizer_name_or_path=str(Path(config.base) / "tokenizer") if config.prefix_init == "text" else None,
             init_seed=config.seed,
+            prefix_depth=config.prefix_depth,
         ),
     )
     text_encoder.eval()  # CLIP has no dropout by default; eval keeps it deterministic if a config adds some
-    prefix = text_encoder.base_model.model.embeddings.apl_prefix["default"]
+    prefix = prefix_parameters(text_encoder)
     unet = parts.unet.to(accelerator.device)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in training mode; the SD UNet has no dropout
         text_encoder.base_model.model.gradient_checkpointing_enable()
         text_encoder.base_model.model.train()
-    optimizer = torch.optim.Adam([prefix], lr=config.lr)
+    optimizer = torch.optim.Adam(list(prefix.values()), lr=config.lr)
     start_step = 0
     if config.resume:
         start_step = load_checkpoint(find_checkpoint(config.resume, out), prefix, optimizer)
