@@ -136,3 +136,38 @@ def test_saving_onto_a_file_is_refused(tmp_path):
     with pytest.raises(ValueError):  # PEFT's own save refuses too
         model.save_pretrained(path)
     assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "extra_key",
+    [
+        "base_model.model.final_layer_norm.weight",  # would rewrite the encoder's last layer norm
+        "base_model.model.embeddings.base_layer.token_embedding.weight",  # would change what a name encodes to
+        "base_model.model.embeddings.apl_prefix_2",
+    ],
+)
+def test_an_adapter_may_only_be_a_prefix(saved, extra_key, prompt_ids, capsys):
+    from apl_adapter.cli import main as inspect_main
+    from apl_adapter.pipelines import apply_apl
+    from apl_adapter.testing import tiny_sd_pipeline
+
+    _, folder = saved
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    base = tiny_clip_text_model()
+    source = base.final_layer_norm.weight if "layer_norm" in extra_key else torch.zeros(4, 32)
+    if "token_embedding" in extra_key:
+        source = base.embeddings.token_embedding.weight
+    save_file({**tensors, extra_key: source.detach().clone() * 0 + 7}, weights)
+    with pytest.raises(APLAdapterError, match="not part of an APL prefix") as err:
+        check_adapter_folder(folder)
+    assert extra_key in str(err.value)
+    with pytest.raises(APLAdapterError, match="not part of an APL prefix"):
+        PeftModel.from_pretrained(base, str(folder))
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(APLAdapterError, match="not part of an APL prefix"):
+        apply_apl(pipe, folder)
+    # nothing reached the encoder
+    torch.testing.assert_close(pipe.text_encoder(prompt_ids)[0], tiny_clip_text_model()(prompt_ids)[0])
+    assert inspect_main(["inspect", str(folder)]) == 2
+    assert extra_key in capsys.readouterr().err
