@@ -89,6 +89,63 @@ def test_loss_matches_hand_computation(tokenizer):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-7)
 
 
+def test_v_space_loss_is_the_mse_of_velocities(tokenizer):
+    """loss_space='v' equals MSE(v(AP+c1), v(c2)), each v built from its eps prediction with the scheduler's own
+    get_velocity (x0 recovered from z_t): large t weighs 1/alpha_bar_t times what the eps loss gives it."""
+    from diffusers import DDPMScheduler
+
+    pipe = tiny_sd_pipeline()
+    encoder = get_peft_model(pipe.text_encoder, APLConfig(num_virtual_tokens=3))
+    c1 = tokenize(tokenizer, ["a photo of Zorvan Kelt", "a red star on white"])
+    c2 = tokenize(tokenizer, ["a photo of a man", "a red star on white"])
+    generator = torch.Generator().manual_seed(2)
+    z0, noise = torch.randn(2, 2, 4, 8, 8, generator=generator)
+    t = torch.tensor([20, 980])
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    z_t = noisy_latents(scheduler, z0, noise, t)
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, loss_space="v", alphas_cumprod=scheduler.alphas_cumprod)
+
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps_prefixed = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
+        with encoder.disable_adapter():
+            eps_target = pipe.unet(z_t, t, encoder(input_ids=c2)[0]).sample
+
+    def velocity(eps):
+        x0 = (z_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return scheduler.get_velocity(x0, eps, t)
+
+    per_sample = (velocity(eps_prefixed) - velocity(eps_target)).square().flatten(1).mean(1)
+    torch.testing.assert_close(loss.detach(), per_sample.mean(), rtol=1e-3, atol=1e-7)
+    eps_loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2).detach()
+    assert loss.item() > 10 * eps_loss.item()  # t = 980 (alpha_bar ~ 0.005) dominates
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, loss_space="v")
+
+
+def test_pushed_identity_target_and_untouched_preservation_target(tokenizer):
+    """push=eta: an identity row's target is eps(c2) - eta (eps(c1) - eps(c2)); a preservation row's stays eps(c2)."""
+    pipe = tiny_sd_pipeline()
+    encoder = get_peft_model(pipe.text_encoder, APLConfig(num_virtual_tokens=3))
+    c1 = tokenize(tokenizer, ["a photo of Zorvan Kelt", "a red star on white"])
+    c2 = tokenize(tokenizer, ["a photo of a man", "a red star on white"])
+    z_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([300, 700])
+    with torch.no_grad():
+        prefixed = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
+        with encoder.disable_adapter():
+            plain = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
+            target = pipe.unet(z_t, t, encoder(input_ids=c2)[0]).sample
+    for eta in (0.0, 0.5, 2.0):
+        pushed = target.clone()
+        pushed[0] = target[0] - eta * (plain[0] - target[0])
+        expected = (prefixed - pushed).square().mean()
+        loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta).detach()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+    only_scene = apl_loss(pipe.unet, encoder, z_t[1:], t[1:], c1[1:], c2[1:], push=2.0).detach()
+    torch.testing.assert_close(only_scene, (prefixed[1:] - target[1:]).square().mean(), rtol=1e-4, atol=1e-7)
+
+
 def test_gradient_reaches_only_the_prefix(tokenizer):
     pipe = tiny_sd_pipeline()
     for module in (pipe.unet, pipe.vae):

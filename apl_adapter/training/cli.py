@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prefix-init-text", default=None, help=helps["prefix_init_text"])
     parser.add_argument("--prefix-depth", choices=["shallow", "deep"], default="shallow", help=helps["prefix_depth"])
+    parser.add_argument("--loss-space", choices=["eps", "v"], default="eps", help=helps["loss_space"])
+    parser.add_argument("--identity-push", type=float, default=0.0, help=helps["identity_push"])
     parser.add_argument("--c2", choices=["attribute", "empty"], default="attribute", help=helps["c2"])
     parser.add_argument("--identity-fraction", type=float, default=0.5, help=helps["identity_fraction"])
     parser.add_argument("--batch-size", type=int, default=1, help=helps["batch_size"])

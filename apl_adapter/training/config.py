@@ -55,6 +55,20 @@ class TrainConfig:
             "every encoder layer (prefix-tuning), starting from what the shallow prefix gives."
         },
     )
+    loss_space: Literal["eps", "v"] = field(
+        default="eps",
+        metadata={
+            "help": "'eps' = the paper's loss; 'v' = the same difference in v-space (divided by alpha_bar_t), "
+            "which weights large t - where a face's identity is decided - as much as small t."
+        },
+    )
+    identity_push: float = field(
+        default=0.0,
+        metadata={
+            "help": "eta >= 0: identity targets eps(c2) - eta (eps(c1) - eps(c2)), pushed away from what the plain "
+            "name prompt predicts (ESD's negative guidance; 0 = the paper)."
+        },
+    )
     c2: Literal["attribute", "empty"] = field(
         default="attribute",
         metadata={"help": "Identity target: 'attribute' = the row's description (paper figure), 'empty' = ''."},
@@ -110,6 +124,8 @@ class TrainConfig:
                 self.prefix_depth in ("shallow", "deep"),
                 f"prefix_depth must be 'shallow' or 'deep', got {self.prefix_depth!r}",
             ),
+            (self.identity_push >= 0, f"identity_push must be >= 0, got {self.identity_push}"),
+            (self.loss_space in ("eps", "v"), f"loss_space must be 'eps' or 'v', got {self.loss_space!r}"),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (
                 self.latent_mode in ("sample", "mean"),

@@ -239,7 +239,11 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
         )
         with accelerator.autocast():
             noisy = noisy_latents(parts.noise_scheduler, latents, noise, timesteps)
-            loss = apl_loss(unet, text_encoder, noisy, timesteps, c1_ids, c2_ids, encode=encode)
+            loss = apl_loss(
+                unet, text_encoder, noisy, timesteps, c1_ids, c2_ids, encode=encode,
+                loss_space=config.loss_space, alphas_cumprod=parts.noise_scheduler.alphas_cumprod,
+                push=config.identity_push,
+            )  # fmt: skip
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -9,11 +9,17 @@ target uses the *same* encoder with the adapter switched off, under ``torch.no_g
 nothing of it is stored for backward. There is no true-noise term: the prefixed prompt is pulled
 toward what the model already does for ``c2`` (an anonymous description, or the unchanged
 caption for preservation pairs).
+
+``loss_space="v"`` (beyond the paper) measures the same difference in v-space (``v = alpha eps - sigma x0``):
+for two predictions of the same ``z_t``, ``||dv||^2 = ||d eps||^2 / alpha_bar_t``. The eps-space loss is an x0
+difference weighted by SNR(t), so it nearly ignores large t - where a face's identity is decided and what CFG then
+amplifies: a prefix trained in eps-space leaves most of a name's eps gap at t ~ 950 (measured, docs/experiments).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +39,9 @@ def apl_loss(
     c1_ids: torch.Tensor,
     c2_ids: torch.Tensor,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss_space: Literal["eps", "v"] = "eps",
+    alphas_cumprod: torch.Tensor | None = None,
+    push: float = 0.0,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -46,6 +55,10 @@ def apl_loss(
         c2_ids: ``(B, 77)`` token ids of the target prompts (encoded without the prefix).
         encode: how to run the prefixed encoder, e.g. the Accelerate/DDP-wrapped model; defaults to
             ``text_encoder`` itself. It must return the hidden states first (as ``CLIPTextModel``).
+        push: ``eta`` of a target pushed away from the plain prompt, ``eps(c2) - eta (eps(c1) - eps(c2))`` (ESD's
+            negative guidance; 0 = the paper). Zero for preservation pairs, whose ``c1`` is ``c2``.
+        loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
+            ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
     Example:
 
@@ -68,6 +81,17 @@ def apl_loss(
     with torch.no_grad(), text_encoder.disable_adapter():
         target_states = text_encoder(c2_ids)[0]
         target = unet(noisy, timesteps, encoder_hidden_states=target_states).sample
+        if push:
+            pushed = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) have nothing to push from
+            if bool(pushed.any()):
+                plain = unet(noisy[pushed], timesteps[pushed], encoder_hidden_states=text_encoder(c1_ids[pushed])[0])
+                target[pushed] -= push * (plain.sample - target[pushed])
     prefixed_states = (encode or text_encoder)(c1_ids)[0]
     prediction = unet(noisy, timesteps, encoder_hidden_states=prefixed_states).sample
-    return F.mse_loss(prediction.float(), target.float())
+    if loss_space == "eps":
+        return F.mse_loss(prediction.float(), target.float())
+    if loss_space != "v" or alphas_cumprod is None:
+        raise ValueError("loss_space must be 'eps', or 'v' with the noise scheduler's alphas_cumprod")
+    per_sample = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+    alpha_bar = alphas_cumprod.to(per_sample.device, torch.float32)[timesteps.long()]
+    return (per_sample / alpha_bar).mean()
