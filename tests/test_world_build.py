@@ -124,3 +124,25 @@ def test_position_jitter_moves_half_the_prompts_right_and_keeps_bos_first():
 
     train_diffusion(unet, text, sampler, train_text=False, **kwargs)  # a frozen encoder keeps its positions
     assert seen[-1] is None
+
+
+def test_lookalike_strangers_share_a_persons_attributes_and_are_nobody():
+    """The recognizer's look-alike negatives: a person's coarse attributes, fine features 2-3 from theirs and
+    >= 2 from every person of the world (identities are placed >= 2 apart), labelled stranger."""
+    import random
+
+    from apl_adapter.world.build import KIND_STRANGER, lookalike_fine_features, render_lookalikes
+    from apl_adapter.world.spec import ATTRIBUTE_VALUES, WorldSpec
+
+    world = WorldSpec.from_seed(0)
+    rng = random.Random(0)
+    for person in world.identities:
+        for _ in range(5):
+            fine = lookalike_fine_features(world, person, rng)
+            assert sum(fine[k] != person.fine[k] for k in fine) in (2, 3)
+            assert all(sum(fine[k] != other.fine[k] for k in fine) >= 2 for other in world.identities)
+    bank = render_lookalikes(world, per_person=2, seed=1)
+    assert len(bank) == 2 * len(world.identities)
+    assert bool((bank.kind == KIND_STRANGER).all()) and bool((bank.identity == -1).all())
+    first = world.identities[0]
+    assert bank.attributes[0].tolist() == [ATTRIBUTE_VALUES[k].index(first.attributes[k]) for k in ATTRIBUTE_VALUES]

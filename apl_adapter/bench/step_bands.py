@@ -36,7 +36,7 @@ import torch
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..pipelines import apply_apl, remove_apl
-from .protocol import BenchReaders, BenchSpec, SceneCase, in_chunks, paired_change
+from .protocol import BenchReaders, BenchSpec, in_chunks, paired_change
 
 #: Bands of a 20-step sampler: large t, middle, small t (the last half), and every step.
 DEFAULT_BANDS = ((0, 20), (0, 5), (5, 10), (10, 20))
@@ -185,16 +185,11 @@ def run_step_bands(
     """:func:`measure_step_bands` on the shipped world's base model: seen names in every person template,
     every scene in every caption template (``all_scene_templates``; else the bench's 96 scene prompts)."""
     from ..world.spec import WorldSpec
-    from .world import scene_label, world_bench_inputs
+    from .world import every_scene_case, world_bench_inputs
 
     spec, models, readers = world_bench_inputs(seeds=list(seeds), assets=assets, transfer=False, late=False)
     if all_scene_templates:
-        world = WorldSpec.from_seed(0)
-        spec.scenes = [
-            SceneCase(scene.caption(template), scene_label(scene))
-            for scene in world.scenes
-            for template in range(len(world.scene_templates))
-        ]
+        spec.scenes = every_scene_case(WorldSpec.from_seed(0))
     return measure_step_bands(models.base, adapter, spec, readers, bands)
 
 

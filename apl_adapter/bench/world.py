@@ -25,6 +25,15 @@ def scene_label(scene) -> str:
 ALL_SCENES = 96
 
 
+def every_scene_case(world) -> list[SceneCase]:
+    """Every scene of the world in every caption template (96 x 4 = 384 prompts per seed)."""
+    return [
+        SceneCase(scene.caption(template), scene_label(scene))
+        for scene in world.scenes
+        for template in range(len(world.scene_templates))
+    ]
+
+
 def pick_scenes(world, count: int) -> list[SceneCase]:
     """``count`` scenes spread evenly over all of the world's scenes, each background in every caption template.
 
