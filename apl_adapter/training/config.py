@@ -59,14 +59,15 @@ class TrainConfig:
         default="eps",
         metadata={
             "help": "'eps' = the paper's loss; 'v' = the same difference in v-space (divided by alpha_bar_t), "
-            "which weights large t - where a face's identity is decided - as much as small t."
+            "weighting large t far more. Measured on the world: v anonymizes less than eps (experiments, 2026-12-03)."
         },
     )
     identity_push: float = field(
         default=0.0,
         metadata={
             "help": "eta >= 0: identity targets eps(c2) - eta (eps(c1) - eps(c2)), pushed away from what the plain "
-            "name prompt predicts (ESD's negative guidance; 0 = the paper)."
+            "name prompt predicts (ESD's negative guidance; 0 = the paper). On the world with a deep prefix, 0.3 takes "
+            "seen names down 16x but keeps fewer coarse attributes (67%); a shallow prefix loses scenes with it."
         },
     )
     c2: Literal["attribute", "empty"] = field(
