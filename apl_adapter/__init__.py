@@ -12,7 +12,15 @@ restored = PeftModel.from_pretrained(other_text_encoder, "apl-prefix")
 
 from .config import APLConfig
 from .errors import APLAdapterError
-from .model import APLEmbedding, APLModel, PromptTruncationWarning, insert_prefix_ids
+from .model import (
+    APLEmbedding,
+    APLModel,
+    APLPrefixProjection,
+    PrefixWeights,
+    PromptTruncationWarning,
+    insert_prefix_ids,
+    prefix_parameters,
+)
 from .registry import register as _register
 from .serialization import check_adapter_folder, save_adapter
 from .tokenizer import load_clip_tokenizer
@@ -26,9 +34,12 @@ __all__ = [
     "APLConfig",
     "APLEmbedding",
     "APLModel",
+    "APLPrefixProjection",
+    "PrefixWeights",
     "PromptTruncationWarning",
     "check_adapter_folder",
     "insert_prefix_ids",
     "load_clip_tokenizer",
+    "prefix_parameters",
     "save_adapter",
 ]
