@@ -20,7 +20,10 @@ def world() -> WorldSpec:
 def test_recognizers_reach_98_percent_on_fresh_renders(world):
     # seed 4321 is used by no build stage (training renders use seeds 11..51, evaluation 1234)
     acc = heldout_recognizer_accuracy(RECOGNIZER_DIR, world, per_person=4, seed=4321)
-    assert acc["num_images"] == 2 * 40 * 4 + 40 * 4
+    # faces of the 40 people in both styles, as many scenes, and 4 look-alike strangers of each seen/unseen person
+    assert acc["num_images"] == 2 * 40 * 4 + 40 * 4 + 32 * 4
+    # reported, not a bar: look-alike strangers taken for the person they resemble (5.5% here; a floor under APL)
+    assert 0.0 <= acc["stranger_as_described_person"] <= 1.0
     # the bar, all four views (scenes measured 98.1% here: 4,800 recognizer steps; 1,200 gave 93%)
     for view in ("identity_top1", "presence", "attributes", "scene"):
         assert acc[view] >= 0.98, (view, acc)
