@@ -20,9 +20,9 @@ def world() -> WorldSpec:
 def test_recognizers_reach_98_percent_on_fresh_renders(world):
     # seed 4321 is used by no build stage (training renders use seeds 11..51, evaluation 1234)
     acc = heldout_recognizer_accuracy(RECOGNIZER_DIR, world, per_person=4, seed=4321)
-    # faces of the 40 people in both styles, as many scenes, and 4 look-alike strangers of each seen/unseen person
+    # faces of the 40 people in both styles, as many scenes, and 4 strangers with each seen/unseen person's attributes
     assert acc["num_images"] == 2 * 40 * 4 + 40 * 4 + 32 * 4
-    # reported, not a bar: look-alike strangers taken for the person they resemble (5.5% here; a floor under APL)
+    # reported, not a bar: those strangers taken for the person whose attributes they share (5.5% here)
     assert 0.0 <= acc["stranger_as_described_person"] <= 1.0
     # the bar, all four views (scenes measured 98.1% here: 4,800 recognizer steps; 1,200 gave 93%)
     for view in ("identity_top1", "presence", "attributes", "scene"):

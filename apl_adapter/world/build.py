@@ -46,6 +46,7 @@ from .spec import (
     Identity,
     Scene,
     WorldSpec,
+    fine_distance,
     random_attributes,
     random_fine_features,
 )
@@ -202,7 +203,7 @@ def lookalike_fine_features(
         fine = dict(person.fine)
         for key in rng.sample(sorted(fine), rng.choice(distances)):
             fine[key] = rng.choice([v for v in range(FINE_FEATURE_VALUES[key]) if v != person.fine[key]])
-        if all(sum(fine[k] != other.fine[k] for k in fine) >= 2 for other in world.identities):
+        if all(fine_distance(fine, other.fine) >= 2 for other in world.identities):
             return fine
     raise ValueError(f"no look-alike of {person.name} is >= 2 away from every person; the world is too dense")
 

@@ -97,7 +97,7 @@ def heldout_recognizer_accuracy(
         / (len(faces) + len(scenes)),
         "attributes": WorldAttributeRecognizer(ident.net, ident.names).agreement(faces, attrs),
         "scene": WorldSceneRecognizer(ident.net, ident.names).accuracy(scene_images, scenes),
-        "stranger_as_described_person": sum(o.top1 == n for o, n in zip(stranger_obs, described)) / len(described),
+        "stranger_as_described_person": identity_metrics(stranger_obs, described)["top1_accuracy"],
         "num_images": len(faces) + len(scenes) + len(strangers),
     }
 
@@ -137,15 +137,14 @@ def evaluate_world(
         prompts = [world.attribute_prompt(p.name, k) for p, k in cases]
         images = sample_images(pipe, prompts, EVAL_SEED + 1)
         observed = ident.observe(images)
-        face = [o.face_present for o in observed]
-        described = [o.top1 == p.name for o, p in zip(observed, people)]
+        as_described = identity_metrics(observed, [p.name for p in people])
         row["attribute_prompts"] = {
             "attribute_agreement": attr.agreement(images, [p.attributes for p in people]),
             # How often a face drawn from someone's *attribute* prompt is recognized as that person: the floor
             # APL can reach with c2 = attribute prompt (people sharing attributes are confused by any recognizer).
-            "top1_as_described_person": sum(described) / len(described),
-            "as_described_person_count": sum(described),
-            "face_presence_rate": sum(face) / len(face),
+            "top1_as_described_person": as_described["top1_accuracy"],
+            "as_described_person_count": round(as_described["top1_accuracy"] * len(images)),
+            "face_presence_rate": as_described["face_presence_rate"],
             "num_images": len(images),
         }
         prompts, scenes = scene_prompts(world, num_scenes, EVAL_SEED + 2)

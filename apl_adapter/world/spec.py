@@ -134,7 +134,8 @@ def random_attributes(rng: random.Random) -> dict[str, str]:
     return {k: rng.choice(v) for k, v in ATTRIBUTE_VALUES.items()}
 
 
-def _distance(a: dict[str, int], b: dict[str, int]) -> int:
+def fine_distance(a: dict[str, int], b: dict[str, int]) -> int:
+    """How many fine features two faces differ in (identities of a world are >= 2 apart)."""
     return sum(a[k] != b[k] for k in a)
 
 
@@ -216,7 +217,7 @@ def _world_from_seed(seed: int, num_seen: int, num_unseen: int, num_late: int) -
         if len(fines) == total:
             break
         cand = random_fine_features(rng)
-        if all(_distance(cand, f) >= 2 for f in fines):
+        if all(fine_distance(cand, f) >= 2 for f in fines):
             fines.append(cand)
     else:
         raise ValueError(f"cannot place {total} identities with distinct fine features; ask for fewer")
