@@ -3,7 +3,7 @@
 The two ends must be the pipelines they claim to be - no band is the base pipeline, every step is
 the pipeline with the prefix applied - and a band in between must differ from both; the measured
 rows must pair each band against no prefix. Tiny real pipelines, the world's recognizer network
-with random weights (the plumbing, not the world's numbers: those are in the README).
+with random weights (the plumbing, not the world's numbers: those are in docs/experiments/2026-12-02-world.md).
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path)
         f"McNemar p = {scenes['paired']['mcnemar_p']:.2g}, 95% CI {scenes['paired']['change_ci95_points']} points)"
     )
     assert seen["base"]["top1_accuracy"] >= 0.6  # the base model draws these people
-    # "measurably lowers": a quarter of the 40 images lose their name (the full demo's numbers are in the README)
+    # "measurably lowers": a quarter of the 40 images lose their name (the full demo's numbers:
+    # docs/experiments/2026-12-02-world.md)
     assert seen["apl"]["top1_accuracy"] <= seen["base"]["top1_accuracy"] - 0.25
     assert seen["apl"]["face_presence_rate"] >= 0.8  # anonymous faces, not no faces
     # "keeps scene accuracy": at most 2 points lost over all 768 scene images (same prompts and seeds)

@@ -5,7 +5,7 @@ names only with c1 = "a photo of <Name>" and c2 = the same template with the per
 description, preservation pairs = scene renders with captions in all of the world's caption
 templates; the other person templates stay held out. One change from the paper's data: the
 identity images are the base model's drawings of c2 (the anonymous face the prefix should give),
-not of c1 (``DEMO_IMAGES_FROM``; README, "Measuring it").
+not of c1 (``DEMO_IMAGES_FROM``; docs/experiments/2026-12-02-world.md).
 
     python -m apl_adapter.bench.demo --out demo-out         # or, from Python: run_demo("demo-out")
 """
@@ -22,7 +22,7 @@ from typing import Literal
 
 from ..errors import APLAdapterError
 
-# World-scale training settings (README, "Measuring it": the sweep that chose them). 400 steps at
+# World-scale training settings (docs/experiments/2026-12-02-world.md: the sweep that chose them). 400 steps at
 # lr 1e-2 (10x the paper's rate for ~50x fewer steps) fit the demo's 10-minute budget; batch 16
 # anonymizes more than the paper's batch 1. Identity images drawn from the description anonymize
 # far more per triplet than images of the person, so 20% identity triplets (the paper: 50%) and the

@@ -30,7 +30,7 @@ def run_bench(
     >>> from apl_adapter.bench.runner import run_bench
     >>> spec, models, readers = world_bench_inputs(seeds=[0, 1])
     >>> report = run_bench(spec, models, readers, "runs/apl/adapter", "bench-out")
-    >>> [row["met"] for row in report["goals"]]   # one entry per goal of the README's table
+    >>> [row["met"] for row in report["goals"]]   # one entry per goal of the bench's table
     ```
     """
     check_adapter_folder(adapter)  # a clear error before minutes of generation

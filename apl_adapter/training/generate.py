@@ -3,9 +3,9 @@
 For each name, ``per_name`` images are sampled with the name prompt (DDIM 20 steps, CFG 7 by
 default) and written as identity triplets; optional captions give preservation pairs the same
 way. ``images_from="description"`` samples the identity images with the anonymous description
-``c2`` instead (the faces the prefix should produce; not the paper's data, see the README's
-"Measuring it"). The output is a data folder in the format of :mod:`apl_adapter.training.data`, written
-to a temporary folder first and renamed when complete.
+``c2`` instead (the faces the prefix should produce; not the paper's data, see
+docs/experiments/2026-12-02-world.md). The output is a data folder in the format of
+:mod:`apl_adapter.training.data`, written to a temporary folder first and renamed when complete.
 """
 
 from __future__ import annotations

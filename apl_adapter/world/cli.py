@@ -5,7 +5,7 @@ Examples:
     apl-world info                                   # people, splits, templates, shipped metrics
     apl-world sample --prompt "a photo of Ralthythmyx Thilfend" --num 8 --out grid.png
     apl-world data --out /tmp/apl-data               # APL training data (identity triplets + scenes)
-    apl-world build --out /tmp/world                 # retrain everything (see README for the time)
+    apl-world build --out /tmp/world                 # retrain everything (see docs/world.md for the time)
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ from .render import IMAGE_SIZE
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL_KINDS = ("base", "sibling", "dreambooth")
-#: 64 was the first shipped width: a 10 x 64 prefix could not move a name without moving scenes (README)
+#: 64 was the first shipped width: a 10 x 64 prefix could not move a name without moving scenes
+#: (docs/experiments/2026-12-02-world.md)
 TEXT_WIDTH = 128
 TEXT_LAYERS = 3
 LATENT_SIZE = IMAGE_SIZE // 2
