@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from peft import PeftConfig
 
@@ -15,6 +15,7 @@ MAX_CLIP_POSITIONS = 77
 PEFT_TYPE_NAME = "APL"
 
 InitMethod = Literal["random_uniform", "text", "vocab"]
+INIT_METHODS = ("random_uniform", "text", "vocab")
 PrefixDepth = Literal["shallow", "deep"]
 PREFIX_DEPTHS = ("shallow", "deep")
 
@@ -111,7 +112,7 @@ class APLConfig(PeftConfig):
                 f"num_virtual_tokens={self.num_virtual_tokens} leaves no room in CLIP's {MAX_CLIP_POSITIONS} "
                 f"positions for BOS and EOS; use at most {MAX_CLIP_POSITIONS - 2} (the paper uses 10)."
             )
-        if self.prefix_init not in ("random_uniform", "text", "vocab"):
+        if self.prefix_init not in INIT_METHODS:
             raise APLAdapterError(f"prefix_init must be 'random_uniform', 'text' or 'vocab', got {self.prefix_init!r}")
         if self.prefix_init == "text" and not self.prefix_init_text:
             raise APLAdapterError("prefix_init='text' needs prefix_init_text, e.g. 'a photo of an anonymous person'")
@@ -139,4 +140,11 @@ class APLConfig(PeftConfig):
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
             check_adapter_folder(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        # The saved tensors replace the initial prefix right after injection: building it must not need the
+        # tokenizer (a relative `tokenizer_name_or_path` read elsewhere would be taken for a Hub id).
+        config.weights_follow = True
+        return config
+
+    #: True on a config read from a saved adapter: its prefix starts as zeros, to be overwritten by the file.
+    weights_follow: ClassVar[bool] = False

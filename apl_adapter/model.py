@@ -244,7 +244,10 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: APLConfig, text_model: nn.Module) -> None:
         weight = self.base_layer.token_embedding.weight
-        prefix = initial_prefix(config, weight)
+        if config.weights_follow:  # a saved adapter: its tensors overwrite these at once
+            prefix = torch.zeros(config.num_virtual_tokens, weight.shape[1], device=weight.device)
+        else:
+            prefix = initial_prefix(config, weight)
         self.apl_prefix[adapter_name] = nn.Parameter(prefix)
         if config.prefix_depth == "deep":
             keys, values = prefix_layer_kv(text_model, prefix)
@@ -434,6 +437,30 @@ def clip_text_model_of(model: nn.Module) -> CLIPTextModel:
     )
 
 
+def has_apl_layers(encoder: nn.Module) -> bool:
+    """Whether an APL prefix is injected into this CLIP text encoder."""
+    return isinstance(clip_text_model_of(encoder).embeddings, APLEmbedding)
+
+
+def strip_apl_layers(encoder: nn.Module) -> bool:
+    """Put back the plain CLIP modules wherever APL injected its layers, and drop its hooks.
+
+    The rollback of a failed injection or load (PEFT leaves the layers in place when loading the weights fails).
+    Returns True when anything was removed.
+    """
+    text_model = clip_text_model_of(encoder)
+    removed = False
+    for name, module in list(text_model.named_modules()):
+        if isinstance(module, (APLEmbedding, APLPrefixProjection)):
+            parent_name, _, child = name.rpartition(".")
+            setattr(text_model.get_submodule(parent_name) if parent_name else text_model, child, module.base_layer)
+            removed = True
+    for handle in text_model.__dict__.pop("_apl_hook_handle", ()):
+        handle.remove()
+        removed = True
+    return removed
+
+
 def prefix_parameters(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
     """The trainable tensors of one APL adapter, by attribute name: ``apl_prefix`` ``(m, D)`` and, for a deep
     prefix, ``apl_deep_keys`` / ``apl_deep_values`` ``(num_layers, m, D)``. Give them to the optimizer."""
@@ -482,6 +509,32 @@ class APLModel(BaseTuner):
     prefix: str = "apl_"
     tuner_layer_cls = APLEmbedding
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> dict:
+        """Put the saved prefix keys where this encoder keeps its prefix, then let PEFT add the adapter name.
+
+        ``CLIPTextModel`` keeps its embeddings at ``embeddings``, ``CLIPTextModelWithProjection`` (SDXL's second
+        encoder) at ``text_model.embeddings``: a prefix saved from one loads into the other when the widths match.
+        A prefix key in neither layout is an error (PEFT itself would only warn and keep a random prefix).
+        """
+        own = next((n for n, m in model.named_modules() if isinstance(m, APLEmbedding)), None)
+        if own is not None:
+            root = own[: -len("embeddings")].removesuffix("text_model.")
+            mapped = {}
+            for key, value in state_dict.items():
+                path, dot, tail = key.partition(".apl_")
+                if dot and path != own:
+                    if path not in (root + "embeddings", root + "text_model.embeddings"):
+                        raise APLAdapterError(
+                            f"The adapter's tensor {key!r} belongs to no CLIP text-encoder layout (this encoder keeps "
+                            f"its prefix at {own.removeprefix('base_model.model.')!r}); the adapter was renamed or "
+                            "saved from another kind of model. Re-save it from a CLIP text encoder."
+                        )
+                    key = f"{own}.apl_{tail}"
+                mapped[key] = value
+            state_dict = mapped
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _prepare_adapter_config(self, peft_config: APLConfig, model_config: dict) -> APLConfig:
         peft_config.target_modules = apl_target_modules(peft_config.prefix_depth)

@@ -30,7 +30,8 @@ from peft.utils import get_peft_model_state_dict
 
 from .config import APLConfig
 from .errors import APLAdapterError
-from .model import clip_text_model_of
+from .model import clip_text_model_of, has_apl_layers, strip_apl_layers
+from .serialization import check_adapter_folder
 
 _STATE = "_apl_state"
 AdapterLike = str | os.PathLike | PeftModel
@@ -63,23 +64,29 @@ def apply_apl(
         raise APLAdapterError("This pipeline already has an APL prefix; call remove_apl(pipe) first.")
     if not hasattr(pipe, "encode_prompt"):
         raise APLAdapterError(f"{type(pipe).__name__} has no encode_prompt(); APL supports Stable Diffusion pipelines.")
-    models: dict[str, PeftModel] = {}
-    for attr, source in (("text_encoder", adapter), ("text_encoder_2", adapter_2)):
-        if source is None:
-            continue
-        encoder = getattr(pipe, attr, None)
-        if encoder is None:
-            raise APLAdapterError(f"{type(pipe).__name__} has no {attr} to apply the adapter to.")
-        models[attr] = _attach(encoder, source)
-    if not models:
+    pairs = [(attr, source) for attr, source in (("text_encoder", adapter), ("text_encoder_2", adapter_2)) if source]
+    if not pairs:
         raise APLAdapterError("No adapter given: pass a saved adapter folder or a PeftModel.")
+    for attr, _ in pairs:
+        if getattr(pipe, attr, None) is None:
+            raise APLAdapterError(f"{type(pipe).__name__} has no {attr} to apply the adapter to.")
+    # encoders the caller had already wrapped (a PeftModel built on pipe.text_encoder) keep their layers on failure
+    untouched = [attr for attr, _ in pairs if not has_apl_layers(getattr(pipe, attr))]
+    models: dict[str, PeftModel] = {}
+    try:  # all or nothing: a failure leaves the pipeline's encoders exactly as they were
+        for attr, source in pairs:
+            models[attr] = _attach(getattr(pipe, attr), source)
+        cached = {}
+        if use_prefix_cache:
+            from .prefix_cache import CachedPrefixEncoder
+
+            cached = {attr: CachedPrefixEncoder.from_adapter(model) for attr, model in models.items()}
+    except BaseException:
+        for attr in untouched:
+            strip_apl_layers(getattr(pipe, attr))
+        raise
     if apply_to_negative_prompt is None:
         apply_to_negative_prompt = any(m.peft_config["default"].apply_to_negative_prompt for m in models.values())
-    cached = {}
-    if use_prefix_cache:
-        from .prefix_cache import CachedPrefixEncoder
-
-        cached = {attr: CachedPrefixEncoder.from_adapter(model) for attr, model in models.items()}
     original = pipe.encode_prompt
     if apply_to_negative_prompt:
         pipe.encode_prompt = _with_encoders(pipe, original, cached)
@@ -126,6 +133,7 @@ def _attach(encoder, source: AdapterLike) -> PeftModel:
         model.eval()
         return model
     if isinstance(source, (str, os.PathLike)):
+        check_adapter_folder(source)  # refuses other PEFT types (a LoRA folder) before anything is injected
         model = PeftModel.from_pretrained(encoder, str(source))
         model.eval()
         return model

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .atomic import atomic_folder
+from .config import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS
 from .errors import APLAdapterError
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,8 +47,9 @@ def check_adapter_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise APLAdapterError(f"{config_path} is missing: the adapter folder is incomplete; re-save it.")
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise APLAdapterError(f"{config_path} is not valid JSON ({err}); the file is corrupted, re-save it.") from err
+    check_adapter_config(config, config_path)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is no dict
@@ -60,24 +62,68 @@ def check_adapter_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# No trained prefix comes near this (CLIP's token embeddings have norms below 1): values this large overflow
+# fp16 and the layer norms, so the images come out NaN.
+MAX_PREFIX_ABS = 1e4
+
+
+def check_adapter_config(config: object, config_path: Path) -> None:
+    """Refuse an ``adapter_config.json`` that is not an APL config PEFT and the encoder can use.
+
+    Each field is checked by type as well as value: ``"4"`` is not a prefix length and ``"false"`` is not False.
+    """
+
+    def refuse(problem: str) -> APLAdapterError:
+        return APLAdapterError(f"{config_path}: {problem}. Re-save the adapter with apl-train or save_pretrained().")
+
+    if not isinstance(config, dict):
+        raise refuse(f"the config is a JSON {type(config).__name__}, not an object")
+    peft_type = config.get("peft_type")
+    if peft_type != "APL":
+        what = "has no peft_type" if peft_type is None else f"is a {peft_type!r} adapter"
+        raise APLAdapterError(
+            f"{config_path} {what}, not an APL prefix (peft_type 'APL'); apl-adapter loads APL adapters only. "
+            "Load other PEFT adapters with peft itself."
+        )
+    m = config.get("num_virtual_tokens")
+    if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_CLIP_POSITIONS - 2:
+        raise refuse(f"num_virtual_tokens must be an integer from 1 to {MAX_CLIP_POSITIONS - 2}, got {m!r}")
+    width = config.get("token_dim")
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width <= 0):
+        raise refuse(f"token_dim must be a positive integer, got {width!r}")
+    choices = {"prefix_init": INIT_METHODS, "prefix_depth": PREFIX_DEPTHS}
+    for field, allowed in choices.items():
+        if field in config and config[field] not in allowed:
+            raise refuse(f"{field} must be one of {', '.join(allowed)}, got {config[field]!r}")
+    negative = config.get("apply_to_negative_prompt", False)
+    if not isinstance(negative, bool):
+        raise refuse(f"apply_to_negative_prompt must be true or false (JSON booleans), got {negative!r}")
+
+
 def expected_tensor_names(config: dict) -> tuple[str, ...]:
     """The tensors an APL adapter of this config holds, by name: the prefix, plus the deep rows when deep."""
     deep = config.get("prefix_depth", "shallow") == "deep"
     return ("apl_prefix", "apl_deep_keys", "apl_deep_values") if deep else ("apl_prefix",)
 
 
+# Where PEFT saves the prefix: CLIPTextModel keeps its embeddings at the top, CLIPTextModelWithProjection under
+# text_model (a prefix loads into either class when the widths match).
+PREFIX_PARENTS = ("base_model.model.embeddings", "base_model.model.text_model.embeddings")
+
+
 def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights_path: Path) -> None:
     """Refuse a weights file that holds anything but the prefix tensors its config declares, or bad values.
 
     An adapter is a prefix and nothing else: PEFT would load any other tensor into the base model (a key ending
-    in ``final_layer_norm.weight`` rewrites the encoder), so every key must be ``...embeddings.<name>``.
+    in ``final_layer_norm.weight`` rewrites the encoder), so every key must be ``<PREFIX_PARENTS>.<name>``; a
+    renamed key is refused too (PEFT would keep a random prefix in its place and only warn).
     """
     expected = expected_tensor_names(config)
     found: dict[str, torch.Tensor] = {}
     extra = []
     for key, value in tensors.items():
         parent, _, name = key.rpartition(".")
-        if name in expected and parent.rpartition(".")[2] == "embeddings" and name not in found:
+        if name in expected and parent in PREFIX_PARENTS and name not in found:
             found[name] = value
         else:
             extra.append(key)
@@ -95,11 +141,22 @@ def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights
         )
     m = config.get("num_virtual_tokens")
     width = found["apl_prefix"].shape[-1] if found["apl_prefix"].ndim == 2 else None
+    if config.get("token_dim") is not None and width is not None and config["token_dim"] != width:
+        raise APLAdapterError(
+            f"{weights_path}: the prefix is {width} wide but the config says token_dim={config['token_dim']}; "
+            "the folder mixes files of two adapters. Re-save it."
+        )
     for name, value in found.items():
         if not torch.isfinite(value).all():
             raise APLAdapterError(
                 f"{weights_path}: {name} contains NaN or Inf values; the training diverged. "
                 "Use an earlier checkpoint or lower the learning rate."
+            )
+        if value.numel() and value.abs().max() > MAX_PREFIX_ABS:
+            raise APLAdapterError(
+                f"{weights_path}: {name} holds values up to {value.abs().max().item():.3g} (a usable prefix stays "
+                f"far below {MAX_PREFIX_ABS:g}); the encoder would overflow and images come out NaN. The training "
+                "diverged: use an earlier checkpoint or lower the learning rate."
             )
         rows = 2 if name == "apl_prefix" else 3
         if value.ndim != rows or (m is not None and value.shape[-2] != m) or value.shape[-1] != width:

@@ -167,3 +167,30 @@ def test_width_mismatch_through_the_pipeline(sd, tmp_path):
     get_peft_model(tiny_clip_text_model(hidden_size=64), APLConfig()).save_pretrained(tmp_path / "wide")
     with pytest.raises(APLAdapterError, match=r"width 64.*width 32"):
         apply_apl(sd, tmp_path / "wide")
+
+
+def test_a_failed_apply_leaves_the_pipeline_as_it_was(tmp_path):
+    """SDXL: the first encoder takes its prefix, the second one's is too narrow; neither keeps anything."""
+    from peft import LoraConfig
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.save_pretrained(tmp_path / "sdxl")
+    plain = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
+    get_peft_model(tiny_clip_text_model(), APLConfig()).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(APLAdapterError, match=r"width 32.*width 48"):
+        apply_apl(pipe, tmp_path / "narrow", tmp_path / "narrow")
+    lora = get_peft_model(tiny_clip_text_model(), LoraConfig(target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(APLAdapterError, match="'LORA' adapter"):
+        apply_apl(pipe, tmp_path / "lora")
+    for name in ("text_encoder", "text_encoder_2"):
+        got, want = getattr(pipe, name), getattr(plain, name)
+        assert [type(m) for m in got.modules()] == [type(m) for m in want.modules()]
+        ids = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 73])
+        torch.testing.assert_close(got(ids)[0], want(ids)[0], rtol=0, atol=0)
+    kwargs = dict(height=16, width=16, num_inference_steps=2, output_type="np")
+    np.testing.assert_array_equal(
+        pipe(PROMPT, generator=_gen(), **kwargs).images, plain(PROMPT, generator=_gen(), **kwargs).images
+    )
+    apply_apl(pipe, tmp_path / "narrow")  # and the pipeline still takes a good prefix
+    remove_apl(pipe)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -171,3 +173,136 @@ def test_an_adapter_may_only_be_a_prefix(saved, extra_key, prompt_ids, capsys):
     torch.testing.assert_close(pipe.text_encoder(prompt_ids)[0], tiny_clip_text_model()(prompt_ids)[0])
     assert inspect_main(["inspect", str(folder)]) == 2
     assert extra_key in capsys.readouterr().err
+
+
+def test_a_prefix_loads_across_the_two_clip_classes(tmp_path, prompt_ids):
+    """SDXL users move prefixes between CLIPTextModel and CLIPTextModelWithProjection of one width."""
+    from transformers import CLIPTextModelWithProjection
+
+    with_projection = CLIPTextModelWithProjection(tiny_clip_text_model().config)
+    source = get_peft_model(with_projection, APLConfig(num_virtual_tokens=4, init_seed=9))
+    with torch.no_grad():  # as if trained: a fresh prefix of the same seed must not pass for the loaded one
+        source.get_base_model().text_model.embeddings.apl_prefix["default"].mul_(-3)
+    source.save_pretrained(tmp_path / "from-projection")
+    loaded = PeftModel.from_pretrained(tiny_clip_text_model(), str(tmp_path / "from-projection"))
+    expected = source.get_base_model().text_model.embeddings.apl_prefix["default"]
+    torch.testing.assert_close(loaded.get_base_model().embeddings.apl_prefix["default"], expected, rtol=0, atol=0)
+    back = PeftModel.from_pretrained(
+        CLIPTextModelWithProjection(with_projection.config), str(tmp_path / "from-projection")
+    )
+    torch.testing.assert_close(back.get_base_model().text_model.embeddings.apl_prefix["default"], expected)
+
+
+def test_a_renamed_prefix_key_is_an_error_not_a_random_prefix(saved, capsys):
+    from apl_adapter.cli import main as inspect_main
+
+    _, folder = saved
+    weights = folder / "adapter_model.safetensors"
+    ((key, value),) = load_file(weights).items()
+    save_file({key.replace("model.embeddings", "model.encoder.embeddings"): value}, weights)
+    with pytest.raises(APLAdapterError, match="not part of an APL prefix"):
+        PeftModel.from_pretrained(tiny_clip_text_model(), str(folder))
+    assert inspect_main(["inspect", str(folder)]) == 2
+    assert "encoder.embeddings" in capsys.readouterr().err
+
+
+def test_a_text_init_adapter_loads_offline_from_anywhere(tmp_path, monkeypatch):
+    """The saved tokenizer path is relative to where training ran; elsewhere transformers takes it for a Hub id
+    (a 235 s stall of failed requests here). Loading must not need it: any socket connect fails this test."""
+    import subprocess
+    import sys
+
+    from apl_adapter.tokenizer import load_clip_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    load_clip_tokenizer().save_pretrained("tok")
+    config = APLConfig(
+        num_virtual_tokens=4, prefix_init="text", prefix_init_text="a person", tokenizer_name_or_path="tok"
+    )
+    model = get_peft_model(tiny_clip_text_model(), config)
+    with torch.no_grad():
+        model.get_base_model().embeddings.apl_prefix["default"].add_(0.5)  # as if trained
+    model.save_pretrained("adapter")
+    torch.save(model.get_base_model().embeddings.apl_prefix["default"].detach().clone(), tmp_path / "expected.pt")
+    (tmp_path / "elsewhere").mkdir()
+    script = """
+import os, sys, torch
+sys.addaudithook(lambda event, args: os._exit(3) if event == "socket.connect" else None)
+from peft import PeftModel
+import apl_adapter
+from apl_adapter.testing import tiny_clip_text_model
+loaded = PeftModel.from_pretrained(tiny_clip_text_model(), sys.argv[1])
+got = loaded.get_base_model().embeddings.apl_prefix["default"]
+print(bool(torch.equal(got, torch.load(sys.argv[2]))))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "adapter"), str(tmp_path / "expected.pt")],
+        cwd=tmp_path / "elsewhere",
+        env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"loading reached for the network (exit {done.returncode}): {done.stderr[-800:]}"
+    assert done.stdout.strip() == "True"
+
+
+_BAD_CONFIGS = {
+    "m 100": ({"num_virtual_tokens": 100}, "num_virtual_tokens"),
+    "m 76": ({"num_virtual_tokens": 76}, "num_virtual_tokens"),
+    "m 0": ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+    "m null": ({"num_virtual_tokens": None}, "num_virtual_tokens"),
+    "m 4.0": ({"num_virtual_tokens": 4.0}, "num_virtual_tokens"),
+    "m '4'": ({"num_virtual_tokens": "4"}, "num_virtual_tokens"),
+    "lora": ({"peft_type": "LORA"}, "'LORA' adapter"),
+    "unknown type": ({"peft_type": "FOO"}, "'FOO' adapter"),
+    "no type": ({"peft_type": None}, "no peft_type"),
+    "unknown init": ({"prefix_init": "zeros"}, "prefix_init"),
+    "token_dim disagrees": ({"token_dim": 48}, "token_dim=48"),
+    "negative as string": ({"apply_to_negative_prompt": "false"}, "apply_to_negative_prompt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_CONFIGS))
+def test_inspect_refuses_configs_that_cannot_load(saved, case, capsys):
+    from apl_adapter.cli import main as inspect_main
+
+    _, folder = saved
+    path = folder / "adapter_config.json"
+    change, reason = _BAD_CONFIGS[case]
+    config = json.loads(path.read_text())
+    config.update(change)
+    if change.get("peft_type", "") is None:
+        del config["peft_type"]
+    path.write_text(json.dumps(config))
+    assert inspect_main(["inspect", str(folder)]) == 2
+    assert reason in capsys.readouterr().err
+    from apl_adapter.pipelines import apply_apl
+    from apl_adapter.testing import tiny_sd_pipeline
+
+    with pytest.raises(APLAdapterError, match=re.escape(reason)):
+        apply_apl(tiny_sd_pipeline(), folder)
+    if config.get("peft_type") == "APL":  # other types are PEFT's to load
+        with pytest.raises(APLAdapterError, match=re.escape(reason)):
+            PeftModel.from_pretrained(tiny_clip_text_model(), str(folder))
+
+
+def test_inspect_refuses_a_config_that_is_a_json_list(saved, capsys):
+    from apl_adapter.cli import main as inspect_main
+
+    _, folder = saved
+    (folder / "adapter_config.json").write_text("[1, 2]")
+    assert inspect_main(["inspect", str(folder)]) == 2
+    assert "JSON list" in capsys.readouterr().err
+
+
+def test_inspect_refuses_a_prefix_so_large_images_come_out_nan(saved, capsys):
+    from apl_adapter.cli import main as inspect_main
+
+    _, folder = saved
+    weights = folder / "adapter_model.safetensors"
+    ((key, value),) = load_file(weights).items()
+    save_file({key: torch.full_like(value, 1e30)}, weights)
+    assert inspect_main(["inspect", str(folder)]) == 2
+    assert "images come out NaN" in capsys.readouterr().err
