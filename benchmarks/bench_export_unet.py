@@ -54,7 +54,7 @@ def child(exporter: str, out: Path, validate: bool) -> dict:
     graph = UNetGraph(sd15_unet())
     build_s = time.perf_counter() - start
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    spec = unet_spec(768, 8, ShapeRanges(batch=ShapeRange(1, 1, 4)))
+    spec = unet_spec(768, 8, ShapeRanges(batch=ShapeRange(1, 1, 4)).resolved(512))
     example = (torch.randn(2, 4, 64, 64), torch.tensor([999.0]), torch.randn(2, 77, 768))
     path = out / "unet" / "model.onnx"
     start = time.perf_counter()

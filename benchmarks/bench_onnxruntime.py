@@ -66,7 +66,7 @@ def text_encoder_case():
     model = get_peft_model(CLIPTextModel(sd15_text_config()).eval(), APLConfig()).eval()
     prefix = model.get_base_model().embeddings.apl_prefix["default"].detach()
     graph = CLIPTextEncoderGraph(model.get_base_model(), prefix=prefix)
-    spec = text_encoder_spec("text_encoder", 768, "pooler_output", 768, ShapeRanges())
+    spec = text_encoder_spec("text_encoder", 768, "pooler_output", 768, ShapeRanges().resolved(512))
     ids = load_clip_tokenizer()(["a photo of Ann Lee"], padding="max_length", max_length=77, return_tensors="pt")
     ids = ids.input_ids
     feed = {"input_ids": ids.numpy().astype(np.int32)}
@@ -85,7 +85,7 @@ def unet_case():
 
     torch.manual_seed(0)
     graph = UNetGraph(sd15_unet())
-    spec = unet_spec(768, 8, ShapeRanges())
+    spec = unet_spec(768, 8, ShapeRanges().resolved(512))
     example = (torch.randn(2, 4, 64, 64), torch.tensor([999.0]), torch.randn(2, 77, 768))
     feed = {t.name: v.numpy() for t, v in zip(spec.inputs, example)}
 

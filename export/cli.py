@@ -59,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and activations (fp32 inputs/outputs)")
     parser.add_argument("--prefix-mode", choices=["baked", "input"], default="baked", help="see 'prefix modes'")
     parser.add_argument("--batch", default="1:1:4", help="prompts per call, N or MIN:OPT:MAX (default 1:1:4)")
-    parser.add_argument("--height", default="512", help="image height in pixels, N or MIN:OPT:MAX (default 512)")
-    parser.add_argument("--width", default="512", help="image width in pixels, N or MIN:OPT:MAX (default 512)")
+    parser.add_argument(
+        "--height",
+        help="image height in pixels, N or MIN:OPT:MAX (default: the model's native size, unet sample_size x VAE "
+        "factor, as diffusers: 512 for SD 1.x, 768 for SD 2.x-768)",
+    )
+    parser.add_argument("--width", help="image width in pixels, N or MIN:OPT:MAX (default: the native size)")
     parser.add_argument("--triton", action="store_true", help="also write a Triton Inference Server repository")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default 19)")
@@ -90,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ranges = ShapeRanges(
             batch=ShapeRange.parse(args.batch, "batch"),
-            height=ShapeRange.parse(args.height, "height"),
-            width=ShapeRange.parse(args.width, "width"),
+            height=ShapeRange.parse(args.height, "height") if args.height else None,
+            width=ShapeRange.parse(args.width, "width") if args.width else None,
         )
         options = ExportOptions(
             prefix_mode=args.prefix_mode,

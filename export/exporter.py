@@ -28,9 +28,8 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +37,7 @@ import numpy as np
 import onnx
 import torch
 
-from apl_adapter.atomic import replace_folder
+from apl_adapter.atomic import replace_folder, staging_folder
 from apl_adapter.model import PrefixWeights
 
 from .errors import ExportError, TensorRTUnavailableError
@@ -98,6 +97,12 @@ class LoadedPipeline:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def native_size(self) -> int:
+        """The image side the pipeline makes by default: ``unet.config.sample_size`` x VAE factor (as diffusers)."""
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else max(size)) * self.vae_factor
+
+    @property
     def image_multiple(self) -> int:
         """Image sides must divide by this: the VAE factor times the UNet's downsampling (64 for SD 1.x)."""
         return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -138,11 +143,14 @@ def export_pipeline(
     """Export ``model_dir`` (a diffusers Stable Diffusion folder) with the APL adapter to ``out_dir``."""
     options = options or ExportOptions()
     out = Path(out_dir)
+    check_out_keeps_inputs(out, {"model": Path(model_dir), "--adapter": Path(adapter_dir)})
     staging = prepare_output(out, options.overwrite)
     try:
         progress(f"[1/5] loading {model_dir} and adapter {adapter_dir}")
         loaded = load_pipeline(Path(model_dir), Path(adapter_dir))
+        options = replace(options, ranges=options.ranges.resolved(loaded.native_size))
         options.ranges.check_image_multiple(loaded.image_multiple)
+        check_validation_fits(loaded, options.ranges)
         progress("[2/5] ONNX export and [3/5] validation against PyTorch")
         manifest = export_onnx_models(loaded, staging, options, progress)
         progress("[4/5] folder layout: configs, tokenizer, scheduler, model_index.json")
@@ -177,6 +185,18 @@ def export_pipeline(
 # ----------------------------------------------------------------------------------------------
 
 
+def check_out_keeps_inputs(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an ``--out`` that is, or contains, an input folder: replacing it would delete the user's inputs."""
+    target = out.resolve()
+    for flag, folder in inputs.items():
+        source = folder.resolve()
+        if source == target or target in source.parents:
+            raise ExportError(
+                f"--out {out} {'is' if source == target else 'contains'} the {flag} folder {folder}; writing the "
+                "export there would replace it. Choose an --out outside your inputs, e.g. a new sibling folder."
+            )
+
+
 def prepare_output(out: Path, overwrite: bool) -> Path:
     """Check ``out`` can be (re)written and return a fresh staging folder next to it."""
     if out.exists() and not out.is_dir():
@@ -185,8 +205,7 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
         raise ExportError(f"--out {out} already exists and is not empty; pass --overwrite to replace it.")
     parent = out.resolve().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=parent))
+        return staging_folder(out.resolve(), "export")
     except OSError as err:
         raise ExportError(f"Cannot write to {parent} ({err.strerror}); choose a writable --out folder.") from err
 
@@ -242,6 +261,48 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
         adapter_dir=adapter_dir,
         prefix_weights=weights,
     )
+
+
+def validation_peak_bytes(unet, vae_factor: int, ranges: ShapeRanges) -> int:
+    """A lower bound on the largest tensor validation makes: one self-attention score matrix of the UNet.
+
+    ONNX Runtime materializes ``(batch x heads, hw, hw)`` float32 scores at every attention level; at the
+    latent resolution of the opt image size (what :func:`unet_feeds` runs) the first level dominates.
+    """
+    config = unet.config
+    heads = config.num_attention_heads or config.attention_head_dim
+    heads = heads if isinstance(heads, int) else heads[0]
+    batch = max(2 * ranges.batch.opt, 2)
+    latent_hw = (ranges.height.opt // vae_factor) * (ranges.width.opt // vae_factor)
+    peak = 0
+    for level, block in enumerate(config.down_block_types):
+        if "Attn" in block:
+            hw = latent_hw // 4**level
+            peak = max(peak, batch * heads * hw * hw * 4)
+    return peak
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_validation_fits(loaded: LoadedPipeline, ranges: ShapeRanges) -> None:
+    """Fail before exporting when validating at these sizes would need more memory than the machine has."""
+    need, have = validation_peak_bytes(loaded.unet, loaded.vae_factor, ranges), _available_memory()
+    if have is not None and need > have:
+        raise ExportError(
+            f"Validating the UNet at {ranges.height.opt}x{ranges.width.opt} (batch {ranges.batch.opt}) needs at least "
+            f"{need / 2**30:.1f} GiB for one attention score matrix, but {have / 2**30:.1f} GiB are free. This "
+            f"pipeline's native size is {loaded.native_size} (the default when --height / --width are not given); "
+            "export at that size or on a machine with more memory."
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,11 +56,23 @@ class ShapeRanges:
     """
 
     batch: ShapeRange = ShapeRange(1, 1, 4)
-    height: ShapeRange = ShapeRange(512, 512, 512)
-    width: ShapeRange = ShapeRange(512, 512, 512)
+    #: ``None``: the model's native size (``unet.config.sample_size`` x VAE factor), filled in by :meth:`resolved`
+    height: ShapeRange | None = None
+    width: ShapeRange | None = None
+
+    def resolved(self, native: int) -> ShapeRanges:
+        """These ranges with an unset height / width set to ``native`` pixels (what diffusers pipelines default to)."""
+        fixed = ShapeRange(native, native, native)
+        return ShapeRanges(self.batch, self.height or fixed, self.width or fixed)
+
+    def image_sides(self) -> tuple[ShapeRange, ShapeRange]:
+        """``(height, width)``; both must be set (see :meth:`resolved`)."""
+        if self.height is None or self.width is None:
+            raise ExportError("Image sizes are unset: call ShapeRanges.resolved(native_size) with the model's size.")
+        return self.height, self.width
 
     def check_image_multiple(self, multiple: int) -> None:
-        for name, rng in (("height", self.height), ("width", self.width)):
+        for name, rng in zip(("height", "width"), self.image_sides()):
             bad = [v for v in (rng.min, rng.opt, rng.max) if v % multiple]
             if bad:
                 raise ExportError(
@@ -142,10 +154,11 @@ def unet_spec(hidden_size: int, vae_factor: int, ranges: ShapeRanges, channels: 
         TensorSpec("encoder_hidden_states", F32, ("unet_batch", TEXT_SEQ_LEN, hidden_size)),
     )
     outputs = (TensorSpec("out_sample", F32, ("unet_batch", channels, "latent_height", "latent_width")),)
+    height, width = ranges.image_sides()
     dims = {
         "unet_batch": ranges.batch.scaled(2),
-        "latent_height": ranges.height.divided(vae_factor),
-        "latent_width": ranges.width.divided(vae_factor),
+        "latent_height": height.divided(vae_factor),
+        "latent_width": width.divided(vae_factor),
     }
     return ModelSpec("unet", inputs, outputs, dims)
 
@@ -154,11 +167,12 @@ def vae_decoder_spec(vae_factor: int, ranges: ShapeRanges, channels: int = LATEN
     """``latent_sample`` ``(B, C, h, w)`` -> ``sample`` ``(B, 3, h * f, w * f)``."""
     inputs = (TensorSpec("latent_sample", F32, ("batch", channels, "latent_height", "latent_width")),)
     outputs = (TensorSpec("sample", F32, ("batch", 3, "height", "width")),)
+    height, width = ranges.image_sides()
     dims = {
         "batch": ranges.batch,
-        "latent_height": ranges.height.divided(vae_factor),
-        "latent_width": ranges.width.divided(vae_factor),
-        "height": ranges.height,
-        "width": ranges.width,
+        "latent_height": height.divided(vae_factor),
+        "latent_width": width.divided(vae_factor),
+        "height": height,
+        "width": width,
     }
     return ModelSpec("vae_decoder", inputs, outputs, dims)

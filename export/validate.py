@@ -107,6 +107,18 @@ def check_structure(path: Path, spec: ModelSpec) -> None:
                 raise ValidationError(f"{path}: {kind[:-1]} {value.name} is {dtype}, expected {tensor.dtype}.")
 
 
+def check_finite(path: Path, name: str, outputs: dict[str, np.ndarray]) -> None:
+    """Fail on NaN / Inf in an output, by name: an error of NaN would otherwise read as 0 in a running max."""
+    for source, values in outputs.items():
+        bad = int(np.size(values) - np.isfinite(values).sum())
+        if bad:
+            raise ValidationError(
+                f"{path}: output {name} from {source} has {bad} non-finite values (NaN/Inf) of {np.size(values)}; "
+                "the model overflows on the validation inputs. Check the adapter (apl-adapter inspect) and drop "
+                "--fp16 if the overflow is in half precision."
+            )
+
+
 def compare_with_torch(
     path: Path,
     module: torch.nn.Module,
@@ -136,6 +148,7 @@ def compare_with_torch(
                 raise ValidationError(
                     f"{path}: output {name} has shape {tuple(actual.shape)}, PyTorch gives {tuple(expected.shape)}."
                 )
+            check_finite(path, name, {"PyTorch": expected, "onnxruntime": actual})
             error = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
             worst[name] = max(worst.get(name, 0.0), error)
     compare = CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="max", check_shapes=True)
@@ -191,6 +204,7 @@ def compare_custom_op_graph(
                         f"{path}: output {name} ({source}) has shape {tuple(actual.shape)}, the reference gives "
                         f"{tuple(expected[name].shape)}."
                     )
+                check_finite(path, name, {"the reference": expected[name], source: actual})
                 error = float(np.max(np.abs(actual.astype(np.float64) - expected[name].astype(np.float64)), initial=0))
                 key = f"{name}/{source}"
                 worst[key] = max(worst.get(key, 0.0), error)

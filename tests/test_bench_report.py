@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 
 import pytest
@@ -97,7 +98,15 @@ def test_goals_are_judged_on_the_measured_numbers(tmp_path):
     assert "**no**" in markdown and "not measured" in markdown
     assert "= +5.0 points; 1 lost, 0 gained, McNemar p = 1, APL minus base 95% CI -67.4 to +17.4" in markdown
     assert "APL 90.0% (base minus APL +5.0 points; 1 lost" in markdown  # the section says which way it runs
-    write_report(report, sections, tmp_path / "out")
+    old_mask = os.umask(0o022)
+    try:
+        write_report(report, sections, tmp_path / "out")
+    finally:
+        os.umask(old_mask)
+    # a server running as another user reads the report (mkstemp alone would make grid.png 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == dict.fromkeys(
+        ["grid.png", "report.json", "report.md"], 0o644
+    )
     assert json.loads((tmp_path / "out" / "report.json").read_text())["sections"]["seen"]["accuracy_fall"] == 18.0
     assert Image.open(tmp_path / "out" / "grid.png").size[1] > 16
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grid.png", "report.json", "report.md"]

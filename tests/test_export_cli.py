@@ -82,3 +82,43 @@ def test_bad_ranges(sources, tmp_path, capsys, flag, value, message):
 def test_not_a_pipeline_folder(sources, tmp_path, capsys):
     code, err = _run(capsys, tmp_path, "--adapter", sources / "adapter-48", "--out", tmp_path / "out")
     assert code == 2 and "model_index.json" in err
+
+
+def test_out_that_is_or_contains_an_input_is_refused(sources, capsys):
+    """--overwrite replaces --out; an --out holding the model or the adapter would delete the user's inputs."""
+    before = sorted(p.relative_to(sources) for p in sources.rglob("*"))
+    for out in (sources / "sd", sources / "adapter-32", sources):
+        code, err = _run(capsys, sources / "sd", "--adapter", sources / "adapter-32", "--out", out, "--overwrite")
+        assert code == 2 and "would replace it" in err, err
+    assert sorted(p.relative_to(sources) for p in sources.rglob("*")) == before
+
+
+def test_validation_that_cannot_fit_in_memory_fails_before_exporting(sources, tmp_path, capsys):
+    # the tiny pipeline's VAE factor is 2: at 4096 px the UNet's first attention level has 2048^2 positions
+    code, err = _run(capsys, sources / "sd", "--adapter", sources / "adapter-32", "--out", tmp_path / "out",
+                     "--height", "4096", "--width", "4096")  # fmt: skip
+    assert code == 2 and "GiB" in err and "native size is 16" in err, err
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_export_defaults_follow_the_model_and_the_umask(sources, tmp_path, capsys, caplog):
+    """Native size by default (16 px here, not 512), files readable per the umask, a killed run's staging cleaned."""
+    import json
+    import os
+
+    stale = tmp_path / ".out.export-999999999-abcd"  # no such process: a run that was killed mid-export
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "model.onnx").write_bytes(b"\0" * 1024)
+    old_mask = os.umask(0o022)
+    try:
+        code, err = _run(capsys, sources / "sd", "--adapter", sources / "adapter-32", "--out", tmp_path / "out",
+                         "--exporter", "torchscript", "--batch", "1")  # fmt: skip
+    finally:
+        os.umask(old_mask)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "apl_export.json").read_text())
+    assert manifest["ranges"]["height"] == manifest["ranges"]["width"] == [16, 16, 16]
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "unet" / "model.onnx").stat().st_mode & 0o777 == 0o644
+    assert not stale.exists() and _leftovers(tmp_path) == []
+    assert any(str(stale) in r.getMessage() and "killed" in r.getMessage() for r in caplog.records)

@@ -93,7 +93,7 @@ def test_unet_dynamic_batch_and_size(tmp_path):
 
 
 def test_specs_profiles_and_parsing():
-    spec = unet_spec(768, 8, ShapeRanges(batch=ShapeRange(1, 1, 4), height=ShapeRange(512, 512, 768)))
+    spec = unet_spec(768, 8, ShapeRanges(batch=ShapeRange(1, 1, 4), height=ShapeRange(512, 512, 768)).resolved(512))
     assert spec.profile()["sample"] == ((2, 4, 64, 64), (2, 4, 64, 64), (8, 4, 96, 64))
     assert spec.profile()["timestep"] == ((1,), (1,), (1,))
     assert spec.dynamic_axes()["out_sample"] == {0: "unet_batch", 2: "latent_height", 3: "latent_width"}
@@ -105,3 +105,25 @@ def test_specs_profiles_and_parsing():
 def test_baked_prefix_width_must_match_encoder():
     with pytest.raises(ExportError, match="width 32"):
         CLIPTextEncoderGraph(tiny_clip_text_model(), prefix=torch.zeros(10, 48))
+
+
+def test_non_finite_outputs_fail_validation_by_name(tmp_path):
+    """An error of NaN must not read as 0: outputs with NaN/Inf fail, naming the output."""
+    from apl_export.errors import ValidationError
+    from apl_export.specs import ModelSpec, TensorSpec
+
+    class Log(torch.nn.Module):
+        def forward(self, x):
+            return torch.log(x)
+
+    f32 = np.dtype(np.float32)
+    spec = ModelSpec(
+        "log", (TensorSpec("x", f32, ("n",)),), (TensorSpec("y", f32, ("n",)),), {"n": ShapeRange(1, 3, 4)}
+    )
+    path = tmp_path / "log.onnx"
+    export_model(Log(), (torch.ones(3),), spec, path, exporter="torchscript", progress=lambda s: None)
+    good = {"x": np.array([1.0, 2.0, 3.0], np.float32)}
+    compare_with_torch(path, Log(), spec, [good], atol=1e-5, progress=lambda s: None)
+    with pytest.raises(ValidationError, match=r"output y from PyTorch has 1 non-finite"):
+        compare_with_torch(path, Log(), spec, [good, {"x": np.array([1.0, -1.0, 3.0], np.float32)}], atol=1e-5,
+                           progress=lambda s: None)  # fmt: skip

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..atomic import atomic_file, write_text_atomic
 
 PERSON_SECTIONS = ("seen", "unseen", "late", "transfer")
 SECTION_TITLES = {
@@ -196,19 +197,11 @@ def write_report(report: dict, sections: dict, out: str | os.PathLike) -> Path:
     """Write ``report.json``, ``report.md`` and ``grid.png`` into ``out`` (each via a temporary file)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "report.json", json.dumps(_finite(report), indent=2) + "\n")
-    _atomic_write(out / "report.md", to_markdown(report))
-    handle, tmp = tempfile.mkstemp(prefix=".grid-", suffix=".png", dir=out)
-    os.close(handle)
-    make_grid(sections).save(tmp)
-    os.replace(tmp, out / "grid.png")
+    write_text_atomic(out / "report.json", json.dumps(_finite(report), indent=2) + "\n")
+    write_text_atomic(out / "report.md", to_markdown(report))
+    with atomic_file(out / "grid.png") as tmp:
+        make_grid(sections).save(tmp, format="PNG")
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _finite(value):

@@ -16,14 +16,13 @@ import datetime
 import logging
 import math
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import replace_folder
+from ..atomic import replace_folder, staging_folder
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..metrics.faces import (
@@ -144,8 +143,7 @@ def evaluate(settings: EvalSettings) -> dict:
     skipped: list[str] = [p for identity in identities for p in identity.problems]
 
     out = Path(settings.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = staging_folder(out, "partial")
     try:
         report = _run(settings, identities, prompts, skipped, work)
         from .report import write_report
