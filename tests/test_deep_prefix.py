@@ -268,5 +268,9 @@ def test_apl_train_deep_and_resume_checks_the_depth(tmp_path):
         assert (moved[name] - param.detach()).abs().max() > 1e-4, f"{name} was not trained"
     resumed = TrainConfig(out=str(tmp_path / "run"), steps=3, prefix_depth="deep", resume="latest", **common)
     assert train(resumed, show_progress=False).steps == 3
-    with pytest.raises(APLAdapterError, match="--prefix-depth differs"):
+    with pytest.raises(APLAdapterError, match=r"prefix_depth \('deep' -> 'shallow'\)"):
         train(TrainConfig(out=str(tmp_path / "run"), steps=4, resume="latest", **common), show_progress=False)
+    # and even when new settings are allowed, the checkpoint's tensors must fit the depth
+    changed = TrainConfig(out=str(tmp_path / "run"), steps=4, resume="latest", resume_with_new_settings=True, **common)
+    with pytest.raises(APLAdapterError, match="--prefix-depth differs"):
+        train(changed, show_progress=False)

@@ -114,6 +114,9 @@ def test_resume_with_another_prefix_length(capsys, base_folder, tmp_path):
     code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-len", "4")
     assert code == 0, err
     code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-len", "5", "--resume", "latest")
+    assert code == 2 and "prefix_len (4 -> 5)" in err and "--resume-with-new-settings" in err
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--prefix-len", "5", "--resume", "latest",
+                    "--resume-with-new-settings")  # fmt: skip
     assert code == 2
     assert "shape (4, 32)" in err and "--prefix-len" in err
 
@@ -126,7 +129,8 @@ def test_prefix_width_mismatch_on_resume(capsys, tmp_path):
     data = write_data_folder(tmp_path / "data", rows())
     code, err = run(capsys, narrow, data, tmp_path / "run", "--prefix-len", "4")
     assert code == 0, err
-    code, err = run(capsys, wide, data, tmp_path / "run", "--prefix-len", "4", "--resume", "latest")
+    code, err = run(capsys, wide, data, tmp_path / "run", "--prefix-len", "4", "--resume", "latest",
+                    "--resume-with-new-settings")  # fmt: skip
     assert code == 2
     assert "(4, 32)" in err and "(4, 48)" in err and "width" in err
 
@@ -219,3 +223,39 @@ def test_text_init_starts_from_the_phrase_in_the_base_vocabulary(capsys, base_fo
     table = CLIPTextModel.from_pretrained(base_folder / "text_encoder").get_input_embeddings().weight.detach()
     expected = table[torch.tensor((ids * 4)[:4])]
     torch.testing.assert_close(prefix.float(), expected.float(), atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_other_settings_unless_asked(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    other = write_data_folder(tmp_path / "other", rows())
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--checkpoint-every", "1")
+    assert code == 0, err
+    saved = (tmp_path / "run" / "train_config.json").read_text()
+    for flags, field in [
+        (("--seed", "3"), "seed (0 -> 3)"),
+        (("--lr", "0.01"), "lr (0.001 -> 0.01)"),
+        (("--c2", "empty"), "c2 ('attribute' -> 'empty')"),
+        (("--identity-fraction", "0.2"), "identity_fraction (0.5 -> 0.2)"),
+    ]:
+        code, err = run(capsys, base_folder, data, tmp_path / "run", "--resume", "latest", *flags)
+        assert code == 2 and field in err, err
+    code, err = run(capsys, base_folder, other, tmp_path / "run", "--resume", "latest")
+    assert code == 2 and "data (" in err
+    assert (tmp_path / "run" / "train_config.json").read_text() == saved, "a refused resume rewrote the config"
+    # more steps and the same settings written another way: allowed
+    code, err = run(capsys, base_folder, tmp_path / "data" / ".." / "data", tmp_path / "run", "--resume", "latest",
+                    "--steps", "3")  # fmt: skip
+    assert code == 0, err
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--resume", "latest", "--steps", "4", "--seed", "3",
+                    "--resume-with-new-settings")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["seed"] == 3
+
+
+def test_a_finished_run_holding_only_its_adapter_is_not_overwritten(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "keep.txt").write_text("mine")
+    code, err = run(capsys, base_folder, data, tmp_path / "run")
+    assert code == 2 and "already holds a training run (adapter)" in err
+    assert (tmp_path / "run" / "adapter" / "keep.txt").read_text() == "mine"

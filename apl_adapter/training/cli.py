@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help=helps["seed"])
     parser.add_argument("--checkpoint-every", type=int, default=0, help=helps["checkpoint_every"])
     parser.add_argument("--resume", default=None, help=helps["resume"])
+    parser.add_argument("--resume-with-new-settings", action="store_true", help=helps["resume_with_new_settings"])
     parser.add_argument("--resolution", type=int, default=None, help=helps["resolution"])
     parser.add_argument("--latent-mode", choices=["sample", "mean"], default="sample", help=helps["latent_mode"])
     parser.add_argument(

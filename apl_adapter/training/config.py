@@ -83,6 +83,13 @@ class TrainConfig:
     resume: str | None = field(
         default=None, metadata={"help": "A checkpoint-N folder to continue from, or 'latest' (newest in --out)."}
     )
+    resume_with_new_settings: bool = field(
+        default=False,
+        metadata={
+            "help": "Let --resume continue with settings that differ from the run's train_config.json (lr, seed, "
+            "data ...); without it such a resume is refused, naming the fields."
+        },
+    )
     resolution: int | None = field(
         default=None, metadata={"help": "Resize images to this square size; default: they must match the model."}
     )
@@ -140,6 +147,31 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise APLAdapterError(message)
+
+    def differences(self, saved: dict) -> list[str]:
+        """The settings that differ from a run's saved ``train_config.json`` and would change what it trains.
+
+        The step budget, checkpoint and log cadence, gradient checkpointing and the resume options may change.
+        """
+        free = {
+            "steps",
+            "resume",
+            "resume_with_new_settings",
+            "checkpoint_every",
+            "log_every",
+            "gradient_checkpointing",
+        }
+        mine = asdict(self)
+        changed = []
+        for name, value in mine.items():
+            if name in free or name not in saved:
+                continue
+            old = saved[name]
+            if name in ("base", "data"):  # the same folder written two ways
+                value, old = str(Path(value).resolve()), str(Path(str(old)).resolve())
+            if value != old:
+                changed.append(f"{name} ({saved[name]!r} -> {mine[name]!r})")
+        return changed
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

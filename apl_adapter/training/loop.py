@@ -13,6 +13,7 @@ draws exactly what the uninterrupted run would have, so the two end with the sam
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -159,6 +160,34 @@ def _write_loss_log(path: Path, losses: list[tuple[int, float]]) -> None:
     tmp.replace(path)
 
 
+def check_run_folder(config: TrainConfig, out: Path) -> None:
+    """A new run needs a new folder; a resumed run must keep the settings it was started with (or say it changes
+    them with ``resume_with_new_settings``)."""
+    if not config.resume:
+        held = [name for name in ("adapter", "train_config.json") if (out / name).exists()]
+        held += sorted(p.name for p in out.glob("checkpoint-*"))[:2]
+        if held:
+            raise APLAdapterError(
+                f"{out} already holds a training run ({', '.join(held)}); training there would overwrite it. Pass "
+                "--resume latest to continue it, or choose a new --out."
+            )
+        return
+    saved_path = out / "train_config.json"
+    if config.resume_with_new_settings or not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise APLAdapterError(f"{saved_path} cannot be read ({err}); resume with --resume-with-new-settings.") from err
+    changed = config.differences(saved if isinstance(saved, dict) else {})
+    if changed:
+        raise APLAdapterError(
+            f"--resume would continue the run in {out} with other settings: {', '.join(changed)}. Resume with the "
+            "run's settings, or pass --resume-with-new-settings to change them on purpose (recorded in "
+            "train_config.json)."
+        )
+
+
 def train(config: TrainConfig, accelerator: Accelerator | None = None, show_progress: bool = True) -> TrainResult:
     """Train an APL prefix on ``config.data`` against the frozen ``config.base``; return where it was saved.
 
@@ -177,11 +206,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     accelerator = accelerator or _new_accelerator(config.mixed_precision)
     out = Path(config.out)
     check_base_folder(config.base)
-    if not config.resume and any(out.glob("checkpoint-*")):
-        raise APLAdapterError(
-            f"{out} already holds a training run (checkpoint-N folders). Pass --resume latest to continue it, "
-            "or choose a new --out."
-        )
+    check_run_folder(config, out)
     examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
     parts = load_frozen_parts(config.base)
     data = encode_data(parts, examples, config.resolution, accelerator.device)
