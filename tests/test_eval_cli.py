@@ -212,8 +212,26 @@ def test_nothing_to_evaluate_is_a_clear_error(inputs, tmp_path, capsys):
     args[args.index("--prompts") + 1] = str(tmp_path / "prompts.txt")
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "Nothing to evaluate" in err and "Ghost" in err
+    assert "No identity can be measured" in err and "Ghost" in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_a_run_that_can_measure_no_identity_fails_even_with_other_prompts(inputs, tmp_path, capsys, monkeypatch):
+    """A relative identities folder used to resolve references twice (refs/refs/...), skip every identity and
+    exit 0 with no identity metrics."""
+    from apl_adapter.evaluation.specs import load_identities
+
+    monkeypatch.chdir(inputs)
+    (eileen,) = load_identities("refs")
+    assert eileen.name == "eileen" and len(eileen.references) == 5 and not eileen.problems
+    (tmp_path / "faceless" / "Cube_Person").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "faceless" / "Cube_Person" / "cube.png")
+    args = _args(inputs, tmp_path / "out")
+    args[args.index("--identities") + 1] = str(tmp_path / "faceless")
+    assert main(args) == 2  # the prompts file also has a prompt without a person: still nothing on identities
+    err = capsys.readouterr().err
+    assert "No identity can be measured" in err and "Cube Person" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_existing_report_folder_is_not_overwritten_by_accident(inputs, tmp_path, capsys):

@@ -162,10 +162,13 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
     if prompts.templates:
         gallery = build_gallery(embedder, {i.name: i.references for i in identities if i.references}, progress=True)
         skipped += gallery.skipped
-        if gallery.embeddings:
-            recognizer = FaceGalleryRecognizer(embedder, gallery.embeddings, open_set=not settings.closed_set)
-        else:
-            skipped.append("identity metrics: no identity has a usable reference face; identity prompts skipped")
+        if not gallery.embeddings:  # asked to measure identities and could measure none: not a report
+            raise EvalInputError(
+                "No identity can be measured: the prompts file has {name} templates, but no identity has a usable "
+                f"reference face ({'; '.join(skipped) or 'no identities given'}). Fix: give each identity photos in "
+                "which a face is found, or drop the {name} lines to measure image quality only."
+            )
+        recognizer = FaceGalleryRecognizer(embedder, gallery.embeddings, open_set=not settings.closed_set)
     elif identities:
         skipped.append("identity metrics: the prompts file has no {name} template; identities not used")
     people = recognizer.identities if recognizer else []

@@ -101,7 +101,7 @@ def load_identities(path: str | os.PathLike) -> list[Identity]:
                 f"identities folder {path} has no sub-folders. Fix: one sub-folder of photos per identity, "
                 "named after the person (e.g. Ann_Lee/), or a JSON identities file."
             )
-        entries = [{"name": f.name.replace("_", " "), "references": str(f)} for f in folders]
+        entries = [{"name": f.name.replace("_", " "), "references": f.name} for f in folders]  # relative to base
         base = path
     elif path.is_file():
         try:
