@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .errors import APLAdapterError
+from .errors import run_cli
 from .serialization import CONFIG_NAME, check_adapter_folder
 
 
@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("folder", help="adapter folder written by save_pretrained() or apl-train")
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
-    try:
-        info = _inspect(args.folder)
-    except APLAdapterError as err:
-        print(f"apl-adapter: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
+    return run_cli("apl-adapter", lambda: _print_inspection(args.folder, args.json))
+
+
+def _print_inspection(folder: str, as_json: bool) -> int:
+    info = _inspect(folder)
+    if as_json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"APL adapter at {info['folder']}")

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .bench.demo import DEMO_STEPS
-from .errors import APLAdapterError
+from .errors import APLAdapterError, run_cli
 
 EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]
 TINY_PROMPTS = ["a photo of Ann Lee", "a close-up portrait of Zorblax Quentaro", "a red cube on a table"]
@@ -164,21 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="apl-train steps on the world")
     parser.add_argument("--seed", type=int, default=0, help="seed of the export comparison images")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    return run_cli("apl-demo", lambda: _demo(Path(args.out), args.steps, args.seed))
+
+
+def _demo(out: Path, steps: int, seed: int) -> int:
     if out.exists() and not out.is_dir():
-        print(f"apl-demo: error: --out {out} is a file; choose a folder", file=sys.stderr)
-        return 2
+        raise APLAdapterError(f"--out {out} is a file; choose a folder")
+    if steps < 1:
+        raise APLAdapterError(f"--steps must be >= 1, got {steps}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    try:
-        if world_available():
-            summary = run_world_demo(out, args.steps, args.seed)
-        else:
-            print("apl-demo: the world's weights are not installed; running the tiny fallback", file=sys.stderr)
-            summary = run_tiny_demo(out, args.seed)
-    except (APLAdapterError, FileNotFoundError, ValueError) as err:
-        print(f"apl-demo: error: {err}", file=sys.stderr)
-        return 2
+    if world_available():
+        summary = run_world_demo(out, steps, seed)
+    else:
+        print("apl-demo: the world's weights are not installed; running the tiny fallback", file=sys.stderr)
+        summary = run_tiny_demo(out, seed)
     summary["seconds"] = time.time() - started
     report = write_report(out, summary)
     print("\n" + report.read_text())

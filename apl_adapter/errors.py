@@ -1,5 +1,46 @@
-"""Errors raised by apl-adapter, each naming the problem and the fix."""
+"""Errors raised by apl-adapter, each naming the problem and the fix, and the one way every CLI reports them."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Callable
 
 
 class APLAdapterError(ValueError):
-    """Bad input to an APL adapter: a wrong model, a bad config, an unusable adapter file."""
+    """Bad input to an APL adapter: a wrong model, a bad config, an unusable adapter file.
+
+    The base of every error the project raises on purpose (training data, evaluation inputs, export), so a
+    caller catches one type.
+    """
+
+
+# "the disk is full" in its three forms: no space, quota, file-size limit
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's ``body`` and turn what it raises into ``<prog>: error: ...`` on stderr and exit code 2.
+
+    - :class:`APLAdapterError`: the message already names the problem and the fix;
+    - a full disk (ENOSPC, EDQUOT, EFBIG): said so; every writer stages its output and removes the staging on
+      failure, so nothing half-written is kept;
+    - any other ``OSError`` (a path that is a file, no permission ...): its reason and path, not a traceback.
+    """
+    try:
+        return body()
+    except APLAdapterError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        if err.errno in _NO_SPACE:
+            print(
+                f"{prog}: error: the disk is full{where}: {err.strerror}. Free some space (or raise the quota) and "
+                "run again; nothing half-written was kept.",
+                file=sys.stderr,
+            )
+        elif err.strerror is None:  # raised with a message of ours (e.g. "X already exists; pass a new --out")
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {err.strerror}{where}; check the path and its permissions.", file=sys.stderr)
+    return 2

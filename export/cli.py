@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import ExportError
+from apl_adapter.errors import run_cli
+
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET
 from .specs import ShapeRange, ShapeRanges
 
@@ -89,29 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli("apl-export", lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
     from .exporter import ExportOptions, export_pipeline
 
-    try:
-        ranges = ShapeRanges(
-            batch=ShapeRange.parse(args.batch, "batch"),
-            height=ShapeRange.parse(args.height, "height") if args.height else None,
-            width=ShapeRange.parse(args.width, "width") if args.width else None,
-        )
-        options = ExportOptions(
-            prefix_mode=args.prefix_mode,
-            ranges=ranges,
-            fp16=args.fp16,
-            opset=args.opset,
-            exporter=args.exporter,
-            text_encoder=args.text_encoder,
-            trt=args.trt,
-            triton=args.triton,
-            overwrite=args.overwrite,
-        )
-        export_pipeline(args.model, args.adapter, args.out, options, progress=lambda s: print(s, flush=True))
-    except ExportError as err:
-        print(f"apl-export: error: {err}", file=sys.stderr)
-        return 2
+    ranges = ShapeRanges(
+        batch=ShapeRange.parse(args.batch, "batch"),
+        height=ShapeRange.parse(args.height, "height") if args.height else None,
+        width=ShapeRange.parse(args.width, "width") if args.width else None,
+    )
+    options = ExportOptions(
+        prefix_mode=args.prefix_mode,
+        ranges=ranges,
+        fp16=args.fp16,
+        opset=args.opset,
+        exporter=args.exporter,
+        text_encoder=args.text_encoder,
+        trt=args.trt,
+        triton=args.triton,
+        overwrite=args.overwrite,
+    )
+    export_pipeline(args.model, args.adapter, args.out, options, progress=lambda s: print(s, flush=True))
     return 0
 
 

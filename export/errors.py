@@ -1,7 +1,9 @@
-"""Errors raised by apl-export, each naming the problem and the fix."""
+"""Errors raised by apl-export, each naming the problem and the fix (all are :class:`APLAdapterError`)."""
+
+from apl_adapter.errors import APLAdapterError
 
 
-class ExportError(RuntimeError):
+class ExportError(APLAdapterError, RuntimeError):
     """Bad input to the exporter, or an export that failed its validation."""
 
 

@@ -195,7 +195,7 @@ def test_bad_paths_fail_before_generating(inputs, tmp_path, capsys, change, mess
 def test_a_broken_adapter_fails_before_generating(inputs, tmp_path, capsys):
     broken = tmp_path / "adapter"
     broken.mkdir()
-    (broken / "adapter_config.json").write_text("{}")
+    (broken / "adapter_config.json").write_text((inputs / "adapter" / "adapter_config.json").read_text())
     (broken / "adapter_model.safetensors").write_bytes(b"truncated")
     args = _args(inputs, tmp_path / "out")
     args[args.index("--adapter") + 1] = str(broken)
@@ -284,9 +284,11 @@ def test_sdxl_with_an_adapter_per_text_encoder(inputs, tmp_path):
 
 @pytest.mark.slow
 def test_the_run_continues_without_what_it_cannot_use(inputs, tmp_path, capsys):
-    """No usable reference face, a CLIP folder without weights, a FID file that is no network: the
-    prompts without a person are still generated and compared, and the report says what was left out."""
-    (tmp_path / "ids.json").write_text(json.dumps([{"name": "Ghost", "references": "nowhere"}]))
+    """An identity without a usable reference face, a CLIP folder without weights, a FID file that is no
+    network: the rest is still generated and measured, and the report says what was left out."""
+    eileen = str(inputs / "refs" / "eileen")
+    ids = [{"name": "Ghost", "references": "nowhere"}, {"name": "Eileen Collins", "references": eileen}]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text("{}")  # a folder that looks like CLIP but holds no model
     (tmp_path / "inception.pt").write_bytes(b"not a torchscript archive")
@@ -295,11 +297,11 @@ def test_the_run_continues_without_what_it_cannot_use(inputs, tmp_path, capsys):
     args[args.index("--identities") + 1] = str(tmp_path / "ids.json")
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert "skipped" in report["identity"]
+    assert report["identity"]["base"]["num_images"] == len(TEMPLATES) * len(SEEDS)  # Eileen only
     assert report["quality"]["unchanged"]["num_pairs"] == len(NEUTRAL) * len(SEEDS)
     assert report["quality"]["clip_score"]["skipped"].startswith("could not load")
     assert report["quality"]["fid"]["skipped"].startswith("could not load")
-    assert {r["identity"] for r in report["images"]} == {None}
+    assert {r["identity"] for r in report["images"]} == {None, "Eileen Collins"}
     err = capsys.readouterr().err
     for needle in ("'Ghost'", "CLIP score: could not load", "FID: could not load"):
         assert needle in err

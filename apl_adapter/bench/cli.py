@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 
-from ..errors import APLAdapterError
+from ..errors import APLAdapterError, run_cli
 from .world import ALL_SCENES
 
 DESCRIPTION = textwrap.dedent(
@@ -80,34 +81,36 @@ def parse_seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        import torch
+    return run_cli("apl-bench", lambda: _bench(args))
 
-        from ..serialization import check_adapter_folder
-        from .runner import run_bench
-        from .world import world_bench_inputs
 
-        check_adapter_folder(args.adapter)  # before minutes of loading and generating
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
-        spec, models, readers = world_bench_inputs(
-            world_seed=args.world_seed,
-            assets=args.assets,
-            identities_file=args.identities,
-            templates_file=args.templates,
-            train_data=args.train_data,
-            seeds=parse_seeds(args.seeds),
-            num_scenes=args.num_scenes,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            batch_size=args.batch_size,
-            transfer=not args.no_transfer,
-            late=not args.no_late,
-        )
-        report = run_bench(spec, models, readers, args.adapter, args.out)
-    except (APLAdapterError, FileNotFoundError) as err:
-        print(f"apl-bench: error: {err}", file=sys.stderr)
-        return 2
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..serialization import check_adapter_folder
+    from .runner import run_bench
+    from .world import world_bench_inputs
+
+    check_adapter_folder(args.adapter)  # before minutes of loading and generating
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise APLAdapterError(f"--out {args.out} is a file; choose a folder for the report.")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    spec, models, readers = world_bench_inputs(
+        world_seed=args.world_seed,
+        assets=args.assets,
+        identities_file=args.identities,
+        templates_file=args.templates,
+        train_data=args.train_data,
+        seeds=parse_seeds(args.seeds),
+        num_scenes=args.num_scenes,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        transfer=not args.no_transfer,
+        late=not args.no_late,
+    )
+    report = run_bench(spec, models, readers, args.adapter, args.out)
     from .report import to_markdown
 
     print(to_markdown(report))

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import APLAdapterError
 from ..serialization import check_adapter_folder
 from .protocol import BenchModels, BenchReaders, BenchSpec, run_protocol
 from .report import goals, strip_images, write_report
@@ -34,6 +35,8 @@ def run_bench(
     ```
     """
     check_adapter_folder(adapter)  # a clear error before minutes of generation
+    if Path(out).exists() and not Path(out).is_dir():
+        raise APLAdapterError(f"--out {out} is a file; choose a folder for the report.")
     started = time.perf_counter()
     sections = run_protocol(spec, models, readers, adapter)
     clean = strip_images(sections)

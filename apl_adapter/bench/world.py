@@ -132,6 +132,11 @@ def world_bench_inputs(
     from ..world.models import load_world_pipeline
     from ..world.spec import WorldSpec
 
+    for flag, value, least in (("--num-scenes", num_scenes, 0), ("--steps", num_inference_steps, 1),
+                               ("--batch-size", batch_size, 1)):  # fmt: skip
+        if value < least:
+            raise APLAdapterError(f"{flag} must be >= {least}, got {value}.")
+    check_models_match_world(world_seed, assets)
     world = WorldSpec.from_seed(world_seed)
     if identities_file:
         persons = read_identity_list(identities_file, world)
@@ -155,6 +160,24 @@ def world_bench_inputs(
     )
     recognizer_dir = Path(assets) / "recognizer" if assets else None
     return spec, models, world_readers(recognizer_dir)
+
+
+def check_models_match_world(world_seed: int, assets: str | os.PathLike | None) -> None:
+    """The models must be the ones built for ``world_seed``: another world's names mean nothing to them."""
+    from ..world.models import ASSETS
+
+    card = Path(assets or ASSETS) / "world_card.json"
+    try:
+        built = json.loads(card.read_text()).get("seed", 0)
+    except (OSError, ValueError, AttributeError):
+        built = 0 if assets is None else None  # the shipped card says 0; an unknown folder is checked by loading
+    if built is not None and built != world_seed:
+        where = f"--assets {assets}" if assets else "the shipped models"
+        raise APLAdapterError(
+            f"--world-seed {world_seed}, but {where} were built for world seed {built}: their names and faces are "
+            f"another world's, so nothing would be measured. Build that world (apl-world build --seed {world_seed} "
+            "--out DIR) and pass --assets DIR."
+        )
 
 
 def _optional_model(kind: str, assets):

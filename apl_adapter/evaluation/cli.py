@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import APLAdapterError
+from ..errors import run_cli
 from .runner import EvalSettings, evaluate
-from .specs import EvalInputError
 
 EPILOG = """\
 example:
@@ -78,12 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = EvalSettings(**{k: v for k, v in vars(args).items()})
-    try:
-        report = evaluate(settings)
-    except (EvalInputError, APLAdapterError, FileNotFoundError) as error:
-        print(f"apl-eval: error: {error}", file=sys.stderr)
-        return 2
+    return run_cli("apl-eval", lambda: _evaluate(EvalSettings(**vars(args))))
+
+
+def _evaluate(settings: EvalSettings) -> int:
+    report = evaluate(settings)
     for line in report["skipped"]:
         print(f"apl-eval: skipped: {line}", file=sys.stderr)
     for line in report["warnings"]:

@@ -98,7 +98,19 @@ def check_paths(settings: EvalSettings) -> None:
             check_adapter_folder(adapter)  # a broken adapter fails now, not after the base images
     if not settings.seeds:
         raise EvalInputError("--seeds is empty: give at least one seed")
+    numbers = [("--steps", settings.steps, 1), ("--dlib-upsample", settings.dlib_upsample, 0),
+               ("--grid-rows", settings.grid_rows, 0), ("--height", settings.height or 8, 8),
+               ("--width", settings.width or 8, 8)]  # fmt: skip
+    for flag, value, least in numbers:
+        if value < least:
+            raise EvalInputError(f"{flag} must be >= {least}, got {value}.")
+    if settings.same_person_distance is not None and not settings.same_person_distance > 0:
+        raise EvalInputError(
+            f"--same-person-distance must be > 0, got {settings.same_person_distance} (dlib: 0.6, insightface: 1.14)."
+        )
     out = Path(settings.out)
+    if out.exists() and not out.is_dir():
+        raise EvalInputError(f"--out {out} is a file. Fix: choose a folder path for the report.")
     if out.exists() and any(out.iterdir()) and not settings.overwrite:
         raise EvalInputError(f"--out {out} exists and is not empty. Fix: choose a new folder or pass --overwrite.")
 

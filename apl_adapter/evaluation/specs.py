@@ -29,10 +29,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import APLAdapterError
 from ..metrics.faces import list_images
 
 
-class EvalInputError(ValueError):
+class EvalInputError(APLAdapterError):
     """Bad input to ``apl-eval``; the message names the problem and the fix."""
 
 

@@ -129,6 +129,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as error:  # a tiny file that decodes to gigabytes
+        raise ValueError(f"{path}: refused, it decodes to too many pixels ({error}); use a normal photo") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable image ({error}); replace or remove the file") from error
 

@@ -89,12 +89,34 @@ def load_checkpoint(path: Path, prefix: dict[str, torch.nn.Parameter], optimizer
     with torch.no_grad():
         for name, param in prefix.items():
             param.copy_(saved[name].to(param.device, param.dtype))
+    step = _checkpoint_step(path)
     state_dict = optimizer.state_dict()
-    moments = load_file(str(path / OPTIMIZER_NAME))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in moments.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value.to(device) if name != "step" else value
-    state_dict["state"] = state
-    optimizer.load_state_dict(state_dict)
-    return int(json.loads((path / STATE_NAME).read_text())["step"])
+    try:
+        moments = load_file(str(path / OPTIMIZER_NAME))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in moments.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value.to(device) if name != "step" else value
+        state_dict["state"] = state
+        optimizer.load_state_dict(state_dict)
+    except Exception as err:  # safetensors' own errors for truncated / corrupt files, or foreign keys and shapes
+        raise APLAdapterError(
+            f"{path / OPTIMIZER_NAME} cannot be used ({type(err).__name__}: {err}); the checkpoint is corrupted. "
+            "Resume from an earlier checkpoint-N folder (--resume <run>/checkpoint-N)."
+        ) from err
+    return step
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The step in ``trainer_state.json``: a non-negative integer, or a clear error for a corrupted file."""
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+        step = state["step"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise APLAdapterError(
+            f'{path / STATE_NAME} is corrupted ({type(err).__name__}: {err}); expected {{"step": N}}. Resume from '
+            "an earlier checkpoint-N folder."
+        ) from err
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise APLAdapterError(f"{path / STATE_NAME}: step must be a non-negative integer, got {step!r}; corrupted.")
+    return step

@@ -9,7 +9,7 @@ import argparse
 import sys
 import textwrap
 
-from ..errors import APLAdapterError
+from ..errors import APLAdapterError, run_cli
 from .config import TrainConfig
 
 DESCRIPTION = textwrap.dedent(
@@ -130,8 +130,10 @@ def run_generate(argv: list[str]) -> int:
     from .generate import generate_identity_data, read_identity_file, read_lines
 
     args = build_generate_parser().parse_args(argv)
-    if args.per_name < 1 or args.per_caption < 0:
-        raise APLAdapterError("--per-name must be >= 1 and --per-caption >= 0.")
+    for flag, value, least in (("--per-name", args.per_name, 1), ("--per-caption", args.per_caption, 0),
+                               ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1)):  # fmt: skip
+        if value < least:
+            raise APLAdapterError(f"{flag} must be >= {least}, got {value}.")
     templates = tuple(read_lines(args.templates, "Template")) if args.templates else ("a photo of {name}",)
     out = generate_identity_data(
         args.base,
@@ -170,13 +172,9 @@ def run_train(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv and argv[0] == "generate-identity-data":
-            return run_generate(argv[1:])
-        return run_train(argv)
-    except APLAdapterError as err:
-        print(f"apl-train: error: {err}", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "generate-identity-data":
+        return run_cli("apl-train generate-identity-data", lambda: run_generate(argv[1:]))
+    return run_cli("apl-train", lambda: run_train(argv))
 
 
 if __name__ == "__main__":

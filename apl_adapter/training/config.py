@@ -151,9 +151,11 @@ class TrainConfig:
     def differences(self, saved: dict) -> list[str]:
         """The settings that differ from a run's saved ``train_config.json`` and would change what it trains.
 
-        The step budget, checkpoint and log cadence, gradient checkpointing and the resume options may change.
+        The run folder (a run may be moved), the step budget, checkpoint and log cadence, gradient checkpointing and
+        the resume options may change.
         """
         free = {
+            "out",
             "steps",
             "resume",
             "resume_with_new_settings",

@@ -87,10 +87,17 @@ def read_metadata(folder: str | os.PathLike, c2_mode: C2Mode = "attribute") -> l
             "(see `apl-train --help`, section 'data format')."
         )
     examples = []
-    with metadata.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if line.strip():
-                examples.append(_parse_row(line, line_no, folder, metadata, c2_mode))
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line_no = metadata.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{metadata}, line {line_no} is not UTF-8 ({err.reason} at byte {err.start}); JSON Lines files are UTF-8: "
+            f"re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from err
+    for line_no, line in enumerate(lines, start=1):
+        if line.strip():
+            examples.append(_parse_row(line, line_no, folder, metadata, c2_mode))
     if not examples:
         raise DataFormatError(f"{metadata} is empty: add one JSON line per image (identity and preservation rows).")
     return examples
@@ -116,6 +123,11 @@ def _parse_row(line: str, line_no: int, folder: Path, metadata: Path, c2_mode: C
     if kind == "identity" and c2_mode == "empty":
         c2 = ""
     image_path = folder / row["file_name"]
+    if not image_path.resolve().is_relative_to(folder.resolve()):
+        raise DataFormatError(
+            f"{where}: file_name {row['file_name']!r} points outside the data folder {folder}; a data folder is "
+            "self-contained: copy the image into it and give its path relative to the folder."
+        )
     if not image_path.is_file():
         raise DataFormatError(f"{where}: image {image_path} does not exist; copy it there or remove the row.")
     return Example(image_path, kind, row["c1"], c2, row.get("identity"))
@@ -141,7 +153,7 @@ def load_images(
                 img = img.convert("RGB")
                 if resolution is not None:
                     img = _center_square(img).resize((resolution, resolution), Image.BICUBIC)
-        except OSError as err:
+        except (OSError, Image.DecompressionBombError) as err:
             raise DataFormatError(f"Cannot read image {example.image_path} ({err}); replace or remove it.") from err
         first_size = first_size or img.size
         if img.size != first_size:

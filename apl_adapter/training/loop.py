@@ -163,6 +163,8 @@ def _write_loss_log(path: Path, losses: list[tuple[int, float]]) -> None:
 def check_run_folder(config: TrainConfig, out: Path) -> None:
     """A new run needs a new folder; a resumed run must keep the settings it was started with (or say it changes
     them with ``resume_with_new_settings``)."""
+    if out.exists() and not out.is_dir():
+        raise APLAdapterError(f"--out {out} is a file; choose a folder for the run (adapter/, checkpoints, logs).")
     if not config.resume:
         held = [name for name in ("adapter", "train_config.json") if (out / name).exists()]
         held += sorted(p.name for p in out.glob("checkpoint-*"))[:2]

@@ -17,6 +17,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from ..errors import run_cli
 from .spec import WorldSpec
 
 
@@ -198,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"info": _cmd_info, "sample": _cmd_sample, "data": _cmd_data, "build": _cmd_build}
     try:
-        return handlers[args.command](args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
-        print(f"apl-world {args.command}: {err}", file=sys.stderr)
+        return run_cli(f"apl-world {args.command}", lambda: handlers[args.command](args))
+    except (KeyError, ValueError) as err:  # the world's own checks (unknown seed, bad sizes) raise these
+        print(f"apl-world {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
