@@ -20,7 +20,8 @@ stages (each prints its progress):
   4 layout    <out>/<model>/model.onnx + config.json, tokenizer/, scheduler/, model_index.json,
               apl_export.json (I/O, profiles, validation results)
   5 engines   --trt: <out>/engines/<model>.plan, one min/opt/max profile each
-    triton    --triton: <out>/triton/<model>/config.pbtxt + 1/model.{plan,onnx}, CLIENT.md
+    triton    --triton: <out>/triton/apl_pipeline (prompt in, image out; the parts run inside it), CLIENT.md;
+              --triton-expose-parts adds <out>/triton/<part>/config.pbtxt + 1/model.{plan,onnx}
 
 prefix modes:
   baked   the prefix is a constant of text_encoder, whose only input is input_ids: no caller can
@@ -66,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         "factor, as diffusers: 512 for SD 1.x, 768 for SD 2.x-768)",
     )
     parser.add_argument("--width", help="image width in pixels, N or MIN:OPT:MAX (default: the native size)")
-    parser.add_argument("--triton", action="store_true", help="also write a Triton Inference Server repository")
+    parser.add_argument(
+        "--triton",
+        action="store_true",
+        help="also write a Triton Inference Server repository: one Python-backend pipeline model, prompt strings in, "
+        "images out, the parts inside it (no client can skip the prefix)",
+    )
+    parser.add_argument(
+        "--triton-expose-parts",
+        action="store_true",
+        help="with --triton, also publish text_encoder, negative_text_encoder, unet and vae_decoder as models of "
+        "their own (clients driving the loop themselves; the plain encoder and the UNet then let them skip the prefix)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default 19)")
     parser.add_argument(
@@ -110,6 +122,7 @@ def _export(args: argparse.Namespace) -> int:
         text_encoder=args.text_encoder,
         trt=args.trt,
         triton=args.triton,
+        triton_expose_parts=args.triton_expose_parts,
         overwrite=args.overwrite,
     )
     export_pipeline(args.model, args.adapter, args.out, options, progress=lambda s: print(s, flush=True))

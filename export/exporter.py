@@ -73,6 +73,7 @@ class ExportOptions:
     text_encoder: str = "standard"  # a key of TEXT_ENCODER_VARIANTS
     trt: bool = False
     triton: bool = False
+    triton_expose_parts: bool = False  # also publish each part (then a client can bypass the prefix)
     overwrite: bool = False
 
 
@@ -168,7 +169,7 @@ def export_pipeline(
             from .triton import write_triton_repository
 
             progress("[5/5] Triton model repository")
-            write_triton_repository(staging, manifest)
+            write_triton_repository(staging, manifest, expose_parts=options.triton_expose_parts)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         publish(staging, out)
     except BaseException:

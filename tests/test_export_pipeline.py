@@ -7,8 +7,11 @@ validated ONNX in place.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
+import types
 
 import numpy as np
 import onnx
@@ -20,7 +23,7 @@ from apl_export.errors import ExportError, TensorRTUnavailableError, ValidationE
 from apl_export.exporter import ExportOptions, PeftTextEncoderReference, export_pipeline, load_pipeline
 from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec
-from apl_export.triton import check_triton_repository
+from apl_export.triton import check_triton_repository, public_models_taking_token_ids, write_triton_repository
 from apl_export.validate import compare_with_torch
 
 from apl_adapter.pipelines import apply_apl, remove_apl
@@ -145,13 +148,23 @@ def test_tensorrt_engines_io_and_profiles(baked):
     assert unet["profile"]["encoder_hidden_states"] == [[2, 77, 32], [2, 77, 32], [4, 77, 32]]
 
 
-def test_triton_repository_structure(baked, tmp_path):
+def test_triton_serves_one_pipeline_no_client_can_skip_the_prefix(baked, tmp_path):
+    """Structural: the default repository publishes only the pipeline (prompt strings in, images out); no public
+    model takes token ids or embeddings. With the parts exposed, the plain encoder and the UNet are public."""
     root = baked / "triton"
-    assert check_triton_repository(root) == ["negative_text_encoder", "text_encoder", "unet", "vae_decoder"]
-    assert (root / "CLIENT.md").is_file()
-    # The check can fail: a renamed input, then a missing model file.
-    shutil.copytree(baked, tmp_path / "copy")  # with the ONNX files the engines are checked against
-    broken = tmp_path / "copy" / "triton"
+    assert check_triton_repository(root) == ["apl_pipeline"]
+    assert public_models_taking_token_ids(root) == []
+    assert "every prompt is encoded with the APL prefix" in (root / "CLIENT.md").read_text()
+    parts = tmp_path / "parts"
+    shutil.copytree(baked, parts, ignore=shutil.ignore_patterns("triton"))
+    manifest = json.loads((parts / "apl_export.json").read_text())
+    write_triton_repository(parts, manifest, expose_parts=True)
+    assert check_triton_repository(parts / "triton") == [
+        "apl_pipeline", "negative_text_encoder", "text_encoder", "unet", "vae_decoder"
+    ]  # fmt: skip
+    assert public_models_taking_token_ids(parts / "triton") == ["negative_text_encoder", "text_encoder", "unet"]
+    # The check can fail: a renamed input, a missing model file, a pipeline without its export.
+    broken = parts / "triton"
     config = broken / "unet" / "config.pbtxt"
     config.write_text(config.read_text().replace('"sample"', '"latents"', 1))
     with pytest.raises(ExportError, match="do not match"):
@@ -160,6 +173,66 @@ def test_triton_repository_structure(baked, tmp_path):
     (broken / "vae_decoder" / "1").rename(broken / "vae_decoder" / "2")
     with pytest.raises(ExportError, match="missing"):
         check_triton_repository(broken)
+    shutil.rmtree(broken / "vae_decoder")
+    shutil.rmtree(broken / "apl_pipeline" / "1" / "pipeline" / "tokenizer")
+    with pytest.raises(ExportError, match="tokenizer is missing"):
+        check_triton_repository(broken)
+
+
+class _TritonBackendUtils(types.ModuleType):
+    """Stand-in for ``triton_python_backend_utils``, which exists only inside the tritonserver image: just the
+    calls model.py makes, so the real model.py runs against the real exported pipeline."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class TritonError:
+        def __init__(self, message):
+            self.message = message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.get(name)
+
+
+def test_triton_pipeline_model_generates_what_the_exported_pipeline_does(baked, monkeypatch):
+    from apl_export.triton_serving import load_serving_pipeline, parse_request, run_request
+
+    version = baked / "triton" / "apl_pipeline" / "1"
+    pb = _TritonBackendUtils("triton_python_backend_utils")
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("apl_triton_model", version / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(baked / "triton" / "apl_pipeline"), "model_version": "1"})
+    good = {
+        "PROMPT": pb.Tensor("PROMPT", np.array([p.encode() for p in PROMPTS], dtype=object)),
+        "SEED": pb.Tensor("SEED", np.array([7], np.int64)),
+        "NUM_INFERENCE_STEPS": pb.Tensor("NUM_INFERENCE_STEPS", np.array([3], np.int32)),
+        "GUIDANCE_SCALE": pb.Tensor("GUIDANCE_SCALE", np.array([7.5], np.float32)),  # diffusers' default, as below
+        "HEIGHT": pb.Tensor("HEIGHT", np.array([16], np.int32)),
+        "WIDTH": pb.Tensor("WIDTH", np.array([16], np.int32)),
+    }
+    bad = {**good, "NEGATIVE_PROMPT": pb.Tensor("NEGATIVE_PROMPT", np.array([b"a", b"b", b"c"], dtype=object))}
+    ok, refused = model.execute([good, bad])
+    images = ok.output_tensors[0].array
+    assert ok.error is None and images.dtype == np.uint8 and images.shape == (2, 16, 16, 3)
+    assert refused.output_tensors == [] and "3 NEGATIVE_PROMPT values for 2 prompts" in refused.error.message
+    # the same request through the exported pipeline directly, and the prefixed PyTorch pipeline
+    inputs = {name: tensor.array for name, tensor in good.items()}
+    direct = run_request(load_serving_pipeline(baked), parse_request(inputs))
+    np.testing.assert_array_equal(images, direct)
+    expected = _reference_images(baked.parent, PROMPTS, ["", ""])
+    assert np.abs(images.astype(np.float64) - np.round(expected * 255)).max() <= 1
 
 
 def test_input_mode_without_trt_builder_keeps_onnx(sources, monkeypatch):
