@@ -103,7 +103,14 @@ def staging_folder(target: str | os.PathLike, kind: str = "writing") -> Path:
 
     Stale staging folders next to it (from killed runs) are removed first.
     """
-    target = Path(target)
+    target = Path(target).absolute()
+    if target == Path.cwd() or target in Path.cwd().parents:
+        from .errors import APLAdapterError
+
+        raise APLAdapterError(
+            f"Cannot write {target} as a whole: it is the current directory (or holds it), and it is replaced when "
+            "the output is complete. Choose a new sub-folder, e.g. --out ./out."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))

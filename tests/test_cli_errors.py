@@ -187,3 +187,16 @@ def test_a_full_disk_is_said_so_and_nothing_half_written_is_kept(root, tmp_path)
     _expect_clean_error(done.returncode, done.stderr, "apl-train", "the disk is full", "nothing half-written")
     assert sorted(p.name for p in out.iterdir()) == ["train_config.json"]
     assert json.loads((out / "train_config.json").read_text())["steps"] == 2
+
+
+def test_out_that_is_the_current_directory_is_refused(root, capsys, tmp_path, monkeypatch):
+    """Outputs replace their folder when complete; the current directory cannot be replaced under the user."""
+    from apl_export.cli import main as export_main
+
+    monkeypatch.chdir(tmp_path)
+    code = export_main([str(root / "sd"), "--adapter", str(root / "adapter"), "--out", "."])
+    _expect_clean_error(code, capsys.readouterr().err, "apl-export", "current directory")
+    code = eval_main(["--base", str(root / "sd"), "--adapter", str(root / "adapter"), "--prompts",
+                      str(root / "prompts.txt"), "--identities", str(root / "refs"), "--out", "."])  # fmt: skip
+    _expect_clean_error(code, capsys.readouterr().err, "apl-eval", "current directory")
+    assert list(tmp_path.iterdir()) == []
