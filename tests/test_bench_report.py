@@ -13,7 +13,8 @@ from PIL import Image
 from apl_adapter.bench.cli import main
 from apl_adapter.bench.protocol import Person, attribute_agreement, fall_ratio, paired_change, pixel_change
 from apl_adapter.bench.report import goals, strip_images, to_markdown, write_report
-from apl_adapter.bench.world import pick_scenes, read_identity_list, read_templates, templates_in_training_data
+from apl_adapter.bench.templates import read_templates, robustness_templates
+from apl_adapter.bench.world import pick_scenes, read_identity_list, templates_in_training_data
 from apl_adapter.errors import APLAdapterError
 from apl_adapter.world.spec import SCENE_BACKGROUNDS, WorldSpec
 
@@ -123,11 +124,38 @@ def test_world_identity_and_template_files(tmp_path):
     with pytest.raises(APLAdapterError, match="not a person of this world"):
         read_identity_list(names, world)
     templates = tmp_path / "templates.txt"
-    templates.write_text("a sketch of {name}\n{} at the beach\n")
-    assert read_templates(templates) == ["a sketch of {}", "{} at the beach"]
-    templates.write_text("a sketch of someone\n")
-    with pytest.raises(APLAdapterError, match="exactly one"):
-        read_templates(templates)
+    templates.write_text("a sketch of {name}\n{} at the beach\ntypo\ta photo of {name_typo}\n")
+    assert read_templates(templates) == (
+        ["a sketch of {}", "{} at the beach", "a photo of {name_typo}"],
+        {"a photo of {name_typo}": "typo"},
+    )
+    for bad, message in [("a sketch of someone", "no place for the name"), ("a photo of {x}", "does not know"),
+                         ("a photo of {0}", "does not know")]:  # fmt: skip
+        templates.write_text(bad + "\n")
+        with pytest.raises(APLAdapterError, match=message):
+            read_templates(templates)
+
+
+def test_robustness_families_fill_every_template():
+    """Seven families, two templates each; every prompt holds the name in the family's form."""
+    from apl_adapter.bench.protocol import BenchSpec
+
+    templates, families = robustness_templates()
+    assert sorted(set(families.values())) == sorted(
+        ["lower-case", "typo", "two names", "repeated", "the real", "styles", "paraphrases"]
+    )
+    persons = [Person("Ann Lee", {}, "seen"), Person("Bo Chen", {}, "seen")]
+    spec = BenchSpec(persons=persons, person_templates=templates, scenes=[], seeds=[0], template_families=families)
+    prompts = {families[templates[i]]: [] for i in range(len(templates))}
+    for person, index, prompt, _ in spec.person_prompts("seen"):
+        if person.name == "Ann Lee":
+            prompts[families[templates[index]]].append(prompt)
+    assert prompts["lower-case"] == ["a photo of ann lee", "a close-up portrait of ann lee"]
+    assert prompts["typo"] == ["a photo of Ann Lei", "a headshot of Ann Lei"]
+    assert prompts["two names"] == ["a photo of Ann Lee and Bo Chen", "a photo of Bo Chen next to Ann Lee"]
+    assert prompts["repeated"][0] == "a photo of Ann Lee, Ann Lee"
+    assert all("real Ann Lee" in p for p in prompts["the real"])
+    assert all("Ann Lee" in p for p in prompts["styles"] + prompts["paraphrases"])
 
 
 def test_held_out_templates_come_from_the_training_data(tmp_path):

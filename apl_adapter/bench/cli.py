@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--assets", default=None, help="Folder of world models with base/, sibling/, dreambooth/, "
                         "recognizer/ (default: the shipped ones).")  # fmt: skip
     parser.add_argument("--identities", default=None, help="File of names to measure (default: all world names).")
-    parser.add_argument("--templates", default=None, help="File of person templates (default: the world's five).")
+    parser.add_argument("--templates", default=None, help="File of person templates, one a line, optionally "
+                        "'family<TAB>template' (default: the world's five). Besides {} / {name}: {name_lower}, "
+                        "{name_typo}, {other_name}.")  # fmt: skip
+    parser.add_argument("--robustness", action="store_true", help="Use the shipped robustness suite instead: "
+                        "lower-case names, one-letter typos, two names, the name repeated, 'the real' person, "
+                        "styles, paraphrases; the report gives the fall per family.")  # fmt: skip
     parser.add_argument("--train-data", default=None, help="The prefix's training data folder: templates used "
                         "there are marked, the others reported as held out.")  # fmt: skip
     parser.add_argument("--seeds", default="0,1", help="Comma list of generation seeds (default 0,1).")
@@ -101,6 +106,7 @@ def _bench(args: argparse.Namespace) -> int:
         assets=args.assets,
         identities_file=args.identities,
         templates_file=args.templates,
+        robustness=args.robustness,
         train_data=args.train_data,
         seeds=parse_seeds(args.seeds),
         num_scenes=args.num_scenes,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..metrics.base import Recognizer, identity_metrics
 from ..pipelines import apply_apl, remove_apl
+from .templates import fill_template
 
 
 class AttributeReader(Protocol):
@@ -72,16 +73,23 @@ class BenchSpec:
     guidance_scale: float = 7.0
     batch_size: int = 16
     train_templates: list[str] = field(default_factory=list)
+    #: template -> family (robustness suites); the report gives the fall of top-1 per family
+    template_families: dict[str, str] = field(default_factory=dict)
 
     def person_prompts(self, split: str) -> list[tuple[Person, int, str, int]]:
-        """``(person, template index, prompt, seed)`` for every person of ``split``."""
+        """``(person, template index, prompt, seed)`` for every person of ``split``.
+
+        ``{other_name}`` (two names in one prompt) is the next person of the bench, whatever its split.
+        """
+        names = [p.name for p in self.persons]
         return [
-            (person, index, template.format(person.name), seed)
+            (person, index, fill_template(template, person.name, names[(names.index(person.name) + 1) % len(names)]),
+             seed)
             for person in self.persons
             if person.split == split
             for index, template in enumerate(self.person_templates)
             for seed in self.seeds
-        ]
+        ]  # fmt: skip
 
 
 @dataclass
@@ -191,6 +199,10 @@ def fall_ratio(before: float, after: float) -> float:
 
 def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders, desc: str) -> dict:
     """Generate the cases with and without APL and measure identity, face presence and attributes."""
+
+    def in_family(index: int, family: str) -> bool:
+        return spec.template_families.get(spec.person_templates[index]) == family
+
     prompts = [prompt for _, _, prompt, _ in cases]
     seeds = [seed for *_, seed in cases]
     targets = [person.name for person, *_ in cases]
@@ -212,8 +224,21 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
             )["top1_accuracy"]
             for index in sorted({case[1] for case in cases})
         }
+        if spec.template_families:
+            metrics["per_family"] = {
+                family: identity_metrics(
+                    [obs for obs, case in zip(observations, cases) if in_family(case[1], family)],
+                    [case[0].name for case in cases if in_family(case[1], family)],
+                )["top1_accuracy"]
+                for family in dict.fromkeys(spec.template_families.values())
+            }
         result[label] = metrics
     result["accuracy_fall"] = fall_ratio(result["base"]["top1_accuracy"], result["apl"]["top1_accuracy"])
+    if spec.template_families:
+        result["fall_per_family"] = {
+            family: fall_ratio(result["base"]["per_family"][family], result["apl"]["per_family"][family])
+            for family in result["base"]["per_family"]
+        }
     result["same_seed_pixel_change"] = pixel_change(plain, anonymized)
     result["_images"] = (plain, anonymized, cases)
     return result

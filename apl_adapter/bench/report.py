@@ -23,6 +23,8 @@ FALL_GOALS = {"seen": 10.0, "unseen": 5.0, "late": 5.0, "transfer": 5.0}
 FACE_PRESENCE_GOAL = 0.95
 ATTRIBUTE_GOAL = 0.80
 SCENE_DROP_GOAL_POINTS = 2.0
+#: issue 20's goal for every robustness family (prompts unlike the training data), on seen names
+ROBUSTNESS_FALL = 5.0
 
 
 def pooled(sections: dict, key_path: tuple[str, ...]) -> float | None:
@@ -54,6 +56,17 @@ def goals(sections: dict) -> list[dict]:
                 f"(falls {_times(fall)})",
                 "goal": f"falls >= {factor:g}x",
                 "met": fall >= factor,
+            }
+        )
+    for family, fall in sections.get("seen", {}).get("fall_per_family", {}).items():
+        seen = sections["seen"]
+        rows.append(
+            {
+                "measure": f"seen names, template family '{family}': top-1, base / APL",
+                "value": f"{_pct(seen['base']['per_family'][family])} / {_pct(seen['apl']['per_family'][family])} "
+                f"(falls {_times(fall)})",
+                "goal": f"falls >= {ROBUSTNESS_FALL:g}x",
+                "met": fall >= ROBUSTNESS_FALL,
             }
         )
     presence = pooled(sections, ("apl", "face_presence_rate"))
@@ -148,6 +161,16 @@ def to_markdown(report: dict) -> str:
                 for n in person_rows
             ]
             lines.append(f"| `{template}`{held_out} | " + " | ".join(cells) + " |")
+        families = [n for n in person_rows if "fall_per_family" in sections[n]]
+        if families:
+            lines += ["", f"Fall of top-1 per template family (base -> APL, goal >= {ROBUSTNESS_FALL:g}x each):", ""]
+            lines += ["| family | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+            for family in sections[families[0]]["fall_per_family"]:
+                cells = []
+                for n in families:
+                    base, apl = sections[n]["base"]["per_family"][family], sections[n]["apl"]["per_family"][family]
+                    cells.append(f"{_pct(base)} -> {_pct(apl)} ({_times(sections[n]['fall_per_family'][family])})")
+                lines.append(f"| {family} | " + " | ".join(cells) + " |")
     for name in ("scenes", "scenes_sibling"):
         if name in sections:
             s = sections[name]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import APLAdapterError
 from .protocol import BenchModels, BenchReaders, BenchSpec, Person, SceneCase
+from .templates import fill_template, read_templates, robustness_templates
 
 SPLITS = ("seen", "unseen", "late")
 
@@ -86,32 +87,13 @@ def read_identity_list(path: str | os.PathLike, world) -> list[Person]:
     return persons
 
 
-def read_templates(path: str | os.PathLike) -> list[str]:
-    """Person templates, one a line, with ``{}`` or ``{name}`` where the name goes (stored with ``{}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise APLAdapterError(f"Template file {path} does not exist; write one template per line.")
-    templates = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        template = line.replace("{name}", "{}")
-        if template.count("{}") != 1:
-            raise APLAdapterError(f"{path}: template {line!r} needs exactly one {{}} or {{name}} for the name.")
-        templates.append(template)
-    if not templates:
-        raise APLAdapterError(f"Template file {path} lists no templates.")
-    return templates
-
-
 def templates_in_training_data(folder: str | os.PathLike, templates: list[str], persons: list[Person]) -> list[str]:
     """The templates whose name prompt appears as a ``c1`` in a training data folder's ``metadata.jsonl``."""
     metadata = Path(folder) / "metadata.jsonl"
     if not metadata.is_file():
         raise APLAdapterError(f"--train-data {folder}: metadata.jsonl is missing.")
     prompts = {json.loads(line)["c1"] for line in metadata.read_text(encoding="utf-8").splitlines() if line.strip()}
-    return [t for t in templates if any(t.format(p.name) in prompts for p in persons)]
+    return [t for t in templates if any(fill_template(t, p.name, p.name) in prompts for p in persons)]
 
 
 def world_bench_inputs(
@@ -119,6 +101,7 @@ def world_bench_inputs(
     assets: str | os.PathLike | None = None,
     identities_file: str | os.PathLike | None = None,
     templates_file: str | os.PathLike | None = None,
+    robustness: bool = False,
     train_data: str | os.PathLike | None = None,
     seeds: list[int] | None = None,
     num_scenes: int = ALL_SCENES,
@@ -142,7 +125,15 @@ def world_bench_inputs(
         persons = read_identity_list(identities_file, world)
     else:
         persons = [Person(i.name, dict(i.attributes), i.split) for i in world.identities]
-    templates = read_templates(templates_file) if templates_file else list(world.person_templates)
+    if robustness and templates_file:
+        raise APLAdapterError("--robustness and --templates both choose the templates; pass one of them.")
+    families: dict[str, str] = {}
+    if robustness:
+        templates, families = robustness_templates()
+    elif templates_file:
+        templates, families = read_templates(templates_file)
+    else:
+        templates = list(world.person_templates)
     spec = BenchSpec(
         persons=persons,
         person_templates=templates,
@@ -152,6 +143,7 @@ def world_bench_inputs(
         guidance_scale=guidance_scale,
         batch_size=batch_size,
         train_templates=templates_in_training_data(train_data, templates, persons) if train_data else [],
+        template_families=families,
     )
     models = BenchModels(
         base=load_world_pipeline("base", assets),
