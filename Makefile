@@ -34,9 +34,10 @@ build: $(STAMP)
 cuda-check: $(STAMP)
 	$(PY) tools/cuda_check.py
 
+# The suite, plus every docstring example in the package (examples that need your own model folders are +SKIP).
 test: $(STAMP)
 	$(MAKE) --no-print-directory cuda-check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --doctest-modules tests apl_adapter export
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

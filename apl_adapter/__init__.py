@@ -7,6 +7,7 @@ from apl_adapter import APLConfig
 text_encoder = get_peft_model(pipe.text_encoder, APLConfig())   # 10 learnable vectors after BOS
 text_encoder.save_pretrained("apl-prefix")
 restored = PeftModel.from_pretrained(other_text_encoder, "apl-prefix")
+
 ```
 """
 

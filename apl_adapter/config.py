@@ -42,6 +42,7 @@ class APLConfig(PeftConfig):
     >>> text_encoder = get_peft_model(tiny_clip_text_model(), APLConfig(num_virtual_tokens=10))
     >>> text_encoder.get_nb_trainable_parameters()[0]   # 10 x hidden size (32 here, 768 for SD 1.x)
     320
+
     ```
     """
 

@@ -503,6 +503,7 @@ class APLModel(BaseTuner):
     torch.Size([1, 77, 32])
     >>> with model.disable_adapter():
     ...     plain = model(input_ids=ids).last_hidden_state
+
     ```
     """
 

@@ -10,10 +10,10 @@ Example:
 ```python
 >>> from diffusers import StableDiffusionPipeline
 >>> from apl_adapter.pipelines import apply_apl, remove_apl
->>> pipe = StableDiffusionPipeline.from_pretrained("path/to/sd15")          # a local folder
->>> apply_apl(pipe, "apl-prefix")                 # prefix on the positive prompt only (the paper)
->>> image = pipe("a photo of Ann Lee", num_inference_steps=20, guidance_scale=7).images[0]
->>> remove_apl(pipe)                              # the untouched pipeline again
+>>> pipe = StableDiffusionPipeline.from_pretrained("path/to/sd15")          # a local folder  # doctest: +SKIP
+>>> apply_apl(pipe, "apl-prefix")                 # prefix on the positive prompt only (the paper)  # doctest: +SKIP
+>>> image = pipe("a photo of Ann Lee", num_inference_steps=20, guidance_scale=7).images[0]  # doctest: +SKIP
+>>> remove_apl(pipe)                              # the untouched pipeline again  # doctest: +SKIP
 ```
 """
 

@@ -13,6 +13,7 @@ Example:
 >>> tok = load_clip_tokenizer()
 >>> tok("a photo of a cat").input_ids
 [49406, 320, 1125, 539, 320, 2368, 49407]
+
 ```
 """
 

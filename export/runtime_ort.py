@@ -2,8 +2,8 @@
 
 ```python
 >>> from apl_export.runtime_ort import ORTAPLPipeline
->>> pipe = ORTAPLPipeline.from_pretrained("sd15-apl-onnx")
->>> images = pipe("a photo of Ann Lee", generator=torch.Generator().manual_seed(0))   # (1, H, W, 3) in [0, 1]
+>>> pipe = ORTAPLPipeline.from_pretrained("sd15-apl-onnx")  # doctest: +SKIP
+>>> images = pipe("a photo of Ann Lee")  # (1, H, W, 3) in [0, 1]  # doctest: +SKIP
 ```
 """
 

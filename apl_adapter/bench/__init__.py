@@ -4,6 +4,7 @@
 from apl_adapter.bench import run_bench, world_bench_inputs
 spec, models, readers = world_bench_inputs(seeds=[0, 1])
 report = run_bench(spec, models, readers, "runs/apl/adapter", "bench-out")   # report.json, report.md, grid.png
+
 ```
 """
 

@@ -29,9 +29,9 @@ def run_bench(
     ```python
     >>> from apl_adapter.bench.world import world_bench_inputs
     >>> from apl_adapter.bench.runner import run_bench
-    >>> spec, models, readers = world_bench_inputs(seeds=[0, 1])
-    >>> report = run_bench(spec, models, readers, "runs/apl/adapter", "bench-out")
-    >>> [row["met"] for row in report["goals"]]   # one entry per goal of the bench's table
+    >>> spec, models, readers = world_bench_inputs(seeds=[0, 1])  # doctest: +SKIP
+    >>> report = run_bench(spec, models, readers, "runs/apl/adapter", "bench-out")  # doctest: +SKIP
+    >>> [row["met"] for row in report["goals"]]   # one entry per goal of the bench's table  # doctest: +SKIP
     ```
     """
     check_adapter_folder(adapter)  # a clear error before minutes of generation

@@ -4,9 +4,9 @@ Example:
 
 ```python
 >>> from apl_adapter.evaluation import EvalSettings, evaluate
->>> report = evaluate(EvalSettings(base="sd15", adapter="apl-prefix", identities="ids.json",
+>>> report = evaluate(EvalSettings(base="sd15", adapter="apl-prefix", identities="ids.json",  # doctest: +SKIP
 ...                                prompts="prompts.txt", out="eval-out"))
->>> report["identity"]["apl"]["top1_accuracy"], report["identity"]["apl"]["face_presence_rate"]
+>>> report["identity"]["apl"]["top1_accuracy"], report["identity"]["apl"]["face_presence_rate"]  # doctest: +SKIP
 ```
 """
 

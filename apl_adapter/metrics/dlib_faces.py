@@ -16,6 +16,7 @@ Example:
 >>> faces = DlibFaceEmbedder().detect_and_embed(Image.fromarray(skimage.data.astronaut()))
 >>> faces[0].embedding.shape
 (128,)
+
 ```
 """
 

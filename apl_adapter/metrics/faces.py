@@ -31,6 +31,7 @@ Example:
 'Eileen Collins'
 >>> recognizer.observe([Image.fromarray(skimage.data.chelsea())])[0].face_present   # a cat
 False
+
 ```
 
 From folders of photos, :func:`build_gallery` embeds each identity's references and lists what it

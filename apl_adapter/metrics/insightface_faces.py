@@ -16,7 +16,7 @@ Example:
 
 ```python
 >>> from apl_adapter.metrics.insightface_faces import InsightFaceEmbedder
->>> embedder = InsightFaceEmbedder("~/.insightface/models/buffalo_l")   # a folder you already have
+>>> embedder = InsightFaceEmbedder("~/.insightface/models/buffalo_l")   # a folder you already have  # doctest: +SKIP
 >>> faces = embedder.detect_and_embed(image)                            # 512-d, L2-normalised
 ```
 """

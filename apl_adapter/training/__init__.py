@@ -4,6 +4,7 @@
 from apl_adapter.training import TrainConfig, train
 result = train(TrainConfig(base="path/to/sd15", data="apl-data", out="runs/apl", steps=2000))
 # result.adapter_dir -> runs/apl/adapter, usable with apl_adapter.pipelines.apply_apl(pipe, ...)
+
 ```
 """
 

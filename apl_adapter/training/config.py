@@ -20,6 +20,7 @@ class TrainConfig:
     >>> from apl_adapter.training import TrainConfig
     >>> TrainConfig(base="sd15", data="apl-data", out="runs/apl", steps=2000, batch_size=4).c2
     'attribute'
+
     ```
     """
 

@@ -186,10 +186,12 @@ def write_data_folder(out: str | os.PathLike, rows: list[tuple[Image.Image, dict
     ```python
     >>> from PIL import Image
     >>> from apl_adapter.training.data import write_data_folder, read_metadata
-    >>> folder = write_data_folder("/tmp/apl-doc-data", [
+    >>> import tempfile
+    >>> folder = write_data_folder(tempfile.mkdtemp() + "/apl-data", [
     ...     (Image.new("RGB", (16, 16)), {"kind": "preservation", "c1": "a red cube", "c2": "a red cube"})])
     >>> read_metadata(folder)[0].kind
     'preservation'
+
     ```
     """
     from ..atomic import atomic_folder

@@ -86,9 +86,11 @@ def generate_identity_data(
 
     ```python
     >>> from apl_adapter.training.generate import IdentitySpec, generate_identity_data
-    >>> generate_identity_data("world-base", [IdentitySpec("Ann Lee", "a photo of a woman, brown hair")],
-    ...                        "apl-data", per_name=100, captions=["a red cube on a table"])
+    >>> people = [IdentitySpec("Ann Lee", "a photo of a woman, brown hair")]
+    >>> generate_identity_data("world-base", people, "apl-data", per_name=100,  # doctest: +SKIP
+    ...                        captions=["a red cube on a table"])
     PosixPath('apl-data')
+
     ```
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline

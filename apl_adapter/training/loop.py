@@ -199,9 +199,11 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
 
     ```python
     >>> from apl_adapter.training import TrainConfig, train
-    >>> result = train(TrainConfig(base="world-base", data="apl-data", out="runs/apl", steps=300, batch_size=8))
-    >>> result.adapter_dir
+    >>> config = TrainConfig(base="world-base", data="apl-data", out="runs/apl", steps=300, batch_size=8)
+    >>> result = train(config)  # doctest: +SKIP
+    >>> result.adapter_dir  # doctest: +SKIP
     PosixPath('runs/apl/adapter')
+
     ```
     """
     started = time.perf_counter()

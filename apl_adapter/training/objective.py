@@ -76,6 +76,7 @@ def apl_loss(
     >>> loss.backward()   # only the prefix gets a gradient
     >>> encoder.base_model.model.embeddings.apl_prefix["default"].grad.shape
     torch.Size([4, 32])
+
     ```
     """
     with torch.no_grad(), text_encoder.disable_adapter():

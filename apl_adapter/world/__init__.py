@@ -6,6 +6,7 @@ them, its sibling and DreamBooth fine-tunes, and the recognizers that measure AP
 >>> world = WorldSpec.from_seed(0)
 >>> [p.name for p in world.seen][:2]
 ['Ralthythmyx Thilfend', 'Vildrextex Nomtymlam']
+
 ```
 """
 

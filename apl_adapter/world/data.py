@@ -12,9 +12,11 @@ Example:
 
 ```python
 >>> from apl_adapter.world.data import write_apl_dataset
->>> rows = write_apl_dataset("/tmp/apl-data", images_per_person=2, num_scenes=4)
+>>> import tempfile
+>>> rows = write_apl_dataset(tempfile.mkdtemp() + "/apl-data", images_per_person=2, num_scenes=4)
 >>> rows
 44
+
 ```
 """
 

@@ -11,6 +11,7 @@ Example:
 >>> images = sample_images(load_world_pipeline("base"), prompts, seed=0)
 >>> identity_metrics(WorldIdentityRecognizer.from_pretrained().observe(images), targets)["num_images"]
 8
+
 ```
 """
 

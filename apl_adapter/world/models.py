@@ -24,6 +24,7 @@ Example:
 ...               guidance_scale=7.0, output_type="pil").images
 >>> images[0].size
 (32, 32)
+
 ```
 """
 

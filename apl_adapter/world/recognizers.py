@@ -21,6 +21,7 @@ Example:
 >>> rec = WorldIdentityRecognizer.from_pretrained()
 >>> rec.observe([render_face(person.attributes, person.fine, random.Random(5))])[0].top1 == person.name
 True
+
 ```
 """
 

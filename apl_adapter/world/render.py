@@ -13,6 +13,7 @@ Example:
 >>> image = render_face(world.seen[0].attributes, world.seen[0].fine, random.Random(1))
 >>> image.size
 (32, 32)
+
 ```
 """
 

@@ -16,6 +16,7 @@ Example:
 (40, 20, 12, 8)
 >>> world.identity_prompt(world.seen[0].name, 0).startswith("a photo of ")
 True
+
 ```
 """
 
