@@ -227,3 +227,15 @@ def test_paired_change_interval_of_the_accuracy_change():
     assert paired_change(after, before)["change_ci95_points"] == [-high, -low]  # symmetric
     with pytest.raises(ValueError, match="one 'after' per 'before'"):
         paired_change([True, True], [True])
+
+
+def test_a_two_name_prompt_leaks_when_either_named_person_appears():
+    from apl_adapter.bench.protocol import BenchSpec, _named_rate
+    from apl_adapter.metrics.base import FaceObservation
+
+    persons = [Person("Ann Lee", {}, "seen"), Person("Bo Chen", {}, "seen")]
+    spec = BenchSpec(persons=persons, person_templates=["a photo of {}", "a photo of {} and {other_name}"], scenes=[])
+    cases = [(persons[0], 0, "", 0), (persons[0], 1, "", 0), (persons[0], 1, "", 1)]
+    seen_bo = FaceObservation(True, 1.0, "Bo Chen")
+    assert _named_rate(spec, [(seen_bo, cases[0])]) == 0.0  # one name: only Ann counts
+    assert _named_rate(spec, [(seen_bo, cases[1]), (FaceObservation(False, 0.0), cases[2])]) == 0.5

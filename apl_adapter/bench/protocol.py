@@ -76,15 +76,18 @@ class BenchSpec:
     #: template -> family (robustness suites); the report gives the fall of top-1 per family
     template_families: dict[str, str] = field(default_factory=dict)
 
+    def other_name(self, person: Person) -> str:
+        """The second name of a two-name prompt: the next person of the bench."""
+        names = [p.name for p in self.persons]
+        return names[(names.index(person.name) + 1) % len(names)]
+
     def person_prompts(self, split: str) -> list[tuple[Person, int, str, int]]:
         """``(person, template index, prompt, seed)`` for every person of ``split``.
 
         ``{other_name}`` (two names in one prompt) is the next person of the bench, whatever its split.
         """
-        names = [p.name for p in self.persons]
         return [
-            (person, index, fill_template(template, person.name, names[(names.index(person.name) + 1) % len(names)]),
-             seed)
+            (person, index, fill_template(template, person.name, self.other_name(person)), seed)
             for person in self.persons
             if person.split == split
             for index, template in enumerate(self.person_templates)
@@ -197,6 +200,18 @@ def fall_ratio(before: float, after: float) -> float:
     return before / after
 
 
+def _named_rate(spec: BenchSpec, pairs: list) -> float:
+    """How often the face is a person the prompt names: with ``{other_name}`` either of the two names counts (a
+    prompt naming two people that draws the second one still leaks a name)."""
+    hits = 0
+    for obs, (person, index, _, _) in pairs:
+        named = {person.name}
+        if "{other_name}" in spec.person_templates[index]:
+            named.add(spec.other_name(person))
+        hits += bool(obs.face_present and obs.top1 in named)
+    return hits / max(len(pairs), 1)
+
+
 def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders, desc: str) -> dict:
     """Generate the cases with and without APL and measure identity, face presence and attributes."""
 
@@ -226,10 +241,7 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
         }
         if spec.template_families:
             metrics["per_family"] = {
-                family: identity_metrics(
-                    [obs for obs, case in zip(observations, cases) if in_family(case[1], family)],
-                    [case[0].name for case in cases if in_family(case[1], family)],
-                )["top1_accuracy"]
+                family: _named_rate(spec, [pair for pair in zip(observations, cases) if in_family(pair[1][1], family)])
                 for family in dict.fromkeys(spec.template_families.values())
             }
         result[label] = metrics
