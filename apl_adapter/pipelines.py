@@ -23,7 +23,9 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
@@ -96,6 +98,66 @@ def apply_apl(
     return pipe
 
 
+def load_apl(
+    pipe,
+    pretrained_model_name_or_path: str | os.PathLike | PeftModel,
+    *,
+    subfolder: str | None = None,
+    adapter_2: str | os.PathLike | PeftModel | None = None,
+    **kwargs,
+):
+    """Load an APL prefix into ``pipe``, the way ``pipe.load_lora_weights`` loads a LoRA; returns ``pipe``.
+
+    ``pretrained_model_name_or_path`` is a local adapter folder, a ``PeftModel``, or a Hugging Face Hub repo id
+    (``"org/name"``: only the adapter's two files are fetched, into the Hub cache; offline, a clear error says
+    what to download). ``subfolder`` picks a folder inside it. Other keyword arguments go to :func:`apply_apl`.
+
+    Example:
+
+    ```python
+    >>> from apl_adapter.pipelines import load_apl, unload_apl
+    >>> from apl_adapter.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline()
+    >>> load_apl(pipe, "org/apl-prefix")        # a Hub id, or a local folder  # doctest: +SKIP
+    >>> unload_apl(pipe)                          # doctest: +SKIP
+
+    ```
+    """
+    source = resolve_adapter(pretrained_model_name_or_path, subfolder)
+    second = resolve_adapter(adapter_2, subfolder) if adapter_2 is not None else None
+    return apply_apl(pipe, source, second, **kwargs)
+
+
+def unload_apl(pipe):
+    """Take the prefix out again (``pipe.unload_lora_weights`` for APL): the same as :func:`remove_apl`."""
+    return remove_apl(pipe)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_adapter(source: str | os.PathLike | PeftModel, subfolder: str | None = None):
+    """A ``PeftModel`` or local folder as is; a Hub repo id -> the local snapshot of its adapter files."""
+    if isinstance(source, PeftModel):
+        return source
+    local = Path(source).expanduser() / (subfolder or "")
+    if local.is_dir() or not _REPO_ID.match(str(source)) or Path(str(source)).exists():
+        return local
+    from huggingface_hub import snapshot_download
+
+    inside = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        root = snapshot_download(str(source), allow_patterns=[f"{inside}adapter_config.json",
+                                                              f"{inside}adapter_model.safetensors"])  # fmt: skip
+    except Exception as err:  # offline mode, no such repo, no network: all mean "not available here"
+        raise APLAdapterError(
+            f"{source} is not a local folder, and the Hugging Face Hub could not provide it ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Pass a local adapter folder, or download it where the network "
+            f"allows (huggingface-cli download {source}) and pass that folder."
+        ) from err
+    return Path(root) / (subfolder or "")
+
+
 def remove_apl(pipe):
     """Remove the prefix: the text encoders and ``encode_prompt`` are the untouched originals again."""
     state = getattr(pipe, _STATE, None)
@@ -133,6 +195,7 @@ def _attach(encoder, source: AdapterLike) -> PeftModel:
         model.eval()
         return model
     if isinstance(source, (str, os.PathLike)):
+        source = resolve_adapter(source)  # a Hub repo id becomes its local snapshot
         check_adapter_folder(source)  # refuses other PEFT types (a LoRA folder) before anything is injected
         model = PeftModel.from_pretrained(encoder, str(source))
         model.eval()

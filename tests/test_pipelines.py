@@ -194,3 +194,42 @@ def test_a_failed_apply_leaves_the_pipeline_as_it_was(tmp_path):
     )
     apply_apl(pipe, tmp_path / "narrow")  # and the pipeline still takes a good prefix
     remove_apl(pipe)
+
+
+def test_load_apl_and_unload_apl_mirror_the_lora_loaders(sd, adapter_folder, tmp_path):
+    """diffusers-style loading: a folder (or a subfolder of one), and unload gives the untouched pipeline."""
+    from apl_adapter.pipelines import load_apl, unload_apl
+
+    before = sd(PROMPT, generator=_gen(), **STEPS).images
+    import shutil
+
+    shutil.copytree(adapter_folder, tmp_path / "repo" / "apl")
+    load_apl(sd, tmp_path / "repo", subfolder="apl")
+    assert np.abs(sd(PROMPT, generator=_gen(), **STEPS).images - before).max() > 1e-3
+    unload_apl(sd)
+    np.testing.assert_array_equal(sd(PROMPT, generator=_gen(), **STEPS).images, before)
+
+
+def test_a_hub_id_offline_is_a_clear_error_without_network(tmp_path):
+    """A Hub id is accepted where a folder is; with HF_HUB_OFFLINE=1 and nothing cached it says what to do, at
+    once, and opens no socket."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os, sys
+sys.addaudithook(lambda event, args: os._exit(3) if event == "socket.connect" else None)
+from apl_adapter import APLAdapterError
+from apl_adapter.pipelines import load_apl
+from apl_adapter.testing import tiny_sd_pipeline
+try:
+    load_apl(tiny_sd_pipeline(), "some-org/apl-prefix")
+except APLAdapterError as err:
+    print(err)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "some-org/apl-prefix is not a local folder" in done.stdout
+    assert "huggingface-cli download some-org/apl-prefix" in done.stdout
