@@ -171,10 +171,11 @@ def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights
         )
 
 
-def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> Path:
+def save_adapter(model, save_directory: str | os.PathLike, recipe: dict | None = None, **kwargs) -> Path:
     """Atomically save a PEFT model's adapter: write into a temporary sibling folder, then rename.
 
-    A crash mid-save leaves the previous adapter (if any) intact and no partial folder behind.
+    A crash mid-save leaves the previous adapter (if any) intact and no partial folder behind. The folder gets an
+    APL model card (``README.md``: what the prefix is, how to apply it, the base model by its id, ``recipe``).
     Raises :class:`APLAdapterError` when ``save_directory`` exists as a file.
     """
     target = Path(save_directory)
@@ -182,7 +183,15 @@ def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> Path:
         raise APLAdapterError(f"Cannot save the adapter to {target}: a file with that name exists. Choose a folder.")
     with atomic_folder(target, replace=True) as staging:
         model.save_pretrained(str(staging), safe_serialization=True, **kwargs)
-        check_adapter_folder(_adapter_dir(staging, kwargs))
+        folder = _adapter_dir(staging, kwargs)
+        check_adapter_folder(folder)
+        from .model_card import write_model_card
+
+        name = (kwargs.get("selected_adapters") or ["default"])[0]
+        from .model_card import pipeline_of
+
+        encoder_path = getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None)
+        write_model_card(folder, model.peft_config[name], recipe, base_model=pipeline_of(encoder_path))
     return target
 
 

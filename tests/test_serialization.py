@@ -306,3 +306,21 @@ def test_inspect_refuses_a_prefix_so_large_images_come_out_nan(saved, capsys):
     save_file({key: torch.full_like(value, 1e30)}, weights)
     assert inspect_main(["inspect", str(folder)]) == 2
     assert "images come out NaN" in capsys.readouterr().err
+
+
+def test_a_saved_adapter_has_an_apl_model_card(tmp_path):
+    """Not PEFT's template: what the prefix is, how to apply it, the base model without a local path, the recipe."""
+    from huggingface_hub import ModelCard
+
+    base = tmp_path / "models" / "my-sd15"
+    encoder = tiny_clip_text_model()
+    encoder.config._name_or_path = str(base / "text_encoder")  # what from_pretrained(local folder) records
+    model = get_peft_model(encoder, APLConfig(num_virtual_tokens=4, prefix_depth="deep"))
+    save_adapter(model, tmp_path / "adapter", recipe={"steps": 400, "lr": 0.01})
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.library_name == "peft" and "apl" in card.data.tags
+    assert "Anonymization Prompt Learning" in card.text and "load_apl(pipe" in card.text
+    assert "| vectors (m) | 4 |" in card.text and "deep: keys and values" in card.text
+    assert "| steps | 400 |" in card.text and "More Information Needed" not in card.text
+    assert str(tmp_path) not in (tmp_path / "adapter" / "README.md").read_text()
+    assert "`my-sd15`" in card.text  # the local base folder by its name

@@ -149,6 +149,13 @@ class TrainConfig:
             if not ok:
                 raise APLAdapterError(message)
 
+    def recipe(self) -> dict:
+        """The settings that made a prefix, for its model card (folders by name only, run bookkeeping left out)."""
+        skip = {"out", "resume", "resume_with_new_settings", "checkpoint_every", "log_every"}
+        recipe = {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
+        recipe["base"], recipe["data"] = Path(self.base).name, Path(self.data).name
+        return recipe
+
     def differences(self, saved: dict) -> list[str]:
         """The settings that differ from a run's saved ``train_config.json`` and would change what it trains.
 

@@ -292,7 +292,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     adapter_dir = out / ADAPTER_DIR
     if accelerator.is_main_process:
         _save_checkpoint(accelerator, text_encoder, optimizer, config.steps, out, losses)
-        save_adapter(text_encoder, adapter_dir)
+        save_adapter(text_encoder, adapter_dir, recipe=config.recipe())
         if writer is not None:
             writer.close()
     accelerator.wait_for_everyone()
