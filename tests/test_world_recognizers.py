@@ -22,9 +22,10 @@ def test_recognizers_reach_98_percent_on_fresh_renders(world):
     acc = heldout_recognizer_accuracy(RECOGNIZER_DIR, world, per_person=4, seed=4321)
     # faces of the 40 people in both styles, as many scenes, and 4 strangers with each seen/unseen person's attributes
     assert acc["num_images"] == 2 * 40 * 4 + 40 * 4 + 32 * 4
-    # reported, not a bar: those strangers taken for the person whose attributes they share (5.5% here)
-    assert 0.0 <= acc["stranger_as_described_person"] <= 1.0
-    # the issue's bar, all four views (scenes measured 98.1% here: 4,800 recognizer steps; 1,200 gave 93%)
+    # those strangers taken for the person whose attributes they share: 5.5% before look-alikes joined the
+    # recognizer's training, 2.3% now (the floor under any anonymization it measures)
+    assert acc["stranger_as_described_person"] <= 0.04
+    # the issue's bar, all four views (identity 98.4% here with the stranger margin of 1; 96.6% without it)
     for view in ("identity_top1", "presence", "attributes", "scene"):
         assert acc[view] >= 0.98, (view, acc)
 
@@ -63,3 +64,21 @@ def test_a_stranger_is_nobody(world):
 def test_missing_recognizer_folder_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="apl-world build"):
         WorldIdentityRecognizer.from_pretrained(tmp_path)
+
+
+def test_the_stranger_margin_is_the_open_set_threshold(world, tmp_path):
+    """The shipped config's margin is applied: a huge margin names every face, a negative one names none."""
+    import json
+    import shutil
+
+    assert json.loads((RECOGNIZER_DIR / "config.json").read_text())["stranger_margin"] == 1.0
+    person = world.seen[0]
+    rng = random.Random(7)
+    faces = [render_face(person.attributes, person.fine, rng) for _ in range(8)]
+    for margin, named in ((1e6, 8), (-1e6, 0)):
+        folder = tmp_path / f"margin{margin}"
+        shutil.copytree(RECOGNIZER_DIR, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "stranger_margin": margin}))
+        obs = WorldIdentityRecognizer.from_pretrained(folder).observe(faces)
+        assert sum(o.top1 is not None for o in obs) == named

@@ -85,13 +85,14 @@ class WorldRecognizerNet(nn.Module):
         return out
 
 
-def save_recognizer(net: WorldRecognizerNet, names: Sequence[str], out_dir: str | os.PathLike) -> Path:
+def save_recognizer(
+    net: WorldRecognizerNet, names: Sequence[str], out_dir: str | os.PathLike, stranger_margin: float = 0.0
+) -> Path:
     out = Path(out_dir)
     with atomic_folder(out, replace=True) as staging:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, staging / "model.safetensors")
-        (staging / "config.json").write_text(
-            json.dumps({"names": list(names), "width": net.trunk[0][0].out_channels}, indent=1)
-        )
+        config = {"names": list(names), "width": net.trunk[0][0].out_channels, "stranger_margin": stranger_margin}
+        (staging / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
 
@@ -105,10 +106,14 @@ class _Outputs:
 class _WorldRecognizerBase:
     """Loads the shared network once; batches images through it."""
 
-    def __init__(self, net: WorldRecognizerNet, names: Sequence[str], batch_size: int = 256):
+    def __init__(
+        self, net: WorldRecognizerNet, names: Sequence[str], batch_size: int = 256, stranger_margin: float = 0.0
+    ):
         self.net = net.eval()
         self.names = list(names)
         self.batch_size = batch_size
+        #: the stranger class wins only by this much (log-probability): a calibrated open-set threshold
+        self.stranger_margin = stranger_margin
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None):
@@ -120,7 +125,7 @@ class _WorldRecognizerBase:
         config = json.loads((folder / "config.json").read_text())
         net = WorldRecognizerNet(len(config["names"]), width=config["width"])
         net.load_state_dict(load_file(folder / "model.safetensors"))
-        return cls(net, config["names"])
+        return cls(net, config["names"], stranger_margin=float(config.get("stranger_margin", 0.0)))
 
     @torch.no_grad()
     def _run(self, images: Sequence[Image.Image]) -> _Outputs:
@@ -154,8 +159,9 @@ class WorldIdentityRecognizer(_WorldRecognizerBase, Recognizer):
             if not present:
                 observations.append(FaceObservation(False, presence))
                 continue
-            best = int(probs.argmax())
-            top1 = None if best == len(self.names) else self.names[best]
+            best = int(probs[: len(self.names)].argmax())
+            stranger = probs[len(self.names)].clamp_min(1e-30).log() - self.stranger_margin
+            top1 = None if stranger > probs[best].clamp_min(1e-30).log() else self.names[best]
             scores = dict(zip(self.names, probs[: len(self.names)].tolist()))
             observations.append(FaceObservation(True, presence, top1, scores))
         return observations
