@@ -19,7 +19,7 @@ Example:
 >>> # the demo's prefix (docs/experiments/2026-12-02-world.md, "Where the change lives");
 >>> # the first row is the base model without it
 >>> rows = run_step_bands("demo-out/run/adapter", seeds=[500, 501], bands=[(0, 20), (10, 20)])  # doctest: +SKIP
->>> [(row["band"], row["seen_top1"], row["scenes_lost"], row["scenes_gained"]) for row in rows]
+>>> [(row["band"], row["seen_top1"], row["scenes_lost"], row["scenes_gained"]) for row in rows]  # doctest: +SKIP
 [('none', 0.95, 0, 0), ('0-20', 0.625, 42, 18), ('10-20', 0.855, 25, 5)]
 
 ```

@@ -17,7 +17,7 @@ Example:
 ```python
 >>> from apl_adapter.metrics.insightface_faces import InsightFaceEmbedder
 >>> embedder = InsightFaceEmbedder("~/.insightface/models/buffalo_l")   # a folder you already have  # doctest: +SKIP
->>> faces = embedder.detect_and_embed(image)                            # 512-d, L2-normalised
+>>> faces = embedder.detect_and_embed(image)                            # 512-d, L2-normalised  # doctest: +SKIP
 ```
 """
 

@@ -20,7 +20,7 @@ Example:
 >>> from apl_adapter.world import model_path
 >>> # the shipped world's base, the demo's data and a 1,200-step m = 10 prefix (docs/experiments/2026-12-02-world.md)
 >>> rows = eps_gap_by_timestep(model_path("base"), "demo-out/data", "runs/apl/adapter")  # doctest: +SKIP
->>> [(row.kind, row.t_low, round(row.ratio, 2)) for row in rows][:2]
+>>> [(row.kind, row.t_low, round(row.ratio, 2)) for row in rows][:2]  # doctest: +SKIP
 [('identity', 0, 0.36), ('identity', 143, 0.41)]
 
 ```
