@@ -200,3 +200,18 @@ def test_out_that_is_the_current_directory_is_refused(root, capsys, tmp_path, mo
                       str(root / "prompts.txt"), "--identities", str(root / "refs"), "--out", "."])  # fmt: skip
     _expect_clean_error(code, capsys.readouterr().err, "apl-eval", "current directory")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["apl_adapter.training.cli", "apl_adapter.bench.cli", "apl_adapter.evaluation.cli", "apl_adapter.world.cli",
+     "apl_adapter.cli", "apl_adapter.demo", "apl_export.cli"],
+)  # fmt: skip
+def test_every_command_has_help_that_renders(module, capsys):
+    """--help exits 0 with text (a '%' in a help string once broke apl-train --help)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out

@@ -48,7 +48,7 @@ EXAMPLES = textwrap.dedent(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    helps = TrainConfig.help_texts()
+    helps = {k: v.replace("%", "%%") for k, v in TrainConfig.help_texts().items()}  # argparse formats help with %
     parser = argparse.ArgumentParser(
         prog="apl-train", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
