@@ -15,6 +15,13 @@ class APLAdapterError(ValueError):
     """
 
 
+def check_at_least(*checks: tuple[str, float, float], error: type[APLAdapterError] = APLAdapterError) -> None:
+    """``(flag, value, least)`` triples: the first value under its least is an error naming the flag."""
+    for flag, value, least in checks:
+        if value < least:
+            raise error(f"{flag} must be >= {least}, got {value}.")
+
+
 # "the disk is full" in its three forms: no space, quota, file-size limit
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 

@@ -9,7 +9,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from ..errors import APLAdapterError
+from ..errors import APLAdapterError, check_at_least
 from .protocol import BenchModels, BenchReaders, BenchSpec, Person, SceneCase
 from .templates import fill_template, read_templates, robustness_templates
 
@@ -115,10 +115,9 @@ def world_bench_inputs(
     from ..world.models import load_world_pipeline
     from ..world.spec import WorldSpec
 
-    for flag, value, least in (("--num-scenes", num_scenes, 0), ("--steps", num_inference_steps, 1),
-                               ("--batch-size", batch_size, 1)):  # fmt: skip
-        if value < least:
-            raise APLAdapterError(f"{flag} must be >= {least}, got {value}.")
+    check_at_least(
+        ("--num-scenes", num_scenes, 0), ("--steps", num_inference_steps, 1), ("--batch-size", batch_size, 1)
+    )
     check_models_match_world(world_seed, assets)
     world = WorldSpec.from_seed(world_seed)
     if identities_file:

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import replace_folder, staging_folder
-from ..errors import APLAdapterError
+from ..errors import APLAdapterError, check_at_least
 from ..metrics.base import identity_metrics
 from ..metrics.faces import (
     FaceEmbedder,
@@ -101,9 +101,7 @@ def check_paths(settings: EvalSettings) -> None:
     numbers = [("--steps", settings.steps, 1), ("--dlib-upsample", settings.dlib_upsample, 0),
                ("--grid-rows", settings.grid_rows, 0), ("--height", settings.height or 8, 8),
                ("--width", settings.width or 8, 8)]  # fmt: skip
-    for flag, value, least in numbers:
-        if value < least:
-            raise EvalInputError(f"{flag} must be >= {least}, got {value}.")
+    check_at_least(*numbers, error=EvalInputError)
     if settings.same_person_distance is not None and not settings.same_person_distance > 0:
         raise EvalInputError(
             f"--same-person-distance must be > 0, got {settings.same_person_distance} (dlib: 0.6, insightface: 1.14)."

@@ -9,7 +9,7 @@ import argparse
 import sys
 import textwrap
 
-from ..errors import APLAdapterError, run_cli
+from ..errors import check_at_least, run_cli
 from .config import TrainConfig
 
 DESCRIPTION = textwrap.dedent(
@@ -130,10 +130,8 @@ def run_generate(argv: list[str]) -> int:
     from .generate import generate_identity_data, read_identity_file, read_lines
 
     args = build_generate_parser().parse_args(argv)
-    for flag, value, least in (("--per-name", args.per_name, 1), ("--per-caption", args.per_caption, 0),
-                               ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1)):  # fmt: skip
-        if value < least:
-            raise APLAdapterError(f"{flag} must be >= {least}, got {value}.")
+    check_at_least(("--per-name", args.per_name, 1), ("--per-caption", args.per_caption, 0),
+                   ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1))  # fmt: skip
     templates = tuple(read_lines(args.templates, "Template")) if args.templates else ("a photo of {name}",)
     out = generate_identity_data(
         args.base,

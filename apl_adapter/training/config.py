@@ -9,6 +9,11 @@ from typing import Literal
 
 from ..errors import APLAdapterError
 
+#: settings a resumed run may change (``TrainConfig.differences`` ignores them)
+RESUMABLE_CHANGES = frozenset(
+    {"out", "steps", "resume", "resume_with_new_settings", "checkpoint_every", "log_every", "gradient_checkpointing"}
+)
+
 
 @dataclass
 class TrainConfig:
@@ -162,19 +167,10 @@ class TrainConfig:
         The run folder (a run may be moved), the step budget, checkpoint and log cadence, gradient checkpointing and
         the resume options may change.
         """
-        free = {
-            "out",
-            "steps",
-            "resume",
-            "resume_with_new_settings",
-            "checkpoint_every",
-            "log_every",
-            "gradient_checkpointing",
-        }
         mine = asdict(self)
         changed = []
         for name, value in mine.items():
-            if name in free or name not in saved:
+            if name in RESUMABLE_CHANGES or name not in saved:
                 continue
             old = saved[name]
             if name in ("base", "data"):  # the same folder written two ways
