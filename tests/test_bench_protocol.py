@@ -71,3 +71,49 @@ def test_protocol_end_to_end_on_tiny_models(tmp_path):
     first = generate(models.base, ["a photo of " + persons[0].name], [0], spec, "check")
     assert np.array_equal(np.asarray(again[0]), np.asarray(first[0]))
     assert not hasattr(models.base, "_apl_state") or models.base._apl_state is None
+
+
+def test_a_base_cache_shares_the_images_without_the_prefix_between_prefixes(tmp_path):
+    """A second prefix on the same seeds reads the base half from the cache: the same base numbers, no base image
+    generated again; another model (weights) misses the cache."""
+    from apl_adapter.bench.cache import BaseImageCache, model_fingerprint
+
+    world = WorldSpec.from_seed(0)
+    torch.manual_seed(0)
+    net = WorldRecognizerNet(len(world.names))
+    readers = BenchReaders(
+        identity=WorldIdentityRecognizer(net, world.names),
+        attributes=_AttributeReader(WorldAttributeRecognizer(net, world.names)),
+        scenes=_SceneReader(WorldSceneRecognizer(net, world.names)),
+    )
+    person = world.seen[0]
+    cache = BaseImageCache(tmp_path / "cache")
+    spec = BenchSpec(
+        persons=[Person(person.name, dict(person.attributes), person.split)],
+        person_templates=["a photo of {}"],
+        scenes=[SceneCase("a red star on a white background", "red star on white")],
+        seeds=[0, 1],
+        num_inference_steps=2,
+        batch_size=4,
+        base_cache=cache,
+    )
+    base = tiny_sd_pipeline(seed=0)
+    base.set_progress_bar_config(disable=True)
+    reports = []
+    for init_seed in (0, 1):
+        config = APLConfig(num_virtual_tokens=4, init_seed=init_seed)
+        adapter = save_adapter(get_peft_model(tiny_clip_text_model(), config), tmp_path / f"ad{init_seed}")
+        reports.append(run_bench(spec, BenchModels(base=base), readers, adapter, tmp_path / f"out{init_seed}"))
+    first, second = (report["sections"] for report in reports)
+    assert reports[0]["base_cache"]["misses"] == 4 and reports[0]["base_cache"]["hits"] == 0
+    assert reports[1]["base_cache"]["hits"] == 4 and reports[1]["base_cache"]["misses"] == 4  # 2nd run: no new misses
+    assert first["seen"]["base"] == second["seen"]["base"] and first["scenes"]["base"] == second["scenes"]["base"]
+    assert first["seen"]["apl"]["mean_identity_score"] != second["seen"]["apl"]["mean_identity_score"]
+    fresh = generate(base, [spec.scenes[0].prompt], [1], spec, "check")[0]
+    key = cache.key(model_fingerprint(base), spec.scenes[0].prompt, 1, 2, 7.0)
+    assert np.array_equal(np.asarray(cache.get(key)), np.asarray(fresh))  # lossless: the cached image is the image
+    other = tiny_sd_pipeline(seed=1)
+    other.set_progress_bar_config(disable=True)
+    before = cache.misses
+    run_bench(spec, BenchModels(base=other), readers, tmp_path / "ad0", tmp_path / "out-other")
+    assert cache.misses - before == 4  # other weights: nothing read from the first model's images

@@ -188,6 +188,8 @@ def test_scene_prompts_ask_every_background_in_every_caption_template():
     world = WorldSpec.from_seed(0)
     pairs = Counter(caption_of(world, case) for case in pick_scenes(world, 96))
     assert pairs == Counter({(b, t): 6 for b in range(4) for t in range(4)})
+    every = pick_scenes(world, "all")  # --num-scenes all: each of the 96 scenes in each of the 4 templates
+    assert len({case.prompt for case in every}) == 384 and len({case.label for case in every}) == 96
 
 
 def test_cli_rejects_bad_adapter_and_seeds(capsys, tmp_path):

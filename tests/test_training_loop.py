@@ -146,6 +146,30 @@ def test_pushed_identity_target_and_untouched_preservation_target(tokenizer):
     torch.testing.assert_close(only_scene, (prefixed[1:] - target[1:]).square().mean(), rtol=1e-4, atol=1e-7)
 
 
+def test_boosted_identity_target_moves_along_the_description(tokenizer):
+    """boost=beta: an identity row's target also gains beta (eps(c2) - eps('')); preservation rows stay eps(c2)."""
+    pipe = tiny_sd_pipeline()
+    encoder = get_peft_model(pipe.text_encoder, APLConfig(num_virtual_tokens=3))
+    c1 = tokenize(tokenizer, ["a photo of Zorvan Kelt", "a red star on white"])
+    c2 = tokenize(tokenizer, ["a photo of a man", "a red star on white"])
+    empty = tokenize(tokenizer, [""])
+    z_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([300, 700])
+    with torch.no_grad():
+        prefixed = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
+        with encoder.disable_adapter():
+            plain = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
+            target = pipe.unet(z_t, t, encoder(input_ids=c2)[0]).sample
+            unconditional = pipe.unet(z_t, t, encoder(input_ids=empty.expand(2, -1))[0]).sample
+    eta, beta = 0.3, 0.7
+    moved = target.clone()
+    moved[0] = target[0] - eta * (plain[0] - target[0]) + beta * (target[0] - unconditional[0])
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, boost=beta, empty_ids=empty).detach()
+    torch.testing.assert_close(loss, (prefixed - moved).square().mean(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="empty_ids"):
+        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, boost=beta)
+
+
 def test_gradient_reaches_only_the_prefix(tokenizer):
     pipe = tiny_sd_pipeline()
     for module in (pipe.unet, pipe.vae):

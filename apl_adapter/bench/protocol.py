@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..metrics.base import Recognizer, identity_metrics
 from ..pipelines import apply_apl, remove_apl
+from .cache import BaseImageCache, model_fingerprint
 from .templates import fill_template
 
 
@@ -75,6 +76,8 @@ class BenchSpec:
     train_templates: list[str] = field(default_factory=list)
     #: template -> family (robustness suites); the report gives the fall of top-1 per family
     template_families: dict[str, str] = field(default_factory=dict)
+    #: images without the prefix are read from / written to this cache (prefixes compared on the same seeds)
+    base_cache: BaseImageCache | None = None
 
     def other_name(self, person: Person) -> str:
         """The second name of a two-name prompt: the next person of the bench."""
@@ -131,9 +134,26 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec
     return images
 
 
+def generate_plain(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec, desc: str) -> list:
+    """Images without the prefix; with ``spec.base_cache`` only those not cached yet are generated."""
+    cache = spec.base_cache
+    if cache is None:
+        return generate(pipe, prompts, seeds, spec, desc)
+    model = model_fingerprint(pipe)
+    keys = [cache.key(model, p, s, spec.num_inference_steps, spec.guidance_scale) for p, s in zip(prompts, seeds)]
+    images = [cache.get(key) for key in keys]
+    missing = [i for i, image in enumerate(images) if image is None]
+    if missing:
+        fresh = generate(pipe, [prompts[i] for i in missing], [seeds[i] for i in missing], spec, desc)
+        for i, image in zip(missing, fresh):
+            cache.put(keys[i], image)
+            images[i] = image
+    return images
+
+
 def generate_pair(pipe, adapter, prompts, seeds, spec: BenchSpec, desc: str) -> tuple[list, list]:
     """``(without APL, with APL)`` images of the same prompts and seeds."""
-    plain = generate(pipe, prompts, seeds, spec, f"{desc} base")
+    plain = generate_plain(pipe, prompts, seeds, spec, f"{desc} base")
     apply_apl(pipe, adapter)
     try:
         anonymized = generate(pipe, prompts, seeds, spec, f"{desc} APL")

@@ -60,5 +60,8 @@ def run_bench(
         "seconds": time.perf_counter() - started,
         **(extra or {}),
     }
+    if spec.base_cache is not None:
+        report["base_cache"] = {"folder": str(spec.base_cache.folder), "hits": spec.base_cache.hits,
+                                "misses": spec.base_cache.misses}  # fmt: skip
     write_report(report, sections, Path(out))
     return report

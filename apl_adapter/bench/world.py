@@ -8,8 +8,10 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 from ..errors import APLAdapterError, check_at_least
+from .cache import BaseImageCache
 from .protocol import BenchModels, BenchReaders, BenchSpec, Person, SceneCase
 from .templates import fill_template, read_templates, robustness_templates
 
@@ -35,13 +37,16 @@ def every_scene_case(world) -> list[SceneCase]:
     ]
 
 
-def pick_scenes(world, count: int) -> list[SceneCase]:
-    """``count`` scenes spread evenly over all of the world's scenes, each background in every caption template.
+def pick_scenes(world, count: int | Literal["all"]) -> list[SceneCase]:
+    """``count`` scenes spread evenly over all of the world's scenes, each background in every caption template;
+    ``"all"``: every scene in every caption template (384 prompts on the shipped world).
 
     Every (background, caption template) pair gets the same number of prompts, give or take one, so
     the bench's per-template scene numbers are not per-background numbers in disguise.
     """
     scenes = list(world.scenes)
+    if count == "all":
+        return every_scene_case(world)
     if count <= 0:
         return []
     # a stride coprime with the number of scenes visits every background/colour/shape pattern, where a
@@ -104,20 +109,21 @@ def world_bench_inputs(
     robustness: bool = False,
     train_data: str | os.PathLike | None = None,
     seeds: list[int] | None = None,
-    num_scenes: int = ALL_SCENES,
+    num_scenes: int | Literal["all"] = ALL_SCENES,
     num_inference_steps: int = 20,
     guidance_scale: float = 7.0,
     batch_size: int = 64,
     transfer: bool = True,
     late: bool = True,
+    base_cache: str | os.PathLike | None = None,
 ) -> tuple[BenchSpec, BenchModels, BenchReaders]:
     """Everything :func:`~apl_adapter.bench.runner.run_bench` needs, from the shipped world."""
     from ..world.models import load_world_pipeline
     from ..world.spec import WorldSpec
 
-    check_at_least(
-        ("--num-scenes", num_scenes, 0), ("--steps", num_inference_steps, 1), ("--batch-size", batch_size, 1)
-    )
+    check_at_least(("--steps", num_inference_steps, 1), ("--batch-size", batch_size, 1))
+    if num_scenes != "all":
+        check_at_least(("--num-scenes", num_scenes, 0))
     check_models_match_world(world_seed, assets)
     world = WorldSpec.from_seed(world_seed)
     if identities_file:
@@ -143,6 +149,7 @@ def world_bench_inputs(
         batch_size=batch_size,
         train_templates=templates_in_training_data(train_data, templates, persons) if train_data else [],
         template_families=families,
+        base_cache=BaseImageCache(base_cache) if base_cache else None,
     )
     models = BenchModels(
         base=load_world_pipeline("base", assets),

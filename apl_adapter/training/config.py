@@ -76,6 +76,14 @@ class TrainConfig:
             "seen names down 16x but keeps fewer coarse attributes (67%); a shallow prefix loses scenes with it."
         },
     )
+    attribute_boost: float = field(
+        default=0.0,
+        metadata={
+            "help": "beta >= 0: identity targets also move further along the description, + beta (eps(c2) - eps('')) "
+            "(0 = the paper). A push loses coarse attributes the name carried more strongly than its description "
+            "(measured: skin); the boost gives them back. Needs --c2 attribute."
+        },
+    )
     c2: Literal["attribute", "empty"] = field(
         default="attribute",
         metadata={"help": "Identity target: 'attribute' = the row's description (paper figure), 'empty' = ''."},
@@ -139,6 +147,11 @@ class TrainConfig:
                 f"prefix_depth must be 'shallow' or 'deep', got {self.prefix_depth!r}",
             ),
             (self.identity_push >= 0, f"identity_push must be >= 0, got {self.identity_push}"),
+            (self.attribute_boost >= 0, f"attribute_boost must be >= 0, got {self.attribute_boost}"),
+            (
+                not (self.attribute_boost and self.c2 == "empty"),
+                "attribute_boost needs c2='attribute' (an empty target has no description to boost)",
+            ),
             (self.loss_space in ("eps", "v"), f"loss_space must be 'eps' or 'v', got {self.loss_space!r}"),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (

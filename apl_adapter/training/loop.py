@@ -251,6 +251,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
         config.save(out / "train_config.json")
         writer = _open_tensorboard(out)
     num_train_timesteps = parts.noise_scheduler.config.num_train_timesteps
+    empty_ids = tokenize(parts.tokenizer, [""]).to(accelerator.device)
     progress = tqdm(
         range(start_step, config.steps),
         initial=start_step,
@@ -271,7 +272,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
             loss = apl_loss(
                 unet, text_encoder, noisy, timesteps, c1_ids, c2_ids, encode=encode,
                 loss_space=config.loss_space, alphas_cumprod=parts.noise_scheduler.alphas_cumprod,
-                push=config.identity_push,
+                push=config.identity_push, boost=config.attribute_boost, empty_ids=empty_ids,
             )  # fmt: skip
         accelerator.backward(loss)
         optimizer.step()

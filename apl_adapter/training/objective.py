@@ -42,6 +42,8 @@ def apl_loss(
     loss_space: Literal["eps", "v"] = "eps",
     alphas_cumprod: torch.Tensor | None = None,
     push: float = 0.0,
+    boost: float = 0.0,
+    empty_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -57,6 +59,8 @@ def apl_loss(
             ``text_encoder`` itself. It must return the hidden states first (as ``CLIPTextModel``).
         push: ``eta`` of a target pushed away from the plain prompt, ``eps(c2) - eta (eps(c1) - eps(c2))`` (ESD's
             negative guidance; 0 = the paper). Zero for preservation pairs, whose ``c1`` is ``c2``.
+        boost: ``beta`` of identity targets moved further along their description, ``+ beta (eps(c2) - eps(''))``
+            (0 = the paper); needs ``empty_ids``, the ``(1, 77)`` ids of the empty prompt.
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -82,11 +86,20 @@ def apl_loss(
     with torch.no_grad(), text_encoder.disable_adapter():
         target_states = text_encoder(c2_ids)[0]
         target = unet(noisy, timesteps, encoder_hidden_states=target_states).sample
-        if push:
-            pushed = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) have nothing to push from
-            if bool(pushed.any()):
-                plain = unet(noisy[pushed], timesteps[pushed], encoder_hidden_states=text_encoder(c1_ids[pushed])[0])
-                target[pushed] -= push * (plain.sample - target[pushed])
+        identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
+        if (push or boost) and bool(identity.any()):
+            noisy_id, t_id, described = noisy[identity], timesteps[identity], target[identity]
+            moved = described.clone()
+            if push:
+                plain = unet(noisy_id, t_id, encoder_hidden_states=text_encoder(c1_ids[identity])[0]).sample
+                moved -= push * (plain - described)
+            if boost:
+                if empty_ids is None:
+                    raise ValueError("boost needs empty_ids, the token ids of the empty prompt")
+                empty_states = text_encoder(empty_ids.to(c1_ids.device))[0].expand(len(t_id), -1, -1)
+                unconditional = unet(noisy_id, t_id, encoder_hidden_states=empty_states).sample
+                moved += boost * (described - unconditional)
+            target[identity] = moved
     prefixed_states = (encode or text_encoder)(c1_ids)[0]
     prediction = unet(noisy, timesteps, encoder_hidden_states=prefixed_states).sample
     if loss_space == "eps":
