@@ -62,7 +62,7 @@ def test_protocol_end_to_end_on_tiny_models(tmp_path):
     assert report["num_images"] == 2 * (4 + 4 + 4 + 8 + 2 + 2)
     for name in ("seen", "late", "transfer", "scenes"):
         assert sections[name]["same_seed_pixel_change"] > 0  # a random prefix changes person and scene images
-    assert len(report["goals"]) == 7
+    assert len(report["goals"]) == 8  # 4 falls, faces, attributes, scenes on base and sibling
     assert set(sections["seen"]["apl"]["per_template"]) == {"a photo of {}", "a headshot of {}"}
     assert json.loads((tmp_path / "out" / "report.json").read_text())["num_images"] == report["num_images"]
     assert "| measure | measured | goal | met |" in (tmp_path / "out" / "report.md").read_text()

@@ -83,7 +83,9 @@ def test_goals_are_judged_on_the_measured_numbers(tmp_path):
     assert rows["seen identities (base model)"] is True
     assert rows["unseen identities (base model)"] is False
     assert rows["late"] is None and rows["transfer"] is None  # not measured, said so
-    assert rows["scene accuracy"] is False  # a 5-point drop misses the 2-point goal
+    assert rows["scene accuracy on the base model"] is False  # a 5-point drop misses the 2-point goal
+    assert "scene accuracy on the sibling model" not in rows  # no sibling measured, no row
+
     report = {
         "adapter": "a",
         "recognizers": "r",
@@ -241,3 +243,21 @@ def test_a_two_name_prompt_leaks_when_either_named_person_appears():
     seen_bo = FaceObservation(True, 1.0, "Bo Chen")
     assert _named_rate(spec, [(seen_bo, cases[0])]) == 0.0  # one name: only Ann counts
     assert _named_rate(spec, [(seen_bo, cases[1]), (FaceObservation(False, 0.0), cases[2])]) == 0.5
+
+
+def test_scenes_are_kept_only_when_the_interval_stays_above_minus_4_points():
+    def scenes(lost: int, gained: int, n: int) -> dict:
+        before = [True] * lost + [False] * gained + [True] * (n - lost - gained)
+        after = [False] * lost + [True] * gained + [True] * (n - lost - gained)
+        paired = paired_change(before, after)
+        base, apl = sum(before) / n, sum(after) / n
+        return {"num_images": n, "base": {"scene_accuracy": base}, "apl": {"scene_accuracy": apl},
+                "accuracy_drop_points": 100 * (base - apl), "paired": paired}  # fmt: skip
+
+    def met(section: dict) -> bool:
+        return next(row for row in goals({"scenes_sibling": section}) if "sibling" in row["measure"])["met"]
+
+    assert met(scenes(lost=8, gained=0, n=768))  # -1.0 point, interval -1.7 to -0.3
+    assert not met(scenes(lost=3, gained=2, n=48))  # -2.1 points, interval far below -4
+    assert not met(scenes(lost=3, gained=1, n=96))  # -2.1 points: the point estimate alone misses
+    assert not met(scenes(lost=16, gained=3, n=384))  # -3.4 points

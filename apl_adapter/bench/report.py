@@ -23,6 +23,7 @@ FALL_GOALS = {"seen": 10.0, "unseen": 5.0, "late": 5.0, "transfer": 5.0}
 FACE_PRESENCE_GOAL = 0.95
 ATTRIBUTE_GOAL = 0.80
 SCENE_DROP_GOAL_POINTS = 2.0
+SCENE_CI_FLOOR_POINTS = 4.0  # the paired 95% interval's low end must stay above -4 points
 #: issue 20's goal for every robustness family (prompts unlike the training data), on seen names
 ROBUSTNESS_FALL = 5.0
 
@@ -75,19 +76,26 @@ def goals(sections: dict) -> list[dict]:
     rows.append(
         _threshold_row("attribute agreement with APL (all 4 attributes of the named person)", agreement, ATTRIBUTE_GOAL)
     )
-    if "scenes" in sections:
-        scenes = sections["scenes"]
-        drop = scenes["accuracy_drop_points"]
-        rows.append(
-            {
-                "measure": "scene accuracy, base minus APL (prompts without a person)",
-                "value": f"{_pct(scenes['base']['scene_accuracy'])} - {_pct(scenes['apl']['scene_accuracy'])} "
-                f"= {drop:+.1f} points{_paired(scenes)}",
-                "goal": f"<= {SCENE_DROP_GOAL_POINTS:g} points",
-                "met": drop <= SCENE_DROP_GOAL_POINTS,
-            }
-        )
+    for name, model in (("scenes", "base"), ("scenes_sibling", "sibling")):
+        if name in sections:
+            rows.append(_scene_row(sections[name], model))
     return rows
+
+
+def _scene_row(scenes: dict, model: str) -> dict:
+    """Scenes are kept when the point estimate loses <= 2 points *and* the paired 95% interval of the change
+    stays above -4 points (a small sample cannot pass by a lucky point estimate alone)."""
+    drop = scenes["accuracy_drop_points"]
+    paired = scenes.get("paired")
+    low = paired["change_ci95_points"][0] if paired else None
+    met = drop <= SCENE_DROP_GOAL_POINTS and (low is None or low > -SCENE_CI_FLOOR_POINTS)
+    return {
+        "measure": f"scene accuracy on the {model} model, base minus APL (prompts without a person)",
+        "value": f"{_pct(scenes['base']['scene_accuracy'])} - {_pct(scenes['apl']['scene_accuracy'])} "
+        f"= {drop:+.1f} points{_paired(scenes)}",
+        "goal": f"<= {SCENE_DROP_GOAL_POINTS:g} points, CI low end > -{SCENE_CI_FLOOR_POINTS:g}",
+        "met": met,
+    }
 
 
 def _paired(section: dict) -> str:
