@@ -192,6 +192,72 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_markdown(reports: dict[str, dict]) -> str:
+    """Several bench reports side by side (columns = prefixes, rows = goals), e.g. the demo's short prefix next to
+    the shipped one. Reports read back from ``report.json`` work too (a fall to 0 is stored as ``"inf"``).
+
+    >>> apl = {"top1_accuracy": 0.08, "face_presence_rate": 1.0, "attributes": {"all_match_rate": 0.9}}
+    >>> seen = {"num_images": 10, "accuracy_fall": 12.0, "base": {"top1_accuracy": 0.96}, "apl": apl}
+    >>> print(compare_markdown({"short": {"sections": {"seen": seen}}, "shipped": {"sections": {"seen": seen}}}))
+    | goal | short | shipped |
+    |---|---|---|
+    | seen: top-1 falls >= 10x | 96.0% -> 8.0% (12.0x) yes | 96.0% -> 8.0% (12.0x) yes |
+    | face presence >= 95.0% | 100.0% yes | 100.0% yes |
+    | attributes kept >= 80.0% | 90.0% yes | 90.0% yes |
+    """
+    columns = list(reports)
+    lines = ["| goal | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for goal, cell in _compare_rows():
+        cells = [cell(reports[label]["sections"]) for label in columns]
+        if any(c is not None for c in cells):
+            lines.append(f"| {goal} | " + " | ".join(c or "-" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _compare_rows():
+    def fall(name: str, factor: float):
+        def cell(sections: dict) -> str | None:
+            if name not in sections:
+                return None
+            s = sections[name]
+            ratio = float(s["accuracy_fall"])  # "inf" from JSON reads back as inf
+            met = "yes" if ratio >= factor else "**no**"
+            return f"{_pct(s['base']['top1_accuracy'])} -> {_pct(s['apl']['top1_accuracy'])} ({_times(ratio)}) {met}"
+
+        return f"{name}: top-1 falls >= {factor:g}x", cell
+
+    def rate(key_path: tuple[str, ...], goal: float):
+        def cell(sections: dict) -> str | None:
+            value = pooled(sections, key_path)
+            return None if value is None else f"{_pct(value)} {'yes' if value >= goal else '**no**'}"
+
+        return cell
+
+    def scenes(name: str):
+        def cell(sections: dict) -> str | None:
+            if name not in sections:
+                return None
+            s, row = sections[name], _scene_row(sections[name], "")
+            low, high = s["paired"]["change_ci95_points"]
+            return (
+                f"{-s['accuracy_drop_points']:+.1f} pts [{low:+.1f}, {high:+.1f}] {'yes' if row['met'] else '**no**'}"
+            )
+
+        return cell
+
+    rows = [fall(name, factor) for name, factor in FALL_GOALS.items()]
+    rows.append(
+        (f"face presence >= {_pct(FACE_PRESENCE_GOAL)}", rate(("apl", "face_presence_rate"), FACE_PRESENCE_GOAL))
+    )
+    rows.append(
+        (f"attributes kept >= {_pct(ATTRIBUTE_GOAL)}", rate(("apl", "attributes", "all_match_rate"), ATTRIBUTE_GOAL))
+    )
+    goal = f"within {SCENE_DROP_GOAL_POINTS:g} pts, 95% CI low end > -{SCENE_CI_FLOOR_POINTS:g}"
+    rows.append((f"scenes, base model: APL minus base, {goal}", scenes("scenes")))
+    rows.append((f"scenes, sibling model: APL minus base, {goal}", scenes("scenes_sibling")))
+    return rows
+
+
 def make_grid(sections: dict, per_section: int = 3, scale: int = 2) -> Image.Image:
     """Rows = a few identities per section (and scenes), columns = base | APL for the first template and seeds."""
     rows: list[tuple[str, list[Image.Image]]] = []
