@@ -2,11 +2,12 @@
 
 Stages, each printed as it runs:
 
-1. training data from the shipped world's base model, the authors' way (identity images sampled
-   with the name prompt, scene renders with captions);
-2. ``apl-train``: a 10-vector prefix, only the prefix trained;
-3. ``apl-bench``: the paper's protocol (seen / unseen / late identities, transfer to the sibling
-   model, scenes) with and without the prefix;
+1. ``apl-bench`` of the full-strength prefix shipped in the package: the paper's protocol (seen / unseen /
+   late identities, transfer to the sibling model, scenes) with and without the prefix;
+2. training data from the shipped world's base model (identity images drawn from the person's description,
+   scene renders with captions);
+3. ``apl-train``: a short 10-vector prefix, only the prefix trained, then ``apl-bench`` of it beside the
+   shipped one (the images without a prefix are generated once, for both);
 4. ``apl-export``: validated ONNX of the prefixed pipeline (the prefix baked into the text
    encoder), then ONNX Runtime generation compared with PyTorch on the same seeds;
 5. ``report.md`` + ``report.json`` in ``--out`` (the bench's own report and grid in ``bench/``).
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .bench.demo import DEMO_STEPS
+from .bench.demo import DEMO_STEPS, SHIPPED_LABEL, SHORT_LABEL
 from .errors import APLAdapterError, run_cli
 
 EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]
@@ -88,17 +89,23 @@ def export_and_compare(model_dir: Path, adapter_dir: Path, out: Path, prompts: l
 
 def run_world_demo(out: Path, steps: int, seed: int) -> dict:
     from .bench.demo import run_demo
-    from .bench.report import to_markdown
+    from .bench.report import compare_markdown, to_markdown
     from .world.models import model_path
     from .world.spec import WorldSpec
 
     report = run_demo(out, steps=steps)
+    shipped = report.pop("shipped_report", None)
     name = WorldSpec.from_seed(0).seen[0].name
     _stage("apl-export: ONNX with the prefix baked in, ONNX Runtime vs PyTorch")
     prompts = [p.format(name=name) for p in EXPORT_PROMPTS]
     export = export_and_compare(model_path("base"), out / "run" / "adapter", out, prompts, seed)
-    return {"model": "the shipped synthetic world (apl_adapter/world/assets)", "bench": report,
-            "bench_markdown": to_markdown(report), "export": export}  # fmt: skip
+    summary = {"model": "the shipped synthetic world (apl_adapter/world/assets)", "bench": report,
+               "bench_markdown": to_markdown(report), "export": export}  # fmt: skip
+    if shipped is not None:
+        summary["shipped_bench"] = shipped
+        summary["shipped_markdown"] = to_markdown(shipped)
+        summary["compare_markdown"] = compare_markdown({SHORT_LABEL: report, SHIPPED_LABEL: shipped})
+    return summary
 
 
 def run_tiny_demo(out: Path, seed: int) -> dict:
@@ -136,9 +143,20 @@ def run_tiny_demo(out: Path, seed: int) -> dict:
 def write_report(out: Path, summary: dict) -> Path:
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     lines = ["# APL demo report", "", f"Model: {summary['model']}.", ""]
+    if "compare_markdown" in summary:
+        recipe = summary["shipped_bench"].get("recipe", {})
+        lines += ["## The headline: the two prefixes side by side (same models, prompts and seeds)", "",
+                  summary["compare_markdown"], "",
+                  f"*{SHIPPED_LABEL}*: `apl_adapter/world/assets/apl-prefix`, "
+                  f"{recipe.get('summary', 'see its recipe.json')}.",
+                  f"*{SHORT_LABEL}*: the {summary['bench']['training']['steps']}-step recipe below, "
+                  f"{summary['bench']['training']['seconds']:.0f} s of training.", ""]  # fmt: skip
     if "bench_markdown" in summary:
-        lines += ["## apl-bench (prefix trained by apl-train in this run)", "", summary["bench_markdown"], "",
+        lines += [f"## apl-bench: {SHORT_LABEL}", "", summary["bench_markdown"], "",
                   f"Per-image grid: `{out / 'bench' / 'grid.png'}`.", ""]  # fmt: skip
+    if "shipped_markdown" in summary:
+        lines += [f"## apl-bench: {SHIPPED_LABEL}", "", summary["shipped_markdown"], "",
+                  f"Per-image grid: `{out / 'bench-shipped' / 'grid.png'}`.", ""]  # fmt: skip
     if "tiny_changes" in summary:
         lines += ["## The prefix at work (random weights: the change is real, its meaning is not)", "",
                   "| prompt | mean abs pixel change with APL |", "|---|---|"]  # fmt: skip

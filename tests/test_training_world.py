@@ -2,7 +2,8 @@
 
 As restated by issue 20: the scene half is measured on all 768 scene images of its two seeds (every scene in
 every caption template), the point estimate within 2 points; the identity half asks a prefix trained inside the
-test (the demo's recipe) to take seen top-1 down by >= 25 points.
+test (the demo's recipe) to take seen top-1 down by >= 25 points, and the full-strength prefix shipped in the
+package (``apl_adapter/world/assets/apl-prefix``) to take it down >= 5x on the same prompts and seeds.
 
 Everything is real: training images are sampled from the world base model (the demo's data: with
 the anonymous description prompts), the prefix is trained by ``apl_adapter.training.train``, and the
@@ -32,11 +33,12 @@ pytestmark = pytest.mark.skipif(WORLD_BASE is None, reason="world weights not bu
 
 @pytest.mark.slow
 def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path):
+    from apl_adapter.bench.cache import BaseImageCache
     from apl_adapter.bench.demo import demo_train_config, write_demo_data
     from apl_adapter.bench.protocol import BenchModels, BenchSpec, Person, run_protocol
     from apl_adapter.bench.world import every_scene_case, world_readers
     from apl_adapter.training import train
-    from apl_adapter.world.models import load_world_pipeline
+    from apl_adapter.world.models import SHIPPED_PREFIX, load_world_pipeline
     from apl_adapter.world.spec import WorldSpec
 
     world = WorldSpec.from_seed(0)
@@ -50,9 +52,11 @@ def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path)
         scenes=every_scene_case(world),  # 384 prompts x 2 seeds = 768 scene images
         seeds=[100, 101],
         batch_size=64,
+        base_cache=BaseImageCache(tmp_path / "base-cache"),  # the shipped prefix's half reuses the base images
     )
     readers = world_readers(os.path.join(ASSETS, "recognizer") if ASSETS else None)
-    sections = run_protocol(spec, BenchModels(base=load_world_pipeline("base", ASSETS)), readers, result.adapter_dir)
+    models = BenchModels(base=load_world_pipeline("base", ASSETS))
+    sections = run_protocol(spec, models, readers, result.adapter_dir)
     seen, scenes = sections["seen"], sections["scenes"]
     print(
         f"training {result.seconds:.0f} s; "
@@ -69,3 +73,12 @@ def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path)
     # "keeps scene accuracy": at most 2 points lost over all 768 scene images (same prompts and seeds)
     assert scenes["num_images"] == 768
     assert scenes["apl"]["scene_accuracy"] >= scenes["base"]["scene_accuracy"] - 0.02
+    # the shipped full-strength prefix, on the same 40 seen-name prompts and seeds (its base images from the cache)
+    if ASSETS is None:
+        assert (SHIPPED_PREFIX / "adapter_config.json").is_file(), "the package ships its full-strength prefix"
+        spec.scenes = []
+        shipped = run_protocol(spec, models, readers, SHIPPED_PREFIX)["seen"]
+        fell = f"{shipped['base']['top1_accuracy']:.3f} -> {shipped['apl']['top1_accuracy']:.3f}"
+        print(f"shipped prefix: seen top-1 {fell}")
+        assert shipped["base"] == seen["base"]  # the same base images, read back from the cache
+        assert shipped["accuracy_fall"] >= 5.0

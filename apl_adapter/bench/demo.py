@@ -1,4 +1,5 @@
-"""The end-to-end APL demo on the shipped world: write training data, train a prefix, run apl-bench.
+"""The end-to-end APL demo on the shipped world: the shipped prefix's bench, then write training data, train a
+short prefix and bench it beside the shipped one.
 
 The paper's recipe at world scale (``apl_adapter.world.data``): identity triplets for the seen
 names only with c1 = "a photo of <Name>" and c2 = the same template with the person's attribute
@@ -36,6 +37,8 @@ DEMO_IDENTITY_FRACTION = 0.2
 DEMO_IMAGES_FROM: Literal["name", "description"] = "description"
 DEMO_PER_NAME = 16  # base-model images per seen name
 DEMO_NUM_SCENES = 320  # scene renders (preservation pairs)
+SHORT_LABEL = "short prefix trained by this demo"
+SHIPPED_LABEL = "full-strength prefix shipped in the package"
 
 
 def write_demo_data(
@@ -80,6 +83,24 @@ def demo_train_config(
     )  # fmt: skip
 
 
+def bench_shipped_prefix(out: str | Path, seeds: tuple[int, ...] = (0,), assets=None) -> dict | None:
+    """The full-strength table: ``apl-bench`` of the prefix shipped in the package (``None`` if it is absent).
+
+    Writes ``<out>/bench-shipped`` and fills ``<out>/base-cache`` with the images made without a prefix, which the
+    demo's own bench then reuses (same models, prompts and seeds).
+    """
+    from ..world.models import SHIPPED_PREFIX
+    from .runner import run_bench
+    from .world import world_bench_inputs
+
+    if not (SHIPPED_PREFIX / "adapter_config.json").is_file() or assets is not None:
+        return None  # the shipped prefix belongs to the shipped world; another world's models would not match it
+    out = Path(out)
+    spec, models, readers = world_bench_inputs(seeds=list(seeds), base_cache=out / "base-cache")
+    recipe = _read_json(SHIPPED_PREFIX / "recipe.json") or {}
+    return run_bench(spec, models, readers, SHIPPED_PREFIX, out / "bench-shipped", extra={"recipe": recipe})
+
+
 def run_demo(
     out_dir: str | Path = "demo-out",
     steps: int = DEMO_STEPS,
@@ -92,46 +113,67 @@ def run_demo(
     prefix_len: int = DEMO_PREFIX_LEN,
     identity_fraction: float = DEMO_IDENTITY_FRACTION,
     images_from: Literal["name", "description"] = DEMO_IMAGES_FROM,
+    shipped: bool = True,
 ) -> dict:
-    """Data -> training -> bench; returns the bench report and prints its Markdown.
+    """Shipped prefix's bench -> data -> training -> bench; returns the bench report of the prefix trained here
+    (with the shipped prefix's report under ``"shipped_report"`` when it was measured) and prints both tables.
 
-    Writes ``<out_dir>/data`` (reused if sampled with the same settings), ``<out_dir>/run`` (the
-    training run, adapter in ``run/adapter``) and ``<out_dir>/bench`` (report.md, report.json, grid.png).
+    Writes ``<out_dir>/bench-shipped`` (the full-strength prefix shipped in the package), ``<out_dir>/data``
+    (reused if sampled with the same settings), ``<out_dir>/run`` (the training run, adapter in ``run/adapter``),
+    ``<out_dir>/bench`` (report.md, report.json, grid.png) and ``<out_dir>/base-cache`` (the images without a
+    prefix, generated once for both benches).
     """
     from ..training import train
-    from .report import to_markdown
+    from .report import compare_markdown, to_markdown
     from .runner import run_bench
     from .world import world_bench_inputs
 
     out = Path(out_dir)
     started = time.perf_counter()
+    shipped_report = None
+    if shipped:
+        print(
+            "[1/4] apl-bench of the full-strength prefix shipped in the package (apl_adapter/world/assets/apl-prefix)"
+        )
+        shipped_report = bench_shipped_prefix(out, seeds, assets)
+        if shipped_report is None:
+            print("      not measured: no shipped prefix for these world models")
+        else:
+            print(to_markdown(shipped_report))
     data = out / "data"
     # data from an earlier run is reused only if it was sampled with the same settings
     stamp = {"per_name": per_name, "num_scenes": num_scenes, "images_from": images_from}
     stamp_file = out / "data_settings.json"
+    data_started = time.perf_counter()
     if not (data / "metadata.jsonl").is_file() or _read_json(stamp_file) != stamp:
-        print(f"[1/3] sampling training data from the world base model into {data} (identity images from the "
+        print(f"[2/4] sampling training data from the world base model into {data} (identity images from the "
               f"{images_from} prompt)")  # fmt: skip
         shutil.rmtree(data, ignore_errors=True)
         write_demo_data(data, per_name, num_scenes, assets, images_from)
         stamp_file.write_text(json.dumps(stamp) + "\n")
-    data_seconds = time.perf_counter() - started
+    data_seconds = time.perf_counter() - data_started
     config = demo_train_config(
         data, out / "run", assets, steps=steps, batch_size=batch_size, lr=lr, prefix_len=prefix_len,
         identity_fraction=identity_fraction,
     )  # fmt: skip
     keys = ("steps", "batch_size", "lr", "lr_schedule", "prefix_len", "identity_fraction")
     recipe = {key: getattr(config, key) for key in keys}
-    print(f"[2/3] training the APL prefix ({', '.join(f'{key} {value}' for key, value in recipe.items())})")
+    print(f"[3/4] training a short APL prefix ({', '.join(f'{key} {value}' for key, value in recipe.items())})")
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
     result = train(config)
-    print("[3/3] apl-bench")
-    spec, models, readers = world_bench_inputs(seeds=list(seeds), train_data=data, assets=assets)
+    print("[4/4] apl-bench of the short prefix (images without a prefix come from the cache)")
+    spec, models, readers = world_bench_inputs(
+        seeds=list(seeds), train_data=data, assets=assets, base_cache=out / "base-cache" if assets is None else None
+    )
     # the report records the settings the run used, read off its config
     extra = {"training": {**recipe, "images_from": images_from, "seconds": result.seconds,
                           "final_loss": result.final_loss, "data_seconds": data_seconds}}  # fmt: skip
     report = run_bench(spec, models, readers, result.adapter_dir, out / "bench", extra=extra)
     print(to_markdown(report))
+    if shipped_report is not None:
+        report["shipped_report"] = shipped_report
+        print("Side by side (same models, prompts and seeds):\n")
+        print(compare_markdown({SHORT_LABEL: report, SHIPPED_LABEL: shipped_report}))
     print(
         f"training {result.seconds:.0f} s, bench {report['seconds']:.0f} s, total {time.perf_counter() - started:.0f} s"
     )

@@ -41,6 +41,8 @@ from ..testing import tiny_clip_text_config
 from .render import IMAGE_SIZE
 
 ASSETS = Path(__file__).parent / "assets"
+#: the full-strength APL prefix trained on the shipped world (a PEFT adapter folder; its recipe in recipe.json)
+SHIPPED_PREFIX = ASSETS / "apl-prefix"
 MODEL_KINDS = ("base", "sibling", "dreambooth")
 #: 64 was the first shipped width: a 10 x 64 prefix could not move a name without moving scenes
 #: (docs/experiments/2026-12-02-world.md)
