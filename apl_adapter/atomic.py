@@ -118,6 +118,18 @@ def staging_folder(target: str | os.PathLike, kind: str = "writing") -> Path:
     return staging
 
 
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give every file and folder under ``folder`` the modes the umask allows (0644 / 0755 under 022).
+
+    Some writers create files private whatever the umask (safetensors' ``save_file``: 0600), so an adapter saved by
+    a training job could not be read by a server running as another user.
+    """
+    mask = _umask()
+    for path in Path(folder).rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the finished ``staging`` folder to ``target``; an existing ``target`` is kept until the swap.
 
@@ -166,6 +178,7 @@ def atomic_folder(target: str | os.PathLike, replace: bool = False, kind: str = 
     staging = staging_folder(target, kind)
     try:
         yield staging
+        follow_umask(staging)
         if target.exists() and not replace:
             raise FileExistsError(f"{target} appeared while it was being written; not replacing it")
         replace_folder(staging, target)

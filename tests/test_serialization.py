@@ -324,3 +324,16 @@ def test_a_saved_adapter_has_an_apl_model_card(tmp_path):
     assert "| steps | 400 |" in card.text and "More Information Needed" not in card.text
     assert str(tmp_path) not in (tmp_path / "adapter" / "README.md").read_text()
     assert "`my-sd15`" in card.text  # the local base folder by its name
+
+
+def test_a_saved_adapter_is_readable_per_the_umask(tmp_path):
+    """safetensors writes its files 0600 whatever the umask; a server running as another user could not read an
+    adapter a training job saved."""
+    old_mask = os.umask(0o022)
+    try:
+        folder = save_adapter(get_peft_model(tiny_clip_text_model(), APLConfig(num_virtual_tokens=2)), tmp_path / "a")
+    finally:
+        os.umask(old_mask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()}
+    assert modes == dict.fromkeys(["README.md", "adapter_config.json", "adapter_model.safetensors"], 0o644)
+    assert folder.stat().st_mode & 0o777 == 0o755
