@@ -135,16 +135,31 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec
 
 
 def generate_plain(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec, desc: str) -> list:
-    """Images without the prefix; with ``spec.base_cache`` only those not cached yet are generated."""
+    """Images without the prefix; with ``spec.base_cache`` only those not cached yet are generated.
+
+    The cache is read again before each batch and written after it, so bench runs of several prefixes started
+    side by side share their base images batch by batch instead of each generating them all.
+    """
     cache = spec.base_cache
     if cache is None:
         return generate(pipe, prompts, seeds, spec, desc)
     model = model_fingerprint(pipe)
     keys = [cache.key(model, p, s, spec.num_inference_steps, spec.guidance_scale) for p, s in zip(prompts, seeds)]
-    images = [cache.get(key) for key in keys]
-    missing = [i for i, image in enumerate(images) if image is None]
-    if missing:
-        fresh = generate(pipe, [prompts[i] for i in missing], [seeds[i] for i in missing], spec, desc)
+    images: list = [None] * len(prompts)
+    for part in in_chunks(len(prompts), spec.batch_size, desc):
+        indices = range(len(prompts))[part]
+        for i in indices:
+            images[i] = cache.get(keys[i])
+        missing = [i for i in indices if images[i] is None]
+        if not missing:
+            continue
+        generators = [torch.Generator().manual_seed(int(seeds[i])) for i in missing]
+        fresh = pipe(
+            [prompts[i] for i in missing],
+            num_inference_steps=spec.num_inference_steps,
+            guidance_scale=spec.guidance_scale,
+            generator=generators,
+        ).images
         for i, image in zip(missing, fresh):
             cache.put(keys[i], image)
             images[i] = image
