@@ -37,6 +37,10 @@ DEMO_IDENTITY_FRACTION = 0.2
 DEMO_IMAGES_FROM: Literal["name", "description"] = "description"
 DEMO_PER_NAME = 16  # base-model images per seen name
 DEMO_NUM_SCENES = 320  # scene renders (preservation pairs)
+#: the demo's bench: the training template and the one least like it (held out), half the scenes - a table in
+#: minutes; the full protocol on held-out seeds is docs/experiments/2026-12-03-goals-table.md
+DEMO_BENCH_TEMPLATES = (0, 4)
+DEMO_BENCH_SCENES = 48
 SHORT_LABEL = "short prefix trained by this demo"
 SHIPPED_LABEL = "full-strength prefix shipped in the package"
 
@@ -83,6 +87,18 @@ def demo_train_config(
     )  # fmt: skip
 
 
+def demo_bench_inputs(seeds, train_data, assets, base_cache):
+    """The bench of the demo: every section and name, :data:`DEMO_BENCH_TEMPLATES`, :data:`DEMO_BENCH_SCENES`."""
+    from .world import world_bench_inputs
+
+    spec, models, readers = world_bench_inputs(
+        seeds=list(seeds), train_data=train_data, assets=assets, num_scenes=DEMO_BENCH_SCENES, base_cache=base_cache
+    )
+    spec.person_templates = [spec.person_templates[i] for i in DEMO_BENCH_TEMPLATES]
+    spec.train_templates = [t for t in spec.train_templates if t in spec.person_templates]
+    return spec, models, readers
+
+
 def bench_shipped_prefix(out: str | Path, seeds: tuple[int, ...] = (0,), assets=None) -> dict | None:
     """The full-strength table: ``apl-bench`` of the prefix shipped in the package (``None`` if it is absent).
 
@@ -91,12 +107,11 @@ def bench_shipped_prefix(out: str | Path, seeds: tuple[int, ...] = (0,), assets=
     """
     from ..world.models import SHIPPED_PREFIX
     from .runner import run_bench
-    from .world import world_bench_inputs
 
     if not (SHIPPED_PREFIX / "adapter_config.json").is_file() or assets is not None:
         return None  # the shipped prefix belongs to the shipped world; another world's models would not match it
     out = Path(out)
-    spec, models, readers = world_bench_inputs(seeds=list(seeds), base_cache=out / "base-cache")
+    spec, models, readers = demo_bench_inputs(seeds, None, assets, out / "base-cache")
     recipe = _read_json(SHIPPED_PREFIX / "recipe.json") or {}
     return run_bench(spec, models, readers, SHIPPED_PREFIX, out / "bench-shipped", extra={"recipe": recipe})
 
@@ -126,7 +141,6 @@ def run_demo(
     from ..training import train
     from .report import compare_markdown, to_markdown
     from .runner import run_bench
-    from .world import world_bench_inputs
 
     out = Path(out_dir)
     started = time.perf_counter()
@@ -162,9 +176,7 @@ def run_demo(
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
     result = train(config)
     print("[4/4] apl-bench of the short prefix (images without a prefix come from the cache)")
-    spec, models, readers = world_bench_inputs(
-        seeds=list(seeds), train_data=data, assets=assets, base_cache=out / "base-cache" if assets is None else None
-    )
+    spec, models, readers = demo_bench_inputs(seeds, data, assets, out / "base-cache" if assets is None else None)
     # the report records the settings the run used, read off its config
     extra = {"training": {**recipe, "images_from": images_from, "seconds": result.seconds,
                           "final_loss": result.final_loss, "data_seconds": data_seconds}}  # fmt: skip
