@@ -29,16 +29,20 @@ from apl_adapter.world.spec import WorldSpec
 from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
 
 
+def random_world_readers(world: WorldSpec, seed: int = 0) -> BenchReaders:
+    """The bench's three readers on one world recognizer network with random weights (plumbing, not numbers)."""
+    torch.manual_seed(seed)
+    net = WorldRecognizerNet(len(world.names))
+    return BenchReaders(
+        identity=WorldIdentityRecognizer(net, world.names),
+        attributes=_AttributeReader(WorldAttributeRecognizer(net, world.names)),
+        scenes=_SceneReader(WorldSceneRecognizer(net, world.names)),
+    )
+
+
 def test_protocol_end_to_end_on_tiny_models(tmp_path):
     world = WorldSpec.from_seed(0)
-    names = world.names
-    torch.manual_seed(0)
-    net = WorldRecognizerNet(len(names))
-    readers = BenchReaders(
-        identity=WorldIdentityRecognizer(net, names),
-        attributes=_AttributeReader(WorldAttributeRecognizer(net, names)),
-        scenes=_SceneReader(WorldSceneRecognizer(net, names)),
-    )
+    readers = random_world_readers(world)
     persons = [Person(i.name, dict(i.attributes), i.split) for i in (world.seen[0], world.unseen[0], world.late[0])]
     spec = BenchSpec(
         persons=persons,
@@ -79,13 +83,7 @@ def test_a_base_cache_shares_the_images_without_the_prefix_between_prefixes(tmp_
     from apl_adapter.bench.cache import BaseImageCache, model_fingerprint
 
     world = WorldSpec.from_seed(0)
-    torch.manual_seed(0)
-    net = WorldRecognizerNet(len(world.names))
-    readers = BenchReaders(
-        identity=WorldIdentityRecognizer(net, world.names),
-        attributes=_AttributeReader(WorldAttributeRecognizer(net, world.names)),
-        scenes=_SceneReader(WorldSceneRecognizer(net, world.names)),
-    )
+    readers = random_world_readers(world)
     person = world.seen[0]
     cache = BaseImageCache(tmp_path / "cache")
     spec = BenchSpec(

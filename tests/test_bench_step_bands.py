@@ -14,7 +14,7 @@ import torch
 from peft import get_peft_model
 
 from apl_adapter import APLConfig, save_adapter
-from apl_adapter.bench.protocol import BenchReaders, BenchSpec, Person, SceneCase, generate, generate_pair
+from apl_adapter.bench.protocol import BenchSpec, Person, SceneCase, generate, generate_pair
 from apl_adapter.bench.step_bands import (
     encode_contexts,
     generate_with_prefix_steps,
@@ -23,17 +23,11 @@ from apl_adapter.bench.step_bands import (
     parse_bands,
     to_markdown,
 )
-from apl_adapter.bench.world import _AttributeReader, _SceneReader
 from apl_adapter.errors import APLAdapterError
 from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline
-from apl_adapter.world.recognizers import (
-    WorldAttributeRecognizer,
-    WorldIdentityRecognizer,
-    WorldRecognizerNet,
-    WorldSceneRecognizer,
-)
 from apl_adapter.world.spec import WorldSpec
 
+from .test_bench_protocol import random_world_readers
 from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU
 
 STEPS = 4
@@ -75,13 +69,7 @@ def test_no_band_is_the_base_pipeline_and_every_step_is_the_prefixed_one(setup):
 def test_rows_pair_each_band_against_no_prefix(setup):
     pipe, adapter, spec = setup
     world = WorldSpec.from_seed(0)
-    torch.manual_seed(0)
-    net = WorldRecognizerNet(len(world.names))
-    readers = BenchReaders(
-        identity=WorldIdentityRecognizer(net, world.names),
-        attributes=_AttributeReader(WorldAttributeRecognizer(net, world.names)),
-        scenes=_SceneReader(WorldSceneRecognizer(net, world.names)),
-    )
+    readers = random_world_readers(world)
     person = world.seen[0]
     spec.persons = [Person(person.name, dict(person.attributes), "seen")]
     scene = world.scenes[0]

@@ -123,7 +123,7 @@ def test_v_space_loss_is_the_mse_of_velocities(tokenizer):
         apl_loss(pipe.unet, encoder, z_t, t, c1, c2, loss_space="v")
 
 
-def test_pushed_identity_target_and_untouched_preservation_target(tokenizer):
+def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(tokenizer):
     """push=eta: an identity row's target is eps(c2) - eta (eps(c1) - eps(c2)); a preservation row's stays eps(c2)."""
     pipe = tiny_sd_pipeline()
     encoder = get_peft_model(pipe.text_encoder, APLConfig(num_virtual_tokens=3))
@@ -144,30 +144,16 @@ def test_pushed_identity_target_and_untouched_preservation_target(tokenizer):
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
     only_scene = apl_loss(pipe.unet, encoder, z_t[1:], t[1:], c1[1:], c2[1:], push=2.0).detach()
     torch.testing.assert_close(only_scene, (prefixed[1:] - target[1:]).square().mean(), rtol=1e-4, atol=1e-7)
-
-
-def test_boosted_identity_target_moves_along_the_description(tokenizer):
-    """boost=beta: an identity row's target also gains beta (eps(c2) - eps('')); preservation rows stay eps(c2)."""
-    pipe = tiny_sd_pipeline()
-    encoder = get_peft_model(pipe.text_encoder, APLConfig(num_virtual_tokens=3))
-    c1 = tokenize(tokenizer, ["a photo of Zorvan Kelt", "a red star on white"])
-    c2 = tokenize(tokenizer, ["a photo of a man", "a red star on white"])
+    # boost=beta: the identity target also gains beta (eps(c2) - eps('')); the preservation target stays eps(c2)
     empty = tokenize(tokenizer, [""])
-    z_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    t = torch.tensor([300, 700])
-    with torch.no_grad():
-        prefixed = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
-        with encoder.disable_adapter():
-            plain = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
-            target = pipe.unet(z_t, t, encoder(input_ids=c2)[0]).sample
-            unconditional = pipe.unet(z_t, t, encoder(input_ids=empty.expand(2, -1))[0]).sample
-    eta, beta = 0.3, 0.7
+    with torch.no_grad(), encoder.disable_adapter():
+        unconditional = pipe.unet(z_t, t, encoder(input_ids=empty.expand(2, -1))[0]).sample
     moved = target.clone()
-    moved[0] = target[0] - eta * (plain[0] - target[0]) + beta * (target[0] - unconditional[0])
-    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, boost=beta, empty_ids=empty).detach()
+    moved[0] = target[0] - 0.3 * (plain[0] - target[0]) + 0.7 * (target[0] - unconditional[0])
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, boost=0.7, empty_ids=empty).detach()
     torch.testing.assert_close(loss, (prefixed - moved).square().mean(), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="empty_ids"):
-        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, boost=beta)
+        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, boost=0.7)
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):
