@@ -74,7 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-transfer", action="store_true", help="Skip the sibling model (transfer).")
     parser.add_argument("--no-late", action="store_true", help="Skip the DreamBooth model (late identities).")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU).")
+    parser.add_argument("--check", action="store_true", help="Exit 1 when a measured goal is not met (for CI "
+                        "gates); the report is written either way.")  # fmt: skip
     return parser
+
+
+def unmet_goals(report: dict) -> list[str]:
+    """The goals a report measured and missed (a goal not measured is not a miss).
+
+    >>> unmet_goals({"goals": [{"measure": "seen", "met": True}, {"measure": "late", "met": None},
+    ...                        {"measure": "scenes", "met": False}]})
+    ['scenes']
+    """
+    return [row["measure"] for row in report["goals"] if row["met"] is False]
 
 
 def _scene_count(text: str) -> int | str:
@@ -134,6 +146,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     print(to_markdown(report))
     print(f"report written to {args.out}/report.md, report.json, grid.png")
+    missed = unmet_goals(report)
+    if args.check and missed:
+        print(f"apl-bench --check: {len(missed)} goal(s) not met: " + "; ".join(missed), file=sys.stderr)
+        return 1
     return 0
 
 
