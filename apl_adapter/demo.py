@@ -150,7 +150,11 @@ def write_report(out: Path, summary: dict) -> Path:
                   f"*{SHIPPED_LABEL}*: `apl_adapter/world/assets/apl-prefix`, "
                   f"{recipe.get('summary', 'see its recipe.json')}.",
                   f"*{SHORT_LABEL}*: the {summary['bench']['training']['steps']}-step recipe below, "
-                  f"{summary['bench']['training']['seconds']:.0f} s of training.", ""]  # fmt: skip
+                  f"{summary['bench']['training']['seconds']:.0f} s of training.",
+                  "The demo benches one seed, two templates and 48 scenes a model to stay short: its scene intervals "
+                  "are about 6 points wide each way, too wide for the scene goal (low end above -4), whatever the "
+                  "prefix does. The held-out table in the README (768 scene images a model) is the measurement.",
+                  ""]  # fmt: skip
     if "bench_markdown" in summary:
         lines += [f"## apl-bench: {SHORT_LABEL}", "", summary["bench_markdown"], "",
                   f"Per-image grid: `{out / 'bench' / 'grid.png'}`.", ""]  # fmt: skip
