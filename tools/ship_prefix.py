@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from peft import PeftModel
 
 from apl_adapter import save_adapter
 from apl_adapter.atomic import write_text_atomic
+from apl_adapter.training import TrainConfig
 from apl_adapter.world.models import SHIPPED_PREFIX, load_world_pipeline, model_path
 
 
@@ -45,10 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=SHIPPED_PREFIX)
     args = parser.parse_args(argv)
 
-    train_config = json.loads((args.run / "train_config.json").read_text())
-    skip = {"out", "resume", "resume_with_new_settings", "checkpoint_every", "log_every"}
-    recipe = {k: v for k, v in train_config.items() if k not in skip and v is not None}
-    recipe["base"], recipe["data"] = Path(recipe["base"]).name, Path(recipe["data"]).name
+    saved = json.loads((args.run / "train_config.json").read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    recipe = TrainConfig(**{k: v for k, v in saved.items() if k in known}).recipe()  # the model card's recipe
     encoder = load_world_pipeline("base").text_encoder
     model = PeftModel.from_pretrained(encoder, str(args.run / "adapter"))
     model.peft_config["default"].base_model_name_or_path = model_path("base").name

@@ -50,6 +50,15 @@ class BaseImageCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
+        self._fingerprints: dict[int, tuple[object, str]] = {}
+
+    def fingerprint(self, pipe) -> str:
+        """:func:`model_fingerprint` of ``pipe``, computed once per pipeline (a bench asks for it every section)."""
+        known = self._fingerprints.get(id(pipe))
+        if known is None or known[0] is not pipe:
+            known = (pipe, model_fingerprint(pipe))
+            self._fingerprints[id(pipe)] = known
+        return known[1]
 
     @staticmethod
     def key(model: str, prompt: str, seed: int, steps: int, guidance_scale: float) -> str:

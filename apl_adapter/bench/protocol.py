@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..metrics.base import Recognizer, identity_metrics
 from ..pipelines import apply_apl, remove_apl
-from .cache import BaseImageCache, model_fingerprint
+from .cache import BaseImageCache
 from .templates import fill_template
 
 
@@ -143,7 +143,7 @@ def generate_plain(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: Ben
     cache = spec.base_cache
     if cache is None:
         return generate(pipe, prompts, seeds, spec, desc)
-    model = model_fingerprint(pipe)
+    model = cache.fingerprint(pipe)
     keys = [cache.key(model, p, s, spec.num_inference_steps, spec.guidance_scale) for p, s in zip(prompts, seeds)]
     images: list = [None] * len(prompts)
     for part in in_chunks(len(prompts), spec.batch_size, desc):
