@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from .console import add_common_options, add_version_option
 from .errors import run_cli
 from .serialization import CONFIG_NAME, check_adapter_folder
 
@@ -44,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Inspect a saved APL adapter (PEFT folder: adapter_config.json + adapter_model.safetensors).",
         epilog="Example: apl-adapter inspect runs/apl/adapter",
     )
+    add_version_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="validate an adapter folder and print its config and prefix statistics")
     inspect.add_argument("folder", help="adapter folder written by save_pretrained() or apl-train")
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_common_options(inspect, threads=False, version=False)
     args = parser.parse_args(argv)
-    return run_cli("apl-adapter", lambda: _print_inspection(args.folder, args.json))
+    return run_cli("apl-adapter", lambda: _print_inspection(args.folder, args.json), args)
 
 
 def _print_inspection(folder: str, as_json: bool) -> int:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from .bench.demo import DEMO_STEPS, SHIPPED_LABEL, SHORT_LABEL
+from .console import add_common_options
 from .errors import APLAdapterError, run_cli
 
 EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo-out", help="report folder (created; earlier demo files are replaced)")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="apl-train steps on the world")
     parser.add_argument("--seed", type=int, default=0, help="seed of the export comparison images")
+    add_common_options(parser)
     args = parser.parse_args(argv)
-    return run_cli("apl-demo", lambda: _demo(Path(args.out), args.steps, args.seed))
+    return run_cli("apl-demo", lambda: _demo(Path(args.out), args.steps, args.seed), args)
 
 
 def _demo(out: Path, steps: int, seed: int) -> int:

@@ -26,16 +26,22 @@ def check_at_least(*checks: tuple[str, float, float], error: type[APLAdapterErro
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def run_cli(prog: str, body: Callable[[], int]) -> int:
+def run_cli(prog: str, body: Callable[[], int], args: object = None, hidden: tuple[type[Warning], ...] = ()) -> int:
     """Run a command's ``body`` and turn what it raises into ``<prog>: error: ...`` on stderr and exit code 2.
+
+    ``args``: the parsed command line; its ``verbose`` and ``threads`` (the options every command shares, see
+    :mod:`apl_adapter.console`) apply while ``body`` runs, with ``hidden`` warning categories also hidden.
 
     - :class:`APLAdapterError`: the message already names the problem and the fix;
     - a full disk (ENOSPC, EDQUOT, EFBIG): said so; every writer stages its output and removes the staging on
       failure, so nothing half-written is kept;
     - any other ``OSError`` (a path that is a file, no permission ...): its reason and path, not a traceback.
     """
+    from .console import command_settings
+
     try:
-        return body()
+        with command_settings(bool(getattr(args, "verbose", False)), int(getattr(args, "threads", 0) or 0), hidden):
+            return body()
     except APLAdapterError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
     except OSError as err:

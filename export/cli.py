@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from apl_adapter.console import add_common_options
 from apl_adapter.errors import run_cli
 
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET
@@ -97,12 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
         "TensorRT plugin node per layer; needs the baked prefix mode, fp32, and the TensorRT runtime: ONNX Runtime "
         "cannot run it; see 'text encoders')",
     )
+    add_common_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("apl-export", lambda: _export(args))
+    from apl_adapter import PromptTruncationWarning
+
+    # tracing feeds full-length prompts, which is what the warning is about; nothing a user asked for is cut
+    return run_cli("apl-export", lambda: _export(args), args, hidden=(PromptTruncationWarning,))
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -197,10 +197,9 @@ def test_scene_prompts_ask_every_background_in_every_caption_template():
 def test_cli_rejects_bad_adapter_and_seeds(capsys, tmp_path):
     assert main(["--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
     assert "No adapter folder" in capsys.readouterr().err
-    with pytest.raises(APLAdapterError, match="comma list"):
-        from apl_adapter.bench.cli import parse_seeds
-
-        parse_seeds("0,x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--seeds", "0,x"])
+    assert exit_info.value.code == 2 and "expected a comma list of integers" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

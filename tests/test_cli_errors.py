@@ -182,7 +182,7 @@ def test_a_full_disk_is_said_so_and_nothing_half_written_is_kept(root, tmp_path)
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "apl_adapter.training.cli", "--base", str(root / "sd"), "--data",
-               str(root / "data"), "--out", str(out), "--steps", "2", "--num-threads", "1"]  # fmt: skip
+               str(root / "data"), "--out", str(out), "--steps", "2", "--threads", "1"]  # fmt: skip
     done = subprocess.run(command, preexec_fn=limit, capture_output=True, text=True, timeout=300)
     _expect_clean_error(done.returncode, done.stderr, "apl-train", "the disk is full", "nothing half-written")
     assert sorted(p.name for p in out.iterdir()) == ["train_config.json"]

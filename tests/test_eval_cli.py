@@ -65,7 +65,7 @@ def inputs(tmp_path_factory):
 def _args(root, out, *extra):
     return [
         "--base", str(root / "sd"), "--adapter", str(root / "adapter"), "--identities", str(root / "ids.json"),
-        "--prompts", str(root / "prompts.txt"), "--out", str(out), "--seeds", *SEEDS, "--steps", "2", *extra,
+        "--prompts", str(root / "prompts.txt"), "--out", str(out), "--seeds", ",".join(SEEDS), "--steps", "2", *extra,
     ]  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from ..console import add_common_options, seed_list
 from ..errors import APLAdapterError, run_cli
 from .world import ALL_SCENES
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "styles, paraphrases; the report gives the fall per family.")  # fmt: skip
     parser.add_argument("--train-data", default=None, help="The prefix's training data folder: templates used "
                         "there are marked, the others reported as held out.")  # fmt: skip
-    parser.add_argument("--seeds", default="0,1", help="Comma list of generation seeds (default 0,1).")
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1], help="Comma list of generation seeds (default 0,1).")
     parser.add_argument("--num-scenes", type=_scene_count, default=ALL_SCENES, help="Scene prompts, spread over all "
                         "scenes (default: each once, 96), or 'all': every scene in every caption template (384 a "
                         "seed; what issue 20's scene goal is measured on).")  # fmt: skip
@@ -73,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="Images per pipeline call.")
     parser.add_argument("--no-transfer", action="store_true", help="Skip the sibling model (transfer).")
     parser.add_argument("--no-late", action="store_true", help="Skip the DreamBooth model (late identities).")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU).")
     parser.add_argument("--check", action="store_true", help="Exit 1 when a measured goal is not met (for CI "
                         "gates); the report is written either way.")  # fmt: skip
+    add_common_options(parser)
     return parser
 
 
@@ -98,23 +99,12 @@ def _scene_count(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of scene prompts or 'all', got {text!r}") from err
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise APLAdapterError(f"--seeds must be a comma list of integers, e.g. 0,1,2; got {text!r}") from err
-    if not seeds:
-        raise APLAdapterError("--seeds is empty; give at least one seed, e.g. --seeds 0")
-    return seeds
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("apl-bench", lambda: _bench(args))
+    return run_cli("apl-bench", lambda: _bench(args), args)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import torch
 
     from ..serialization import check_adapter_folder
     from .runner import run_bench
@@ -123,8 +113,6 @@ def _bench(args: argparse.Namespace) -> int:
     check_adapter_folder(args.adapter)  # before minutes of loading and generating
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise APLAdapterError(f"--out {args.out} is a file; choose a folder for the report.")
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
     spec, models, readers = world_bench_inputs(
         world_seed=args.world_seed,
         assets=args.assets,
@@ -132,7 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
         templates_file=args.templates,
         robustness=args.robustness,
         train_data=args.train_data,
-        seeds=parse_seeds(args.seeds),
+        seeds=args.seeds,
         num_scenes=args.num_scenes,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from ..errors import APLAdapterError
+from ..console import add_common_options, seed_list
+from ..errors import run_cli
 
 # World-scale training settings (docs/experiments/2026-12-02-world.md: the sweep that chose them). 400 steps at
 # lr 1e-2 (10x the paper's rate for ~50x fewer steps) fit the demo's 10-minute budget; batch 16
@@ -217,27 +218,23 @@ def main(argv: list[str] | None = None) -> int:
         "--images-from", choices=("name", "description"), default=DEMO_IMAGES_FROM,
         help="Prompt that draws the identity images: the person's description (default) or the name (the paper).",
     )  # fmt: skip
-    parser.add_argument("--seeds", default="0", help="Bench seeds (one seed keeps the demo short).")
+    parser.add_argument("--seeds", type=seed_list, default=[0], help="Bench seeds, a comma list (one keeps the "
+                        "demo short).")  # fmt: skip
     parser.add_argument("--lr", type=float, default=DEMO_LR, help="Adam learning rate (10x the paper's 1e-3, for "
                         "400 instead of ~20k steps).")  # fmt: skip
     parser.add_argument("--assets", default=None, help="World models folder (default: the shipped ones).")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (1 on a busy CPU).")
+    add_common_options(parser)
     args = parser.parse_args(argv)
-    import torch
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
+    def body() -> int:
         run_demo(
-            args.out, steps=args.steps, batch_size=args.batch_size, per_name=args.per_name, seeds=seeds, lr=args.lr,
-            assets=args.assets, prefix_len=args.prefix_len, identity_fraction=args.identity_fraction,
-            images_from=args.images_from,
+            args.out, steps=args.steps, batch_size=args.batch_size, per_name=args.per_name,
+            seeds=tuple(args.seeds), lr=args.lr, assets=args.assets, prefix_len=args.prefix_len,
+            identity_fraction=args.identity_fraction, images_from=args.images_from,
         )  # fmt: skip
-    except (APLAdapterError, FileNotFoundError, ValueError) as err:
-        print(f"apl demo: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli("python -m apl_adapter.bench.demo", body, args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import seed_list
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..pipelines import apply_apl, remove_apl
@@ -214,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: python -m apl_adapter.bench.step_bands --adapter demo-out/run/adapter --seeds 500,501",
     )
     parser.add_argument("--adapter", required=True, help="Trained APL adapter folder (e.g. demo-out/run/adapter).")
-    parser.add_argument("--seeds", default="500,501", help="Sampling seeds, comma-separated (default 500,501).")
+    parser.add_argument(
+        "--seeds", type=seed_list, default=[500, 501], help="Sampling seeds, a comma list (default 500,501)."
+    )
     parser.add_argument(
         "--bands", default=",".join(f"{a}:{b}" for a, b in DEFAULT_BANDS),
         help="Sampler step ranges FIRST:END (0-based, END exclusive) with the prefix on (default: %(default)s).",
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         bands = parse_bands(args.bands)  # cheap checks before loading any model
-        seeds = [int(seed) for seed in args.seeds.split(",")]
+        seeds = args.seeds
         if not (Path(args.adapter) / "adapter_config.json").is_file():
             raise APLAdapterError(
                 f"No APL adapter at {args.adapter} (no adapter_config.json); pass the folder apl-train wrote, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..console import add_common_options, seed_list
 from ..errors import run_cli
 from .runner import EvalSettings, evaluate
 
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
     gen = parser.add_argument_group("generation (the authors' defaults)")
-    gen.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one image per seed (default: 0 1 2 3)")
+    gen.add_argument(
+        "--seeds", type=seed_list, default=[0, 1, 2, 3], help="one image per seed, a comma list (default: 0,1,2,3)"
+    )
     gen.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
     gen.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance (default: 7)")
     gen.add_argument("--height", type=int, help="image height (default: the model's)")
@@ -72,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--fid-model", help="local FID feature network: TorchScript .pt or .onnx (input 299x299)")
     quality.add_argument("--fid-reference", help="folder of real images to compute FID against (needs --fid-model)")
     quality.add_argument("--grid-rows", type=int, default=12, help="prompts shown in grid.png (default: 12)")
+    add_common_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("apl-eval", lambda: _evaluate(EvalSettings(**vars(args))))
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "verbose")}
+    return run_cli("apl-eval", lambda: _evaluate(EvalSettings(**settings)), args)
 
 
 def _evaluate(settings: EvalSettings) -> int:

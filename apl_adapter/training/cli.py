@@ -9,6 +9,7 @@ import argparse
 import sys
 import textwrap
 
+from ..console import add_common_options
 from ..errors import check_at_least, run_cli
 from .config import TrainConfig
 
@@ -84,12 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help=helps["gradient_checkpointing"])
     parser.add_argument("--log-every", type=int, default=1, help=helps["log_every"])
-    parser.add_argument(
-        "--num-threads",
-        type=int,
-        default=None,
-        help="torch CPU threads. On a busy CPU (other jobs running) 1 can be many times faster than the default.",
-    )
+    add_common_options(parser)
     return parser
 
 
@@ -124,13 +120,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
         help="Prompt that draws the identity images: the name prompt (the authors: images of the person) or "
         "the name's description (the anonymous face the prefix should give; every name needs one).",
     )
+    add_common_options(parser)
     return parser
 
 
-def run_generate(argv: list[str]) -> int:
+def run_generate(args: argparse.Namespace) -> int:
     from .generate import generate_identity_data, read_identity_file, read_lines
 
-    args = build_generate_parser().parse_args(argv)
     check_at_least(("--per-name", args.per_name, 1), ("--per-caption", args.per_caption, 0),
                    ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1))  # fmt: skip
     templates = tuple(read_lines(args.templates, "Template")) if args.templates else ("a photo of {name}",)
@@ -152,16 +148,11 @@ def run_generate(argv: list[str]) -> int:
     return 0
 
 
-def run_train(argv: list[str]) -> int:
-    import torch
-
+def run_train(args: argparse.Namespace) -> int:
     from .loop import train
 
-    args = vars(build_parser().parse_args(argv))
-    threads = args.pop("num_threads")
-    if threads:
-        torch.set_num_threads(threads)
-    result = train(TrainConfig(**{key.replace("-", "_"): value for key, value in args.items()}))
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "verbose")}
+    result = train(TrainConfig(**settings))
     print(
         f"adapter saved to {result.adapter_dir} ({result.steps} steps, final loss {result.final_loss:.4g}, "
         f"{result.seconds:.0f} s)"
@@ -172,8 +163,10 @@ def run_train(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate-identity-data":
-        return run_cli("apl-train generate-identity-data", lambda: run_generate(argv[1:]))
-    return run_cli("apl-train", lambda: run_train(argv))
+        args = build_generate_parser().parse_args(argv[1:])
+        return run_cli("apl-train generate-identity-data", lambda: run_generate(args), args)
+    args = build_parser().parse_args(argv)
+    return run_cli("apl-train", lambda: run_train(args), args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from ..errors import run_cli
+from ..console import add_common_options, add_version_option
+from ..errors import APLAdapterError, check_at_least, run_cli
 from .spec import WorldSpec
 
 
@@ -46,7 +47,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .models import load_world_pipeline
 
     if args.num < 1:
-        raise SystemExit("--num must be at least 1")
+        raise APLAdapterError("--num must be at least 1.")
     t0 = time.time()
     pipe = load_world_pipeline(args.model, args.assets)
     images = sample_images(pipe, [args.prompt] * args.num, args.seed, args.steps, args.guidance_scale)
@@ -82,23 +83,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import torch
-
     from .build import SHIPPED_BASE_PHASES, STAGES, BuildConfig, build_world
 
     stages = tuple(s.strip() for s in args.stages.split(","))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise SystemExit(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+        raise APLAdapterError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}.")
     overrides = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
     if args.base_steps is not None:
-        if args.base_steps < 1:
-            raise SystemExit("--base-steps must be at least 1")
+        check_at_least(("--base-steps", args.base_steps, 1))
         shipped = SHIPPED_BASE_PHASES[-1]
         overrides["base_phases"] = (replace(shipped, steps=args.base_steps, lr=args.base_lr or shipped.lr),)
     config = BuildConfig(**{**overrides, "stages": stages, "eval_models": tuple(args.eval_models.split(","))})
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.time()
     card = build_world(config, Path(args.out), Path(args.work))
     print(json.dumps(card.get("metrics", {}), indent=1))
@@ -119,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--assets", default=None, help=f"folder holding base/, sibling/, dreambooth/, recognizer/ (default: {ASSETS})"
     )
+    add_version_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("info", help="list people, splits, templates and the shipped world's measured bars")
+    info = sub.add_parser("info", help="list people, splits, templates and the shipped world's measured bars")
+    add_common_options(info, threads=False, version=False)
 
     s = sub.add_parser("sample", help="sample a prompt from a world model into a PNG grid")
     s.add_argument(
@@ -134,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--zoom", type=int, default=4, help="nearest-neighbour upscaling of the 32x32 images in the grid")
     s.add_argument("--out", default="world_samples.png", help="output PNG")
+    add_common_options(s, version=False)
 
     d = sub.add_parser("data", help="write APL training data (metadata.jsonl + images/) from the base model")
     d.add_argument("--out", required=True, help="new folder to create")
@@ -161,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "person's attribute description (the anonymous face the prefix should give)",
     )
     d.add_argument("--seed", type=int, default=0)
+    add_common_options(d, version=False)
 
     b = sub.add_parser("build", help="train the world from scratch (VAE, recognizers, base, sibling, DreamBooth)")
     b.add_argument("--out", default=str(ASSETS), help="where the models go (default: the package's assets)")
@@ -169,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--eval-models", default="base,sibling,dreambooth", help="models the evaluate stage samples (comma-separated)"
     )
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
     b.add_argument(
         "--base-steps",
@@ -192,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=int, default=None, help="override the BuildConfig default"
         )
+    add_common_options(b, version=False)
     return parser
 
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"info": _cmd_info, "sample": _cmd_sample, "data": _cmd_data, "build": _cmd_build}
     try:
-        return run_cli(f"apl-world {args.command}", lambda: handlers[args.command](args))
+        return run_cli(f"apl-world {args.command}", lambda: handlers[args.command](args), args)
     except (KeyError, ValueError) as err:  # the world's own checks (unknown seed, bad sizes) raise these
         print(f"apl-world {args.command}: error: {err}", file=sys.stderr)
         return 2
