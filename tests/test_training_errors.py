@@ -259,3 +259,13 @@ def test_a_finished_run_holding_only_its_adapter_is_not_overwritten(capsys, base
     code, err = run(capsys, base_folder, data, tmp_path / "run")
     assert code == 2 and "already holds a training run (adapter)" in err
     assert (tmp_path / "run" / "adapter" / "keep.txt").read_text() == "mine"
+
+
+def test_push_from_name_and_description_needs_a_push_and_then_trains(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--push-from", "name_and_description")
+    assert_clean_failure(code, err, tmp_path / "run", "--identity-push > 0")
+    extra = ("--push-from", "name_and_description", "--identity-push", "0.3", "--identity-fraction", "1")
+    code, err = run(capsys, base_folder, data, tmp_path / "run", *extra)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["push_from"] == "name_and_description"

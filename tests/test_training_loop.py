@@ -154,6 +154,24 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     torch.testing.assert_close(loss, (prefixed - moved).square().mean(), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="empty_ids"):
         apl_loss(pipe.unet, encoder, z_t, t, c1, c2, boost=0.7)
+    # push_ids: the push moves away from eps(name + description) instead of eps(c1); preservation rows untouched
+    source = tokenize(tokenizer, ["a photo of Zorvan Kelt, a man", "a red star on white"])
+    with torch.no_grad(), encoder.disable_adapter():
+        named_described = pipe.unet(z_t, t, encoder(input_ids=source)[0]).sample
+    moved = target.clone()
+    moved[0] = target[0] - 0.5 * (named_described[0] - target[0])
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.5, push_ids=source).detach()
+    torch.testing.assert_close(loss, (prefixed - moved).square().mean(), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(named_described[0], plain[0])  # the two push sources are different targets
+    # text_match=lambda: + lambda * mean ||tau([AP] + c1) - tau(c2)||^2 over the identity row only
+    with torch.no_grad():
+        prefixed_states = encoder(input_ids=c1)[0]
+        with encoder.disable_adapter():
+            described_states = encoder(input_ids=c2)[0]
+    gap = (prefixed_states[0] - described_states[0]).square().mean()
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, text_match=0.25).detach()
+    torch.testing.assert_close(loss, (prefixed - target).square().mean() + 0.25 * gap, rtol=1e-4, atol=1e-7)
+    assert gap > 1e-3  # the term is not vanishing in this check
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix-depth", choices=["shallow", "deep"], default="shallow", help=helps["prefix_depth"])
     parser.add_argument("--loss-space", choices=["eps", "v"], default="eps", help=helps["loss_space"])
     parser.add_argument("--identity-push", type=float, default=0.0, help=helps["identity_push"])
+    parser.add_argument(
+        "--push-from", choices=["name", "name_and_description"], default="name", help=helps["push_from"]
+    )
+    parser.add_argument("--text-match", type=float, default=0.0, help=helps["text_match"])
     parser.add_argument("--attribute-boost", type=float, default=0.0, help=helps["attribute_boost"])
     parser.add_argument("--c2", choices=["attribute", "empty"], default="attribute", help=helps["c2"])
     parser.add_argument("--identity-fraction", type=float, default=0.5, help=helps["identity_fraction"])

@@ -59,6 +59,31 @@ class Example:
     identity: str | None = None
 
 
+def name_and_description(c1: str, c2: str) -> str:
+    """The name prompt ``c1`` with the description of ``c2`` stated after the name (the words the two differ in).
+
+    What ``push_from="name_and_description"`` pushes away from: the same template, the same name, and the
+    attributes the target keeps, so the push direction carries what the name adds beyond its description.
+
+    >>> name_and_description("a photo of Ann Lee", "a photo of a female person, red hair")
+    'a photo of Ann Lee, a female person, red hair'
+    >>> name_and_description("Ann Lee, oil painting", "a female person, red hair, oil painting")
+    'Ann Lee, a female person, red hair, oil painting'
+    """
+    words1, words2 = c1.split(), c2.split()
+    head = 0
+    while head < min(len(words1), len(words2)) and words1[head] == words2[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(words1), len(words2)) - head and words1[-1 - tail] == words2[-1 - tail]:
+        tail += 1
+    name = " ".join(words1[head : len(words1) - tail]).rstrip(",")
+    description = " ".join(words2[head : len(words2) - tail])
+    if not name or not description:
+        raise DataFormatError(f"c1 {c1!r} and c2 {c2!r} do not differ in a name and a description")
+    return " ".join([*words1[:head], f"{name}, {description}", *words1[len(words1) - tail :]])
+
+
 def read_metadata(folder: str | os.PathLike, c2_mode: C2Mode = "attribute") -> list[Example]:
     """Read and check ``folder/metadata.jsonl``.
 

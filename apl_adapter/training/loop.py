@@ -31,7 +31,7 @@ from ..serialization import save_adapter
 from .base_model import FrozenParts, check_base_folder, load_frozen_parts
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import DataFormatError, Example, load_images, read_metadata
+from .data import DataFormatError, Example, load_images, name_and_description, read_metadata
 from .objective import apl_loss, noisy_latents
 
 LOSS_LOG_NAME = "loss.csv"
@@ -57,6 +57,8 @@ class EncodedData:
     latent_std: torch.Tensor
     c1_ids: torch.Tensor
     c2_ids: torch.Tensor
+    #: what the identity push moves away from: ``c1_ids``, or the name followed by its description
+    push_ids: torch.Tensor
     identity_rows: torch.Tensor
     preservation_rows: torch.Tensor
 
@@ -70,7 +72,12 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_data(
-    parts: FrozenParts, examples: list[Example], resolution: int | None, device: torch.device, chunk: int = 16
+    parts: FrozenParts,
+    examples: list[Example],
+    resolution: int | None,
+    device: torch.device,
+    chunk: int = 16,
+    push_from: str = "name",
 ) -> EncodedData:
     """Run the VAE over every image once and tokenize every prompt."""
     images = load_images(examples, resolution=resolution, expected_size=parts.image_size)
@@ -84,11 +91,16 @@ def encode_data(
         means.append(posterior.mean.float().cpu() * scale)
         stds.append(posterior.std.float().cpu() * scale)
     kinds = torch.tensor([example.kind == "identity" for example in examples])
+    push_texts = [
+        name_and_description(e.c1, e.c2) if push_from == "name_and_description" and e.kind == "identity" else e.c1
+        for e in examples
+    ]
     return EncodedData(
         latent_mean=torch.cat(means),
         latent_std=torch.cat(stds),
         c1_ids=tokenize(parts.tokenizer, [example.c1 for example in examples]),
         c2_ids=tokenize(parts.tokenizer, [example.c2 for example in examples]),
+        push_ids=tokenize(parts.tokenizer, push_texts),
         identity_rows=kinds.nonzero().flatten(),
         preservation_rows=(~kinds).nonzero().flatten(),
     )
@@ -96,8 +108,9 @@ def encode_data(
 
 def draw_batch(
     data: EncodedData, config: TrainConfig, step: int, process: int, num_train_timesteps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch of one step: ``(z0, noise, t, c1_ids, c2_ids)``, a pure function of ``(seed, step, process)``."""
+) -> tuple[torch.Tensor, ...]:
+    """The batch of one step: ``(z0, noise, t, c1_ids, c2_ids, push_ids)``, a pure function of
+    ``(seed, step, process)``."""
     generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + process)
     batch = config.batch_size
     is_identity = torch.rand(batch, generator=generator) < config.identity_fraction
@@ -112,7 +125,7 @@ def draw_batch(
     latents = data.latent_mean[rows]
     if config.latent_mode == "sample":
         latents = latents + data.latent_std[rows] * torch.randn(latents.shape, generator=generator)
-    return latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows]
+    return latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows], data.push_ids[rows]
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -213,7 +226,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     check_run_folder(config, out)
     examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
     parts = load_frozen_parts(config.base)
-    data = encode_data(parts, examples, config.resolution, accelerator.device)
+    data = encode_data(parts, examples, config.resolution, accelerator.device, push_from=config.push_from)
     _check_mixture(data, config)
 
     text_encoder = get_peft_model(
@@ -263,7 +276,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     for step in progress:
         for group in optimizer.param_groups:  # a function of the step alone, so a resumed run follows it exactly
             group["lr"] = learning_rate(config, step)
-        latents, noise, timesteps, c1_ids, c2_ids = (
+        latents, noise, timesteps, c1_ids, c2_ids, push_ids = (
             tensor.to(accelerator.device)
             for tensor in draw_batch(data, config, step, accelerator.process_index, num_train_timesteps)
         )
@@ -272,7 +285,8 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
             loss = apl_loss(
                 unet, text_encoder, noisy, timesteps, c1_ids, c2_ids, encode=encode,
                 loss_space=config.loss_space, alphas_cumprod=parts.noise_scheduler.alphas_cumprod,
-                push=config.identity_push, boost=config.attribute_boost, empty_ids=empty_ids,
+                push=config.identity_push, push_ids=push_ids, boost=config.attribute_boost, empty_ids=empty_ids,
+                text_match=config.text_match,
             )  # fmt: skip
         accelerator.backward(loss)
         optimizer.step()

@@ -42,8 +42,10 @@ def apl_loss(
     loss_space: Literal["eps", "v"] = "eps",
     alphas_cumprod: torch.Tensor | None = None,
     push: float = 0.0,
+    push_ids: torch.Tensor | None = None,
     boost: float = 0.0,
     empty_ids: torch.Tensor | None = None,
+    text_match: float = 0.0,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -59,8 +61,13 @@ def apl_loss(
             ``text_encoder`` itself. It must return the hidden states first (as ``CLIPTextModel``).
         push: ``eta`` of a target pushed away from the plain prompt, ``eps(c2) - eta (eps(c1) - eps(c2))`` (ESD's
             negative guidance; 0 = the paper). Zero for preservation pairs, whose ``c1`` is ``c2``.
+        push_ids: ``(B, 77)`` ids of the prompts the push moves away from, in place of ``c1`` (e.g. the name
+            followed by its description, which holds the described attributes out of the push direction).
         boost: ``beta`` of identity targets moved further along their description, ``+ beta (eps(c2) - eps(''))``
             (0 = the paper); needs ``empty_ids``, the ``(1, 77)`` ids of the empty prompt.
+        text_match: ``lambda`` of a term on the text encoder's output alone, ``lambda * mean ||tau([AP] + c1) -
+            tau(c2)||^2`` over the identity rows (0 = the paper): it asks the prefixed name to *encode* like its
+            description, which no UNet is needed to judge (beyond the paper).
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -91,7 +98,8 @@ def apl_loss(
             noisy_id, t_id, described = noisy[identity], timesteps[identity], target[identity]
             moved = described.clone()
             if push:
-                plain = unet(noisy_id, t_id, encoder_hidden_states=text_encoder(c1_ids[identity])[0]).sample
+                source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
+                plain = unet(noisy_id, t_id, encoder_hidden_states=text_encoder(source)[0]).sample
                 moved -= push * (plain - described)
             if boost:
                 if empty_ids is None:
@@ -103,9 +111,14 @@ def apl_loss(
     prefixed_states = (encode or text_encoder)(c1_ids)[0]
     prediction = unet(noisy, timesteps, encoder_hidden_states=prefixed_states).sample
     if loss_space == "eps":
-        return F.mse_loss(prediction.float(), target.float())
-    if loss_space != "v" or alphas_cumprod is None:
+        loss = F.mse_loss(prediction.float(), target.float())
+    elif loss_space == "v" and alphas_cumprod is not None:
+        per_sample = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+        alpha_bar = alphas_cumprod.to(per_sample.device, torch.float32)[timesteps.long()]
+        loss = (per_sample / alpha_bar).mean()
+    else:
         raise ValueError("loss_space must be 'eps', or 'v' with the noise scheduler's alphas_cumprod")
-    per_sample = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
-    alpha_bar = alphas_cumprod.to(per_sample.device, torch.float32)[timesteps.long()]
-    return (per_sample / alpha_bar).mean()
+    if text_match and bool(identity.any()):
+        gap = (prefixed_states[identity].float() - target_states[identity].float()).square().mean()
+        loss = loss + text_match * gap
+    return loss
