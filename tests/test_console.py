@@ -92,3 +92,19 @@ def test_negative_threads_is_a_clean_error(tmp_path, capsys):
 
     code = main(["--adapter", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "-1"])
     assert code == 2 and "--threads must be >= 0" in capsys.readouterr().err
+
+
+def test_progress_counts_images_not_batches(capsys):
+    from apl_adapter.progress import batches
+
+    assert [part.stop - part.start for part in batches(5, 2, "demo")] == [2, 2, 1]
+    err = capsys.readouterr().err
+    assert "5/5" in err and "image" in err and "3/3" not in err  # 5 images, not 3 batches
+
+
+def test_world_sample_shows_its_progress_in_images(tmp_path):
+    result = _console("apl-world", "sample", "--prompt", "a red star on white", "--num", "3", "--steps", "2",
+                      "--out", str(tmp_path / "grid.png"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "sample" in result.stderr and "3/3" in result.stderr and "requires torchvision" not in result.stderr
+    assert (tmp_path / "grid.png").is_file()

@@ -25,10 +25,10 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..metrics.base import Recognizer, identity_metrics
 from ..pipelines import apply_apl, remove_apl
+from ..progress import batches
 from .cache import BaseImageCache
 from .templates import fill_template
 
@@ -115,9 +115,8 @@ class BenchReaders:
 
 
 def in_chunks(count: int, size: int, desc: str) -> Iterator[slice]:
-    """Slices of ``range(count)``, at most ``size`` long, behind a progress bar: the bench's generation batches."""
-    for start in tqdm(range(0, count, size), desc=desc, leave=False):
-        yield slice(start, start + size)
+    """The bench's generation batches: slices of ``range(count)``, a bar counting images (cleared when done)."""
+    yield from batches(count, size, desc, leave=False)
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec, desc: str) -> list[Image.Image]:

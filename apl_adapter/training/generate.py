@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_folder
 from ..errors import APLAdapterError
+from ..progress import batches
 from .base_model import check_base_folder
 from .data import METADATA_NAME
 
@@ -124,8 +124,8 @@ def generate_identity_data(
     with atomic_folder(out) as staging:
         (staging / "images").mkdir()
         with (staging / METADATA_NAME).open("w", encoding="utf-8") as metadata:
-            for start in tqdm(range(0, len(jobs), batch_size), desc="generate data", disable=not show_progress):
-                chunk = jobs[start : start + batch_size]
+            for part in batches(len(jobs), batch_size, "generate data", disable=not show_progress):
+                start, chunk = part.start, jobs[part]
                 generators = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
                 images = pipe(
                     [prompt for prompt, _ in chunk],

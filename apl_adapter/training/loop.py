@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..config import APLConfig
 from ..errors import APLAdapterError
 from ..model import prefix_parameters
+from ..progress import batches
 from ..serialization import save_adapter
 from .base_model import FrozenParts, check_base_folder, load_frozen_parts
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -86,8 +87,8 @@ def encode_data(
     vae = parts.vae.to(device)
     scale = vae.config.scaling_factor
     means, stds = [], []
-    for start in tqdm(range(0, len(images), chunk), desc="encode images", leave=False):
-        posterior = vae.encode(images[start : start + chunk].to(device, vae.dtype)).latent_dist
+    for part in batches(len(images), chunk, "encode images", leave=False):
+        posterior = vae.encode(images[part].to(device, vae.dtype)).latent_dist
         means.append(posterior.mean.float().cpu() * scale)
         stds.append(posterior.std.float().cpu() * scale)
     kinds = torch.tensor([example.kind == "identity" for example in examples])

@@ -50,7 +50,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise APLAdapterError("--num must be at least 1.")
     t0 = time.time()
     pipe = load_world_pipeline(args.model, args.assets)
-    images = sample_images(pipe, [args.prompt] * args.num, args.seed, args.steps, args.guidance_scale)
+    images = sample_images(
+        pipe, [args.prompt] * args.num, args.seed, args.steps, args.guidance_scale, progress="sample"
+    )
     cols = min(8, len(images))
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (32 * cols, 32 * rows))

@@ -31,6 +31,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from ..progress import batches
 from .evaluate import sample_images
 from .render import render_scene
 from .spec import WorldSpec
@@ -78,8 +79,8 @@ def write_apl_dataset(
     try:
         pipe = load_world_pipeline("base", assets)
         jobs = [(p, person_templates[k % len(person_templates)]) for p in people for k in range(images_per_person)]
-        for start in tqdm(range(0, len(jobs), batch_size), desc="identity images"):
-            chunk = jobs[start : start + batch_size]
+        for part in batches(len(jobs), batch_size, "identity images"):
+            start, chunk = part.start, jobs[part]
             c1s = [world.identity_prompt(p.name, t) for p, t in chunk]
             c2s = [world.attribute_prompt(p.attributes, t) for p, t in chunk]
             drawn = c1s if images_from == "name" else c2s
@@ -87,7 +88,7 @@ def write_apl_dataset(
                 name = f"images/{len(rows):06d}.png"
                 image.save(tmp / name)
                 rows.append({"file_name": name, "kind": "identity", "c1": c1, "c2": c2, "identity": person.name})
-        for _ in tqdm(range(num_scenes), desc="scene images"):
+        for _ in tqdm(range(num_scenes), desc="scene images", unit="image"):
             scene = rng.choice(world.scenes)
             caption = scene.caption(rng.choice(scene_templates))
             name = f"images/{len(rows):06d}.png"

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ..metrics.base import identity_metrics
+from ..progress import batches
 from .recognizers import WorldAttributeRecognizer, WorldIdentityRecognizer, WorldSceneRecognizer
 from .render import render_face, render_scene
 from .spec import Identity, Scene, WorldSpec, random_fine_features
@@ -34,14 +35,23 @@ EVAL_SEED = 1234  # never used by training renders (those use seed + 11 .. seed 
 
 
 def sample_images(
-    pipe, prompts: Sequence[str], seed: int, steps: int = 20, guidance_scale: float = 7.0, batch_size: int = 64
+    pipe,
+    prompts: Sequence[str],
+    seed: int,
+    steps: int = 20,
+    guidance_scale: float = 7.0,
+    batch_size: int = 64,
+    progress: str | None = None,
 ) -> list[Image.Image]:
-    """DDIM sampling as the APL authors evaluate (20 steps, CFG 7), deterministic per seed and batch."""
+    """DDIM sampling as the APL authors evaluate (20 steps, CFG 7), deterministic per seed and batch.
+
+    ``progress``: the label of a bar counting images (none by default: callers inside loops have their own).
+    """
     images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        gen = torch.Generator().manual_seed(seed + start)
+    for part in batches(len(prompts), batch_size, progress or "", disable=progress is None):
+        gen = torch.Generator().manual_seed(seed + part.start)
         out = pipe(
-            list(prompts[start : start + batch_size]),
+            list(prompts[part]),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=gen,
