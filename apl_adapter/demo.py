@@ -79,7 +79,7 @@ def export_and_compare(model_dir: Path, adapter_dir: Path, out: Path, prompts: l
     kwargs = dict(num_inference_steps=20, guidance_scale=7.0)
     rows, diffs = [], []
     for prompt in prompts:
-        ort_image = runtime(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)[0]
+        ort_image = runtime(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images[0]
         torch_image = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images[0]
         diffs.append(float(np.abs(ort_image - torch_image).max()))
         rows.append([torch_image, ort_image])

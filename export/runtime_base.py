@@ -13,9 +13,12 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.utils import numpy_to_pil
 
 from .errors import ExportError
 
@@ -103,8 +106,13 @@ class APLPipelineBase:
         width: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
-    ) -> np.ndarray:
-        """Generate images; returns float32 ``(B, H, W, 3)`` in [0, 1], like diffusers' ``output_type="np"``."""
+        output_type: Literal["pil", "np"] = "pil",
+    ) -> StableDiffusionPipelineOutput:
+        """Generate images, as diffusers' pipelines do: ``.images`` is a list of PIL images (``output_type="pil"``)
+        or float32 ``(B, H, W, 3)`` in [0, 1] (``output_type="np"``). No safety checker runs
+        (``nsfw_content_detected`` is ``None``)."""
+        if output_type not in ("pil", "np"):
+            raise ExportError(f"output_type must be 'pil' or 'np', got {output_type!r}.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negative_prompt = negative_prompt or ""
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -137,7 +145,10 @@ class APLPipelineBase:
                 noise = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
         image = self.infer("vae_decoder", {"latent_sample": latents / self.vae_scaling_factor})["sample"]
-        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return StableDiffusionPipelineOutput(
+            images=numpy_to_pil(images) if output_type == "pil" else images, nsfw_content_detected=None
+        )
 
     def check_request(self, batch: int, height: int, width: int) -> None:
         """Requests outside the exported ranges fail here with the range, not deep inside a runtime."""

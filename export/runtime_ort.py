@@ -3,7 +3,7 @@
 ```python
 >>> from apl_export.runtime_ort import ORTAPLPipeline
 >>> pipe = ORTAPLPipeline.from_pretrained("sd15-apl-onnx")  # doctest: +SKIP
->>> images = pipe("a photo of Ann Lee")  # (1, H, W, 3) in [0, 1]  # doctest: +SKIP
+>>> images = pipe("a photo of Ann Lee").images  # PIL images, as diffusers  # doctest: +SKIP
 ```
 """
 

@@ -14,7 +14,7 @@ plugin is registered (:func:`apl_export.trt_plugin.register_plugin`) before any 
 ```python
 >>> from apl_export.runtime_trt import TRTAPLPipeline
 >>> pipe = TRTAPLPipeline.from_pretrained("sd15-apl-trt", cuda_graphs=True)  # doctest: +SKIP
->>> images = pipe("a photo of Ann Lee", generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
+>>> images = pipe("a photo of Ann Lee", generator=torch.Generator().manual_seed(0)).images  # doctest: +SKIP
 ```
 """
 

@@ -116,5 +116,6 @@ def run_request(pipe, request: PipelineRequest) -> np.ndarray:
         height=request.height,
         width=request.width,
         generator=torch.Generator().manual_seed(request.seed),
-    )
+        output_type="np",
+    ).images
     return np.round(np.asarray(images) * 255).astype(np.uint8)

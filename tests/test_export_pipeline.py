@@ -117,9 +117,15 @@ def test_onnxruntime_pipeline_matches_pytorch(baked, sources):
     plain = _reference_images(sources, PROMPTS, negatives, adapter=False)
     pipe = ORTAPLPipeline.from_pretrained(baked)
     images = pipe(PROMPTS, negative_prompt=negatives, num_inference_steps=3, height=16, width=16,
-                  generator=torch.Generator().manual_seed(7))  # fmt: skip
+                  generator=torch.Generator().manual_seed(7), output_type="np").images  # fmt: skip
     assert images.shape == expected.shape == (2, 16, 16, 3)
     np.testing.assert_allclose(images, expected, atol=1e-4, rtol=0)  # same seed, same image (fp32)
+    pil = pipe(PROMPTS, negative_prompt=negatives, num_inference_steps=3, height=16, width=16,
+               generator=torch.Generator().manual_seed(7)).images  # fmt: skip
+    assert [im.size for im in pil] == [(16, 16)] * 2  # diffusers' default output_type, PIL
+    np.testing.assert_array_equal(np.stack([np.asarray(im) for im in pil]), (images * 255).round().astype(np.uint8))
+    with pytest.raises(ExportError, match="output_type"):
+        pipe(PROMPTS, height=16, width=16, output_type="latent")
     assert np.abs(images - plain).max() > 1e-3, "the prefix must change the image"
     with pytest.raises(ExportError, match="outside the exported range"):
         pipe(PROMPTS, height=64, width=16)
@@ -252,10 +258,12 @@ def test_input_mode_without_trt_builder_keeps_onnx(sources, monkeypatch):
     # The ONNX Runtime pipeline feeds the exported prefix; another prefix changes the image.
     expected = _reference_images(sources, PROMPTS[:1])
     pipe = ORTAPLPipeline.from_pretrained(out)
-    images = pipe(PROMPTS[:1], num_inference_steps=3, height=16, width=16, generator=torch.Generator().manual_seed(7))
+    images = pipe(PROMPTS[:1], num_inference_steps=3, height=16, width=16, generator=torch.Generator().manual_seed(7),
+                  output_type="np").images  # fmt: skip
     np.testing.assert_allclose(images, expected, atol=1e-4, rtol=0)
     pipe.set_prefix(np.random.default_rng(0).uniform(0, 1, (10, 32)).astype(np.float32))
-    other = pipe(PROMPTS[:1], num_inference_steps=3, height=16, width=16, generator=torch.Generator().manual_seed(7))
+    other = pipe(PROMPTS[:1], num_inference_steps=3, height=16, width=16, generator=torch.Generator().manual_seed(7),
+                 output_type="np").images  # fmt: skip
     assert np.abs(other - images).max() > 1e-3
     with pytest.raises(ExportError, match="does not fit"):
         pipe.set_prefix(np.zeros((10, 48), np.float32))

@@ -45,10 +45,12 @@ def test_trt_pipeline_matches_onnxruntime(tmp_path, cuda_graphs):
     out = export_pipeline(tmp_path / "sd", tmp_path / "adapter", tmp_path / "out", options, progress=lambda s: None)
     prompts = ["a photo of Ann Lee", "a red cube"]
     expected = ORTAPLPipeline.from_pretrained(out)(
-        prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(1)
-    )
+        prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np"
+    ).images
     pipe = TRTAPLPipeline.from_pretrained(out, cuda_graphs=cuda_graphs)
     for _ in range(2):  # the second call replays captured graphs
-        images = pipe(prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+        images = pipe(
+            prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np"
+        ).images
         # TF32 / kernel choice on the GPU: looser than the fp32 CPU comparison.
         np.testing.assert_allclose(images, expected, atol=5e-3, rtol=0)
