@@ -41,6 +41,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
     from .evaluate import sample_images
@@ -55,9 +56,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     cols = min(8, len(images))
     rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (32 * cols, 32 * rows))
-    for k, im in enumerate(images):
-        grid.paste(im, (32 * (k % cols), 32 * (k // cols)))
+    blanks = [Image.new("RGB", images[0].size)] * (rows * cols - len(images))  # make_image_grid fills every cell
+    grid = make_image_grid(images + blanks, rows, cols)
     grid = grid.resize((grid.width * args.zoom, grid.height * args.zoom), Image.NEAREST)
     out = Path(args.out)
     tmp = out.with_name(out.stem + ".tmp" + out.suffix)
