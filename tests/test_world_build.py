@@ -86,11 +86,11 @@ def test_each_base_leg_is_kept_and_reused_when_unchanged(toy_build):
     assert (work / "base-leg1" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != before
 
 
-def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path):
-    with pytest.raises(SystemExit, match="unknown stage"):
-        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stages", "vae,paint"])
-    with pytest.raises(SystemExit, match="--base-steps must be at least 1"):
-        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--base-steps", "0"])
+def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
+    assert main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stages", "vae,paint"]) == 2
+    assert "apl-world build: error: unknown stage" in capsys.readouterr().err
+    assert main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--base-steps", "0"]) == 2
+    assert "apl-world build: error: --base-steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
