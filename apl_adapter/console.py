@@ -36,20 +36,25 @@ def wants_verbose(argv: list[str]) -> bool:
 
 
 def quiet_libraries() -> Callable[[], None]:
-    """Hide transformers' notices and loading bars and the exporter's optional-package lines; returns the undo."""
+    """Hide transformers' and diffusers' notices and loading bars and the exporter's optional-package lines; returns
+    the undo."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    libraries = (hf_logging, diffusers_logging)  # the same logging API: verbosity and loading bars
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
     levels = {name: logging.getLogger(name).level for name in HIDDEN_LOGGERS}
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     for name in HIDDEN_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     def undo() -> None:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+        for lib, (verbosity, bars) in zip(libraries, saved):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 

@@ -107,4 +107,5 @@ def test_world_sample_shows_its_progress_in_images(tmp_path):
                       "--out", str(tmp_path / "grid.png"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "sample" in result.stderr and "3/3" in result.stderr and "requires torchvision" not in result.stderr
+    assert "Loading pipeline components" not in result.stderr  # diffusers' loading bar, hidden unless -v
     assert (tmp_path / "grid.png").is_file()
