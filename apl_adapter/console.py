@@ -85,6 +85,19 @@ def add_common_options(parser: argparse.ArgumentParser, threads: bool = True, ve
         )
 
 
+#: the ``argparse`` destinations :func:`add_common_options` adds (applied by ``run_cli``, not passed on)
+COMMON_DESTS = ("verbose", "threads")
+
+
+def command_settings_of(args: argparse.Namespace) -> dict:
+    """``args`` without the options every command shares: the keyword arguments of the command's own config.
+
+    >>> command_settings_of(argparse.Namespace(steps=2, verbose=False, threads=0))
+    {'steps': 2}
+    """
+    return {k: v for k, v in vars(args).items() if k not in COMMON_DESTS}
+
+
 def seed_list(text: str) -> list[int]:
     """The one form ``--seeds`` takes in every command: a comma list (an argparse ``type``).
 

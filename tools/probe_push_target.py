@@ -23,6 +23,7 @@ import torch
 
 from apl_adapter.bench.world import world_readers
 from apl_adapter.console import seed_list
+from apl_adapter.training.loop import tokenize
 from apl_adapter.world.models import load_world_pipeline
 from apl_adapter.world.spec import WorldSpec, describe
 
@@ -30,9 +31,7 @@ ATTRIBUTES = ("sex", "hair", "skin", "shape")
 
 
 def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(ids.input_ids)[0]
+    return pipe.text_encoder(tokenize(pipe.tokenizer, prompts))[0]
 
 
 @torch.no_grad()

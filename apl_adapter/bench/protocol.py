@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,15 +114,10 @@ class BenchReaders:
     scenes: SceneReader
 
 
-def in_chunks(count: int, size: int, desc: str) -> Iterator[slice]:
-    """The bench's generation batches: slices of ``range(count)``, a bar counting images (cleared when done)."""
-    yield from batches(count, size, desc, leave=False)
-
-
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: BenchSpec, desc: str) -> list[Image.Image]:
     """Images for ``prompts``, image ``i`` from ``torch.Generator().manual_seed(seeds[i])`` (same seed = same noise)."""
     images: list[Image.Image] = []
-    for part in in_chunks(len(prompts), spec.batch_size, desc):
+    for part in batches(len(prompts), spec.batch_size, desc, leave=False):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[part]]
         images += pipe(
             list(prompts[part]),
@@ -145,7 +140,7 @@ def generate_plain(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: Ben
     model = cache.fingerprint(pipe)
     keys = [cache.key(model, p, s, spec.num_inference_steps, spec.guidance_scale) for p, s in zip(prompts, seeds)]
     images: list = [None] * len(prompts)
-    for part in in_chunks(len(prompts), spec.batch_size, desc):
+    for part in batches(len(prompts), spec.batch_size, desc, leave=False):
         indices = range(len(prompts))[part]
         for i in indices:
             images[i] = cache.get(keys[i])

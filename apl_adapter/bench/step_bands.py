@@ -39,7 +39,8 @@ from ..console import seed_list
 from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..pipelines import apply_apl, remove_apl
-from .protocol import BenchReaders, BenchSpec, in_chunks, paired_change
+from ..progress import batches
+from .protocol import BenchReaders, BenchSpec, paired_change
 
 #: Bands of a 20-step sampler: large t, middle, small t (the last half), and every step.
 DEFAULT_BANDS = ((0, 20), (0, 5), (5, 10), (10, 20))
@@ -98,7 +99,7 @@ def generate_with_prefix_steps(
 def _generate(pipe, contexts, seeds, prefix_steps: set[int], spec: BenchSpec, desc: str) -> list:
     plain, prefixed, negative = contexts
     images: list = []
-    for part in in_chunks(len(seeds), spec.batch_size, desc):
+    for part in batches(len(seeds), spec.batch_size, desc, leave=False):
         images += generate_with_prefix_steps(
             pipe, plain[part], prefixed[part], negative[part], seeds[part], prefix_steps,
             spec.num_inference_steps, spec.guidance_scale,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..console import add_common_options, seed_list
+from ..console import add_common_options, command_settings_of, seed_list
 from ..errors import run_cli
 from .runner import EvalSettings, evaluate
 
@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "verbose")}
-    return run_cli("apl-eval", lambda: _evaluate(EvalSettings(**settings)), args)
+    return run_cli("apl-eval", lambda: _evaluate(EvalSettings(**command_settings_of(args))), args)
 
 
 def _evaluate(settings: EvalSettings) -> int:

@@ -9,7 +9,7 @@ import argparse
 import sys
 import textwrap
 
-from ..console import add_common_options
+from ..console import add_common_options, command_settings_of
 from ..errors import check_at_least, run_cli
 from .config import TrainConfig
 
@@ -155,8 +155,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from .loop import train
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "verbose")}
-    result = train(TrainConfig(**settings))
+    result = train(TrainConfig(**command_settings_of(args)))
     print(
         f"adapter saved to {result.adapter_dir} ({result.steps} steps, final loss {result.final_loss:.4g}, "
         f"{result.seconds:.0f} s)"

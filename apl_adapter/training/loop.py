@@ -92,16 +92,19 @@ def encode_data(
         means.append(posterior.mean.float().cpu() * scale)
         stds.append(posterior.std.float().cpu() * scale)
     kinds = torch.tensor([example.kind == "identity" for example in examples])
-    push_texts = [
-        name_and_description(e.c1, e.c2) if push_from == "name_and_description" and e.kind == "identity" else e.c1
-        for e in examples
-    ]
+    c1_ids = tokenize(parts.tokenizer, [example.c1 for example in examples])
+    if push_from == "name_and_description":
+        push_ids = tokenize(
+            parts.tokenizer, [name_and_description(e.c1, e.c2) if e.kind == "identity" else e.c1 for e in examples]
+        )
+    else:
+        push_ids = c1_ids
     return EncodedData(
         latent_mean=torch.cat(means),
         latent_std=torch.cat(stds),
-        c1_ids=tokenize(parts.tokenizer, [example.c1 for example in examples]),
+        c1_ids=c1_ids,
         c2_ids=tokenize(parts.tokenizer, [example.c2 for example in examples]),
-        push_ids=tokenize(parts.tokenizer, push_texts),
+        push_ids=push_ids,
         identity_rows=kinds.nonzero().flatten(),
         preservation_rows=(~kinds).nonzero().flatten(),
     )

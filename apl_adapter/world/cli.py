@@ -47,8 +47,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .evaluate import sample_images
     from .models import load_world_pipeline
 
-    if args.num < 1:
-        raise APLAdapterError("--num must be at least 1.")
+    check_at_least(("--num", args.num, 1))
     t0 = time.time()
     pipe = load_world_pipeline(args.model, args.assets)
     images = sample_images(
