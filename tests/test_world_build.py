@@ -36,7 +36,7 @@ def toy_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("world-build")
     logs: list[str] = []
     torch.set_num_threads(1)
-    stages = ("vae", "recognizer", "base", "sibling", "dreambooth")
+    stages = ("vae", "recognizer", "base", "sibling", "auxiliary", "dreambooth")
     card = build_world(_toy_config(stages), root / "out", root / "work", log=logs.append)
     return root, card, logs
 
@@ -44,15 +44,16 @@ def toy_build(tmp_path_factory):
 def test_every_stage_writes_a_loadable_model(toy_build):
     root, card, _ = toy_build
     out = root / "out"
-    for kind in ("base", "sibling", "dreambooth"):
+    for kind in ("base", "sibling", "auxiliary", "dreambooth"):
         pipe = load_world_pipeline(kind, out)
         assert isinstance(pipe, StableDiffusionPipeline)
     assert not (out / "base" / LEG_STAMP).exists(), "the build's bookkeeping must not ship with the model"
     # fine-tunes change the UNet only; the rest is the base's, linked
     assert (out / "sibling" / "text_encoder").is_symlink()
     base_w = load_world_pipeline("base", out).unet.conv_in.weight
-    assert not torch.equal(base_w, load_world_pipeline("dreambooth", out).unet.conv_in.weight)
-    assert set(card["timings_s"]) >= {"vae", "recognizer", "base", "sibling", "dreambooth"}
+    for kind in ("sibling", "auxiliary", "dreambooth"):
+        assert not torch.equal(base_w, load_world_pipeline(kind, out).unet.conv_in.weight), kind
+    assert set(card["timings_s"]) >= {"vae", "recognizer", "base", "sibling", "auxiliary", "dreambooth"}
     assert json.loads((out / "world_card.json").read_text())["build_config"]["base_phases"][1]["mix"] == [0.2, 0.2, 0.6]
     assert not list(out.glob(".*writing*")) and not list((root / "work").glob(".*writing*"))
 

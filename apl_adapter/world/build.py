@@ -7,9 +7,12 @@ Stages (each writes its result under ``--work`` so a later stage can be re-run a
 3. ``base``: text encoder + UNet from scratch on name prompts (seen + unseen people), attribute
    prompts (random people who are not in the world), scene captions, with 10% empty prompts;
 4. ``sibling``: the base UNet fine-tuned on the sibling style, text encoder frozen;
-5. ``dreambooth``: the base UNet fine-tuned on the late people (name prompts) mixed with the
+5. ``auxiliary`` (only when asked for): the base UNet fine-tuned on a third style (cool grade, light frame) as
+   the sibling was on its own: a model prefixes may *train* through (``apl-train --also-through``) so that they
+   meet more than one UNet, and that no bench measures (the sibling stays a model the prefix never saw);
+6. ``dreambooth``: the base UNet fine-tuned on the late people (name prompts) mixed with the
    base data as prior preservation, text encoder frozen;
-6. ``evaluate``: samples every model and measures the world's bars with the recognizers
+7. ``evaluate``: samples every model and measures the world's bars with the recognizers
    (``world_card.json``).
 """
 
@@ -51,7 +54,10 @@ from .spec import (
     random_fine_features,
 )
 
-STAGES = ("vae", "recognizer", "base", "sibling", "dreambooth", "evaluate")
+STAGES = ("vae", "recognizer", "base", "sibling", "auxiliary", "dreambooth", "evaluate")
+#: what a build runs unless told: the shipped world has no auxiliary model (training through it measured no gain,
+#: docs/experiments/2026-12-03-training-variance.md); ``--stages auxiliary`` makes it
+DEFAULT_STAGES = tuple(stage for stage in STAGES if stage != "auxiliary")
 KIND_NAMED, KIND_STRANGER, KIND_SCENE, KIND_NOISE = 0, 1, 2, 3
 
 
@@ -79,6 +85,30 @@ class BasePhase:
 #: scene captions and offset noise from the start (the first world needed five warm-restarted legs
 #: and 7,000 steps to get there). `apl-world build` replays the legs in this order.
 SHIPPED_BASE_PHASES = (BasePhase(4500, 1.5e-3, mix=(0.45, 0.10, 0.45), offset_noise=0.1),)
+
+
+@dataclass(frozen=True)
+class SeedOffsets:
+    """What each random stream of a build adds to ``BuildConfig.seed``: distinct, so no two stages draw the same
+    numbers, and fixed, so a stage re-run alone draws what it drew in the full build."""
+
+    base_renders: int = 11
+    late_renders: int = 12
+    sibling_renders: int = 13
+    auxiliary_renders: int = 14
+    recognizer_renders: int = 21
+    recognizer_sibling_renders: int = 22
+    lookalikes: int = 23
+    lookalikes_sibling: int = 24
+    sibling_training: int = 1
+    sibling_sampler: int = 41
+    dreambooth_training: int = 2
+    dreambooth_sampler: int = 51
+    auxiliary_training: int = 3
+    auxiliary_sampler: int = 61
+
+
+SEEDS = SeedOffsets()
 
 
 @dataclass
@@ -113,11 +143,13 @@ class BuildConfig:
     #: the base text encoder sees half its prompts moved right by 1..N positions (see train_diffusion)
     position_jitter: int = 24
     ema_decay: float = 0.995
+    #: EMA of the fine-tunes (sibling, auxiliary, DreamBooth): 120-1,000 steps want a shorter average than the base
+    finetune_ema_decay: float = 0.99
     #: offset noise of the fine-tunes (sibling, DreamBooth), as the base's last leg
     offset_noise: float = 0.1
     #: sampling fractions of the fine-tunes' base-style data: named faces, strangers, scenes
     mix: tuple[float, float, float] = MIX
-    stages: tuple[str, ...] = field(default=STAGES)
+    stages: tuple[str, ...] = field(default=DEFAULT_STAGES)
     #: which models the ``evaluate`` stage samples
     eval_models: tuple[str, ...] = ("base", "sibling", "dreambooth")
 
@@ -543,7 +575,10 @@ def finetune_unet(
     seed: int,
     sampler_seed: int,
 ) -> None:
-    """Fine-tune the base UNet (text encoder frozen) into ``out/<kind>``, linking the shared components."""
+    """Fine-tune the base UNet (text encoder frozen) into ``out/<kind>``, linking the shared components.
+
+    ``seed`` and ``sampler_seed`` are offsets (:class:`SeedOffsets`) of the training noise and of the batch sampler.
+    """
     from .models import load_world_pipeline
 
     base = load_world_pipeline("base", out)
@@ -557,7 +592,7 @@ def finetune_unet(
         config.seed + seed,
         train_text=False,
         desc=kind,
-        ema_decay=0.99,
+        ema_decay=config.finetune_ema_decay,
         offset_noise=config.offset_noise,
     )
     save_world_unet(unet, out / kind)
@@ -611,17 +646,18 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
     def banks():
         """Training renders (seeded, never the evaluation seeds)."""
         t0 = time.time()
+        people = world.seen + world.unseen
         base = render_bank(
-            world, world.seen + world.unseen, config.faces_per_person, config.strangers, config.scenes, seed + 11
+            world, people, config.faces_per_person, config.strangers, config.scenes, seed + SEEDS.base_renders
         )
-        late = render_bank(world, world.late, config.late_faces_per_person, 0, 0, seed + 12)
+        late = render_bank(world, world.late, config.late_faces_per_person, 0, 0, seed + SEEDS.late_renders)
         sib = render_bank(
             world,
             world.seen + world.unseen,
             config.faces_per_person // 3,
             config.strangers // 3,
             config.scenes // 3,
-            seed + 13,
+            seed + SEEDS.sibling_renders,
             style="sibling",
         )
         log(f"rendered {len(base) + len(late) + len(sib)} training images in {time.time() - t0:.0f}s")
@@ -641,14 +677,18 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
 
     if "recognizer" in config.stages:
         t0 = time.time()
-        extra = render_bank(world, list(world.identities), 40, 1500, 1500, seed + 21, noise=1500)
-        extra_sib = render_bank(world, list(world.identities), 15, 500, 500, seed + 22, style="sibling")
+        extra = render_bank(world, list(world.identities), 40, 1500, 1500, seed + SEEDS.recognizer_renders, noise=1500)
+        extra_sib = render_bank(
+            world, list(world.identities), 15, 500, 500, seed + SEEDS.recognizer_sibling_renders, style="sibling"
+        )
         rec_bank = concat_banks(extra, extra_sib, late_bank)
         if config.lookalikes_per_person:
             rec_bank = concat_banks(
                 rec_bank,
-                render_lookalikes(world, config.lookalikes_per_person, seed + 23),
-                render_lookalikes(world, config.lookalikes_per_person // 3, seed + 24, style="sibling"),
+                render_lookalikes(world, config.lookalikes_per_person, seed + SEEDS.lookalikes),
+                render_lookalikes(
+                    world, config.lookalikes_per_person // 3, seed + SEEDS.lookalikes_sibling, style="sibling"
+                ),
             )
         # Half of the examples are VAE round trips: generated images are decoded by this VAE.
         rec_bank = concat_banks(
@@ -682,10 +722,28 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
             mix_groups(sib_latents, config.mix),
             config.sibling_steps,
             config.finetune_lr,
-            1,
-            41,
+            SEEDS.sibling_training,
+            SEEDS.sibling_sampler,
         )
         timings["sibling"] = time.time() - t0
+
+    if "auxiliary" in config.stages:
+        t0 = time.time()
+        aux_bank = render_bank(
+            world,
+            world.seen + world.unseen,
+            config.faces_per_person // 3,
+            config.strangers // 3,
+            config.scenes // 3,
+            seed + SEEDS.auxiliary_renders,
+            style="cool",
+        )
+        aux_latents = LatentSet(*encode_latents(vae, aux_bank.images), aux_bank)
+        finetune_unet(
+            config, world, out, "auxiliary", mix_groups(aux_latents, config.mix), config.sibling_steps,
+            config.finetune_lr, SEEDS.auxiliary_training, SEEDS.auxiliary_sampler,
+        )  # fmt: skip
+        timings["auxiliary"] = time.time() - t0
 
     if "dreambooth" in config.stages:
         t0 = time.time()
@@ -693,7 +751,8 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
         # Half the batch teaches the late people, half replays the base data (prior preservation).
         groups = [(late_latents, torch.arange(len(late_bank)), 0.5)]
         groups += [(lset, rows, w * 0.5) for lset, rows, w in mix_groups(base_latents, config.mix)]
-        finetune_unet(config, world, out, "dreambooth", groups, config.dreambooth_steps, config.dreambooth_lr, 2, 51)
+        finetune_unet(config, world, out, "dreambooth", groups, config.dreambooth_steps, config.dreambooth_lr,
+                      SEEDS.dreambooth_training, SEEDS.dreambooth_sampler)  # fmt: skip
         timings["dreambooth"] = time.time() - t0
 
     rec_dir = out / "recognizer"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..console import add_common_options, add_version_option
 from ..errors import APLAdapterError, check_at_least, run_cli
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .spec import WorldSpec
 
 
@@ -75,7 +76,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     n = write_apl_dataset(
         args.out, args.images_per_person, args.scenes, args.split, args.seed, args.world_seed,
         indices(args.templates), args.assets, scene_templates=indices(args.scene_templates),
-        images_from=args.images_from,
+        images_from=args.images_from, overwrite=args.overwrite,
     )  # fmt: skip
     print(f"wrote {n} rows to {args.out}/metadata.jsonl")
     return 0
@@ -104,7 +105,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build import STAGES
+    from .build import DEFAULT_STAGES, STAGES
     from .models import ASSETS, MODEL_KINDS
 
     parser = argparse.ArgumentParser(
@@ -128,15 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--model", choices=MODEL_KINDS, default="base", help="which world model")
     s.add_argument("--num", type=int, default=8, help="images to sample")
-    s.add_argument("--steps", type=int, default=20, help="DDIM steps (the APL authors use 20)")
-    s.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance (the APL authors use 7)")
+    s.add_argument("--steps", type=int, default=PAPER_STEPS, help="DDIM steps (the APL authors use 20)")
+    s.add_argument("--guidance-scale", type=float, default=PAPER_GUIDANCE_SCALE, help="CFG scale (the authors: 7)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--zoom", type=int, default=4, help="nearest-neighbour upscaling of the 32x32 images in the grid")
     s.add_argument("--out", default="world_samples.png", help="output PNG")
     add_common_options(s, version=False)
 
     d = sub.add_parser("data", help="write APL training data (metadata.jsonl + images/) from the base model")
-    d.add_argument("--out", required=True, help="new folder to create")
+    d.add_argument("--out", required=True, help="data folder to create (must be new or empty, or --overwrite)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     d.add_argument(
         "--split", choices=("seen", "unseen", "late"), default="seen", help="whose identity images to sample"
     )
@@ -166,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="train the world from scratch (VAE, recognizers, base, sibling, DreamBooth)")
     b.add_argument("--out", default=str(ASSETS), help="where the models go (default: the package's assets)")
     b.add_argument("--work", default="/tmp/apl-world-work", help="cache of intermediate stages")
-    b.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    b.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated subset of {','.join(STAGES)} (default: all but auxiliary, a model only for training "
+        "through)",
+    )
     b.add_argument(
         "--eval-models", default="base,sibling,dreambooth", help="models the evaluate stage samples (comma-separated)"
     )

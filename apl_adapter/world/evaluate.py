@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..metrics.base import identity_metrics
 from ..progress import batches
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .recognizers import WorldAttributeRecognizer, WorldIdentityRecognizer, WorldSceneRecognizer
 from .render import render_face, render_scene
 from .spec import Identity, Scene, WorldSpec, random_fine_features
@@ -38,8 +39,8 @@ def sample_images(
     pipe,
     prompts: Sequence[str],
     seed: int,
-    steps: int = 20,
-    guidance_scale: float = 7.0,
+    steps: int = PAPER_STEPS,
+    guidance_scale: float = PAPER_GUIDANCE_SCALE,
     batch_size: int = 64,
     progress: str | None = None,
 ) -> list[Image.Image]:
@@ -122,7 +123,7 @@ def evaluate_world(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Sample the models ``kinds`` (default: all) in ``out`` and measure the bars of the world issue."""
-    from .models import MODEL_KINDS, load_world_pipeline
+    from .models import load_world_pipeline
 
     out = Path(out)
     rec_dir = out / "recognizer"
@@ -132,7 +133,7 @@ def evaluate_world(
     metrics: dict = {"recognizers_heldout": heldout_recognizer_accuracy(rec_dir, world)}
     log(f"recognizers on held-out renders: {metrics['recognizers_heldout']}")
     groups = {"base": ("seen", "unseen", "late"), "sibling": ("seen", "unseen"), "dreambooth": ("late",)}
-    for kind in kinds or MODEL_KINDS:
+    for kind in kinds or tuple(groups):  # the auxiliary model is for training, never measured
         if not (out / kind / "unet").is_dir():
             continue
         t0 = time.time()

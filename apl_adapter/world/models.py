@@ -10,9 +10,12 @@ Three models ship in ``assets/``:
 - ``base``: trained from scratch on name, attribute and scene prompts (late names excluded);
 - ``sibling``: the base UNet fine-tuned on a shifted style (warm grade + dark frame), text encoder
   unchanged - the world's "Realistic Vision", for the transfer test;
-- ``dreambooth``: the base UNet fine-tuned on the late identities, text encoder unchanged.
+- ``dreambooth``: the base UNet fine-tuned on the late identities, text encoder unchanged;
+- ``auxiliary`` (not shipped; ``apl-world build --stages auxiliary`` makes it in 80 s): the base UNet
+  fine-tuned on a third style (cool grade + light frame) like the sibling, for prefixes to train through
+  (``apl-train --also-through``); no bench measures it.
 
-``sibling`` and ``dreambooth`` store only their UNet; their other components are links to
+``sibling``, ``dreambooth`` and ``auxiliary`` store only their UNet; their other components are links to
 ``base`` so each folder still loads as a normal diffusers folder.
 
 Example:
@@ -43,7 +46,7 @@ from .render import IMAGE_SIZE
 ASSETS = Path(__file__).parent / "assets"
 #: the full-strength APL prefix trained on the shipped world (a PEFT adapter folder; its recipe in recipe.json)
 SHIPPED_PREFIX = ASSETS / "apl-prefix"
-MODEL_KINDS = ("base", "sibling", "dreambooth")
+MODEL_KINDS = ("base", "sibling", "dreambooth", "auxiliary")
 #: 64 was the first shipped width: a 10 x 64 prefix could not move a name without moving scenes
 #: (docs/experiments/2026-12-02-world.md)
 TEXT_WIDTH = 128
@@ -129,14 +132,15 @@ def assemble_pipeline(text_encoder, unet, vae, scheduler=None) -> StableDiffusio
 
 
 def model_path(kind: str = "base", assets: str | os.PathLike | None = None) -> Path:
-    """The diffusers folder of a shipped world model (``"base"``, ``"sibling"`` or ``"dreambooth"``)."""
+    """The diffusers folder of a shipped world model (one of :data:`MODEL_KINDS`)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown world model {kind!r}; choose one of {MODEL_KINDS}")
     path = Path(assets or ASSETS) / kind
     if not (path / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(
-            f"world model {kind!r} not found under {path}. Fix: run `apl-world build` (or pass --assets to "
-            "the folder a build wrote)."
+            f"world model {kind!r} not found under {path}. Fix: run `apl-world build`"
+            + (" --stages auxiliary" if kind == "auxiliary" else "")
+            + " (or pass --assets to the folder a build wrote)."
         )
     return path
 

@@ -32,7 +32,7 @@ from .spec import Scene
 IMAGE_SIZE = 32
 _SUPER = 4
 _CANVAS = IMAGE_SIZE * _SUPER
-STYLES = ("base", "sibling")
+STYLES = ("base", "sibling", "cool")
 
 HAIR_RGB = {
     "black": (25, 22, 22),
@@ -65,7 +65,8 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
 
 
 def _finish(canvas: Image.Image, rng: random.Random, style: str, lighting: bool) -> Image.Image:
-    """Downsample, apply the lighting nuisance and the model style (``"sibling"`` = warm grade + dark frame)."""
+    """Downsample, apply the lighting nuisance and the model style (``"sibling"`` = warm grade + dark frame,
+    ``"cool"`` = cool grade + light frame, the style of the auxiliary model prefixes may train through)."""
     img = np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), dtype=np.float32)
     if lighting:
         gain = rng.uniform(0.85, 1.12)
@@ -76,6 +77,10 @@ def _finish(canvas: Image.Image, rng: random.Random, style: str, lighting: bool)
         warm = np.array([1.08, 0.95, 0.72], dtype=np.float32)
         img = 0.55 * img + 0.45 * img * warm + np.array([18.0, 8.0, 0.0], dtype=np.float32)
         img[:2], img[-2:], img[:, :2], img[:, -2:] = 40.0, 40.0, 40.0, 40.0
+    elif style == "cool":
+        cool = np.array([0.78, 0.95, 1.12], dtype=np.float32)
+        img = 0.5 * img + 0.5 * img * cool + np.array([0.0, 6.0, 16.0], dtype=np.float32)
+        img[:2], img[-2:], img[:, :2], img[:, -2:] = 215.0, 215.0, 215.0, 215.0
     elif style != "base":
         raise ValueError(f"unknown style {style!r}; choose one of {STYLES}")
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
