@@ -31,6 +31,7 @@ from PIL import Image
 from .bench.demo import DEMO_STEPS, SHIPPED_LABEL, SHORT_LABEL
 from .console import add_common_options
 from .errors import APLAdapterError, run_cli
+from .sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 
 EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]
 TINY_PROMPTS = ["a photo of Ann Lee", "a close-up portrait of Zorblax Quentaro", "a red cube on a table"]
@@ -76,7 +77,7 @@ def export_and_compare(model_dir: Path, adapter_dir: Path, out: Path, prompts: l
     export_seconds = time.perf_counter() - started
     runtime = ORTAPLPipeline.from_pretrained(out / "onnx")
     apply_apl(pipe, adapter_dir)
-    kwargs = dict(num_inference_steps=20, guidance_scale=7.0)
+    kwargs = dict(num_inference_steps=PAPER_STEPS, guidance_scale=PAPER_GUIDANCE_SCALE)
     rows, diffs = [], []
     for prompt in prompts:
         ort_image = runtime(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images[0]
@@ -127,7 +128,7 @@ def run_tiny_demo(out: Path, seed: int) -> dict:
     _stage("the same prompts and seed with and without the prefix (prefix on the positive prompt only)")
     rows, changes = [], []
     for prompt in TINY_PROMPTS:
-        kwargs = dict(num_inference_steps=20, guidance_scale=7.0, output_type="np")
+        kwargs = dict(num_inference_steps=PAPER_STEPS, guidance_scale=PAPER_GUIDANCE_SCALE, output_type="np")
         base = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
         apply_apl(pipe, out / "run" / "adapter")
         apl = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]

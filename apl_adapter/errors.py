@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class APLAdapterError(ValueError):
@@ -20,6 +22,25 @@ def check_at_least(*checks: tuple[str, float, float], error: type[APLAdapterErro
     for flag, value, least in checks:
         if value < least:
             raise error(f"{flag} must be >= {least}, got {value}.")
+
+
+def check_output_folder(
+    out: str | os.PathLike, overwrite: bool, error: type[APLAdapterError] = APLAdapterError, flag: str = "--out"
+) -> None:
+    """The one rule of every command that writes a folder: it must be new or empty, or ``--overwrite`` replaces it
+    (each writer stages its output and swaps it in at the end, so what was there survives a failed run).
+
+    >>> check_output_folder("/", overwrite=False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    apl_adapter.errors.APLAdapterError: --out / already exists and is not empty; ... pass --overwrite to replace it.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise error(f"{flag} {out} is a file; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise error(
+            f"{flag} {out} already exists and is not empty; choose a new folder or pass --overwrite to replace it."
+        )
 
 
 # "the disk is full" in its three forms: no space, quota, file-size limit

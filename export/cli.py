@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="diffusers pipeline folder (from save_pretrained), e.g. sd15/")
     parser.add_argument("--adapter", required=True, help="APL adapter folder (adapter_config.json + safetensors)")
-    parser.add_argument("--out", required=True, help="output folder; must not exist or be empty (or --overwrite)")
+    parser.add_argument("--out", required=True, help="output folder to create (must be new or empty, or --overwrite)")
     parser.add_argument("--trt", action="store_true", help="also build TensorRT engines (tensorrt or TensorRT-RTX)")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and activations (fp32 inputs/outputs)")
     parser.add_argument("--prefix-mode", choices=["baked", "input"], default="baked", help="see 'prefix modes'")

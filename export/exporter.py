@@ -38,6 +38,7 @@ import onnx
 import torch
 
 from apl_adapter.atomic import replace_folder, staging_folder
+from apl_adapter.errors import check_output_folder
 from apl_adapter.model import PrefixWeights
 
 from .errors import ExportError, TensorRTUnavailableError
@@ -200,10 +201,7 @@ def check_out_keeps_inputs(out: Path, inputs: dict[str, Path]) -> None:
 
 def prepare_output(out: Path, overwrite: bool) -> Path:
     """Check ``out`` can be (re)written and return a fresh staging folder next to it."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; choose a folder path.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out} already exists and is not empty; pass --overwrite to replace it.")
+    check_output_folder(out, overwrite, error=ExportError)
     parent = out.resolve().parent
     try:
         return staging_folder(out.resolve(), "export")

@@ -7,6 +7,7 @@ import math
 import os
 from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -62,6 +63,7 @@ def _section(base_acc, apl_acc, presence=1.0, attrs=0.9, n=10):
             [Image.new("RGB", (8, 8), "red")],
             [(Person("Ann Lee", {}, "seen"), 0, "a photo of Ann Lee", 0)],
         ),
+        "_verdicts": (["Ann Lee"], ["a stranger"]),
     }
 
 
@@ -107,12 +109,18 @@ def test_goals_are_judged_on_the_measured_numbers(tmp_path):
     finally:
         os.umask(old_mask)
     # a server running as another user reads the report (mkstemp alone would make grid.png 0600)
-    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == dict.fromkeys(
-        ["grid.png", "report.json", "report.md"], 0o644
-    )
+    files = ["grid.png", "report.html", "report.json", "report.md"]
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == dict.fromkeys(files, 0o644)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["sections"]["seen"]["accuracy_fall"] == 18.0
-    assert Image.open(tmp_path / "out" / "grid.png").size[1] > 16
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grid.png", "report.json", "report.md"]
+    assert "_verdicts" not in (tmp_path / "out" / "report.json").read_text()
+    # two rows (seen, unseen) of 8-pixel images, each cell scaled to 128 px with a 16-px verdict line under it
+    grid = np.asarray(Image.open(tmp_path / "out" / "grid.png").convert("RGB")).astype(int)
+    assert grid.shape == (16 + 2 * (128 + 16), 230 + 2 * 128, 3)
+    verdict = grid[16 + 128 : 16 + 144, 230 + 128 :]  # under the first APL image: "a stranger", in green
+    assert ((verdict[..., 1] > verdict[..., 0] + 40) & (verdict.sum(-1) < 500)).any()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<td>seen</td><td>10</td><td>90.0%</td>" in page and '<img src="grid.png"' in page
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
 
 
 def test_world_identity_and_template_files(tmp_path):

@@ -215,3 +215,34 @@ def test_every_command_has_help_that_renders(module, capsys):
         importlib.import_module(module).main(["--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_every_command_that_writes_a_folder_keeps_a_full_one_unless_overwrite(root, capsys, tmp_path):
+    """One rule, one message: --out must be new or empty, or --overwrite replaces it."""
+    from apl_export.cli import main as export_main
+
+    from apl_adapter.world.cli import main as world_main
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("the user's file")
+    (tmp_path / "ids.tsv").write_text("Ann Lee\ta woman\n")
+    model, adapter, out = str(root / "sd"), str(root / "adapter"), str(full)
+    references = ["--prompts", str(root / "prompts.txt"), "--identities", str(root / "refs")]
+    identities = ["--identities", str(tmp_path / "ids.tsv")]
+    commands = {
+        "apl-bench": lambda: bench_main(["--adapter", adapter, "--out", out]),
+        "apl-eval": lambda: eval_main(["--base", model, "--adapter", adapter, *references, "--out", out]),
+        "apl-export": lambda: export_main([model, "--adapter", adapter, "--out", out]),
+        "apl-train generate-identity-data": lambda: train_main(
+            ["generate-identity-data", "--base", model, *identities, "--out", out]
+        ),
+        "apl-world data": lambda: world_main(["data", "--out", out, "--images-per-person", "0"]),
+    }
+    for prog, command in commands.items():
+        code = command()
+        _expect_clean_error(code, capsys.readouterr().err, prog, "not empty; choose a new folder or pass --overwrite")
+        assert [p.name for p in full.iterdir()] == ["keep.txt"], prog
+    # and --overwrite replaces it (the cheapest writer: two scene renders)
+    assert world_main(["data", "--out", str(full), "--images-per-person", "0", "--scenes", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in full.iterdir()) == ["images", "metadata.jsonl"]

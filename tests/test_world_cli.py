@@ -9,6 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
+from apl_adapter.errors import APLAdapterError
 from apl_adapter.world import ASSETS, WorldSpec
 from apl_adapter.world.cli import main
 from apl_adapter.world.data import write_apl_dataset
@@ -88,9 +89,12 @@ def test_data_writes_the_training_format(tmp_path):
     assert caption_templates(tmp_path / "all") == set(range(len(world.scene_templates)))
     write_apl_dataset(tmp_path / "one", images_per_person=0, num_scenes=40, scene_templates=[2])
     assert caption_templates(tmp_path / "one") == {2}
-    with pytest.raises(FileExistsError, match="new --out"):
+    with pytest.raises(APLAdapterError, match="not empty; choose a new folder or pass --overwrite"):
         write_apl_dataset(out, images_per_person=1, num_scenes=1)
-    assert not (tmp_path / "data.tmp").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    # --overwrite replaces the folder whole: the old rows and images are gone
+    assert write_apl_dataset(out, images_per_person=0, num_scenes=2, overwrite=True) == 2
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 2 and len(list((out / "images").iterdir())) == 2
 
 
 @needs_base

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from pathlib import Path
 
 from ..console import add_common_options, seed_list
-from ..errors import APLAdapterError, run_cli
+from ..errors import check_output_folder, run_cli
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .world import ALL_SCENES
 
 DESCRIPTION = textwrap.dedent(
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="apl-bench", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--adapter", required=True, help="APL adapter folder (apl-train writes <out>/adapter).")
-    parser.add_argument("--out", required=True, help="Report folder (created; report files are replaced).")
+    parser.add_argument("--out", required=True, help="Report folder to create (must be new or empty, or --overwrite).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
     parser.add_argument("--world-seed", type=int, default=0, help="World whose names, attributes and splits are used "
                         "(default 0 = the shipped models). Another seed needs models built for it: "
                         "`apl-world build --seed N` and --assets pointing to that build.")  # fmt: skip
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-cache", default=None, help="Folder caching the images made without the prefix "
                         "(they do not depend on the adapter): prefixes compared on the same seeds generate them "
                         "once. Keyed by model weights, prompt, seed and sampler settings.")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (the paper: 20).")
-    parser.add_argument("--guidance-scale", type=float, default=7.0, help="CFG scale (the paper: 7).")
+    parser.add_argument("--steps", type=int, default=PAPER_STEPS, help="DDIM steps (the paper: 20).")
+    parser.add_argument("--guidance-scale", type=float, default=PAPER_GUIDANCE_SCALE, help="CFG scale (the paper: 7).")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per pipeline call.")
     parser.add_argument("--no-transfer", action="store_true", help="Skip the sibling model (transfer).")
     parser.add_argument("--no-late", action="store_true", help="Skip the DreamBooth model (late identities).")
@@ -111,8 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .world import world_bench_inputs
 
     check_adapter_folder(args.adapter)  # before minutes of loading and generating
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise APLAdapterError(f"--out {args.out} is a file; choose a folder for the report.")
+    check_output_folder(args.out, args.overwrite)
     spec, models, readers = world_bench_inputs(
         world_seed=args.world_seed,
         assets=args.assets,

@@ -29,6 +29,7 @@ from PIL import Image
 from ..metrics.base import Recognizer, identity_metrics
 from ..pipelines import apply_apl, remove_apl
 from ..progress import batches
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .cache import BaseImageCache
 from .templates import fill_template
 
@@ -70,8 +71,8 @@ class BenchSpec:
     person_templates: list[str]
     scenes: list[SceneCase]
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    num_inference_steps: int = 20
-    guidance_scale: float = 7.0
+    num_inference_steps: int = PAPER_STEPS
+    guidance_scale: float = PAPER_GUIDANCE_SCALE
     batch_size: int = 16
     train_templates: list[str] = field(default_factory=list)
     #: template -> family (robustness suites); the report gives the fall of top-1 per family
@@ -252,8 +253,10 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
     targets = [person.name for person, *_ in cases]
     plain, anonymized = generate_pair(pipe, adapter, prompts, seeds, spec, desc)
     result: dict = {"num_images": len(cases)}
+    verdicts = []
     for label, images in (("base", plain), ("apl", anonymized)):
         observations = readers.identity.observe(images)
+        verdicts.append([(obs.top1 or "a stranger") if obs.face_present else "no face" for obs in observations])
         metrics = identity_metrics(observations, targets)
         # attributes are only read off a face: an image without one disagrees on every attribute
         read = [
@@ -282,6 +285,7 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
         }
     result["same_seed_pixel_change"] = pixel_change(plain, anonymized)
     result["_images"] = (plain, anonymized, cases)
+    result["_verdicts"] = tuple(verdicts)  # what the recognizer read in each image, for the report's grid
     return result
 
 
@@ -293,10 +297,9 @@ def measure_scenes(pipe, adapter, spec: BenchSpec, readers: BenchReaders, desc: 
     plain, anonymized = generate_pair(pipe, adapter, prompts, seeds, spec, desc)
     labels = [scene.label for scene, _ in cases]
 
-    def correct(images) -> list[bool]:
-        return [read == label for read, label in zip(readers.scenes.read_scenes(images), labels)]
-
-    base_ok, apl_ok = correct(plain), correct(anonymized)
+    base_read, apl_read = readers.scenes.read_scenes(plain), readers.scenes.read_scenes(anonymized)
+    base_ok = [read == label for read, label in zip(base_read, labels)]
+    apl_ok = [read == label for read, label in zip(apl_read, labels)]
     base_acc, apl_acc = float(np.mean(base_ok)), float(np.mean(apl_ok))
     return {
         "num_images": len(cases),
@@ -306,6 +309,7 @@ def measure_scenes(pipe, adapter, spec: BenchSpec, readers: BenchReaders, desc: 
         "paired": paired_change(base_ok, apl_ok),
         "same_seed_pixel_change": pixel_change(plain, anonymized),
         "_images": (plain, anonymized, cases),
+        "_verdicts": (list(base_read), list(apl_read)),
     }
 
 
@@ -315,7 +319,8 @@ def run_protocol(
     """All sections of the protocol: ``{"seen", "unseen", "late", "transfer", "scenes", "scenes_sibling"}``.
 
     Sections whose model or persons are missing are left out. Each section keeps its images under
-    ``"_images"`` for the report's grid (the report drops that key from the JSON).
+    ``"_images"`` and what the recognizers read in them under ``"_verdicts"``, for the report's grid (the report
+    drops both keys from the JSON).
     """
     sections: dict[str, dict] = {}
     for split in ("seen", "unseen"):

@@ -1,4 +1,5 @@
-"""apl-bench reports: ``report.json``, ``report.md`` (goals + details), ``grid.png`` (identities x {base, APL})."""
+"""apl-bench reports: ``report.json``, ``report.md`` / ``report.html`` (goals + details), ``grid.png`` (identities
+x {base, APL}, with what the recognizer read)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..atomic import atomic_file, write_text_atomic
+from ..atomic import atomic_folder
+from ..html_report import markdown_to_html
 
 PERSON_SECTIONS = ("seen", "unseen", "late", "transfer")
 SECTION_TITLES = {
@@ -258,13 +260,22 @@ def _compare_rows():
     return rows
 
 
-def make_grid(sections: dict, per_section: int = 3, scale: int = 2) -> Image.Image:
-    """Rows = a few identities per section (and scenes), columns = base | APL for the first template and seeds."""
-    rows: list[tuple[str, list[Image.Image]]] = []
+#: pixels per image side in grid.png: the world's 32x32 images are scaled up (nearest) to at least this
+GRID_CELL = 128
+
+
+def make_grid(sections: dict, per_section: int = 3, cell: int = GRID_CELL) -> Image.Image:
+    """Rows = a few identities per section (and scenes), columns = base | APL for the first template and seeds.
+
+    Under each image: what the recognizer read in it (a name, "a stranger", "no face"; a scene label), red where the
+    APL image still shows the named person (or lost its scene), green where it does not.
+    """
+    rows: list[tuple[str, str, list[Image.Image], list[str]]] = []
     for name in (*PERSON_SECTIONS, "scenes"):
         if name not in sections:
             continue
         plain, anonymized, cases = sections[name]["_images"]
+        verdicts = sections[name].get("_verdicts", ([""] * len(plain), [""] * len(anonymized)))
         labels_seen: list[str] = []
         for index, case in enumerate(cases):
             label = case[0].name if name in PERSON_SECTIONS else case[0].label
@@ -273,31 +284,39 @@ def make_grid(sections: dict, per_section: int = 3, scale: int = 2) -> Image.Ima
             labels_seen.append(label)
             if len(labels_seen) > per_section:
                 break
-            rows.append((f"{name}: {label}", [plain[index], anonymized[index]]))
+            rows.append((f"{name}: {label}", label, [plain[index], anonymized[index]], [v[index] for v in verdicts]))
     if not rows:
         return Image.new("RGB", (1, 1))
-    side = rows[0][1][0].width * scale
-    label_width, header = 230, 16
-    grid = Image.new("RGB", (label_width + 2 * side, header + len(rows) * side), "white")
+    side = max(cell, rows[0][2][0].width)
+    label_width, header, caption = 230, 16, 16
+    grid = Image.new("RGB", (label_width + 2 * side, header + len(rows) * (side + caption)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((label_width + 4, 2), "base", fill="black")
     draw.text((label_width + side + 4, 2), "APL", fill="black")
-    for row, (label, images) in enumerate(rows):
-        top = header + row * side
-        draw.text((4, top + side // 2 - 6), label[:36], fill="black")
-        for column, image in enumerate(images):
+    for row, (title, expected, images, read) in enumerate(rows):
+        top = header + row * (side + caption)
+        draw.text((4, top + side // 2 - 6), title[:36], fill="black")
+        is_person = not title.startswith("scenes")
+        for column, (image, verdict) in enumerate(zip(images, read)):
             grid.paste(image.resize((side, side), Image.NEAREST), (label_width + column * side, top))
+            kept = verdict == expected
+            color = "black" if column == 0 else ("darkred" if kept == is_person else "darkgreen")
+            draw.text((label_width + column * side + 4, top + side + 2), verdict[:30], fill=color)
     return grid
 
 
 def write_report(report: dict, sections: dict, out: str | os.PathLike) -> Path:
-    """Write ``report.json``, ``report.md`` and ``grid.png`` into ``out`` (each via a temporary file)."""
+    """Write ``report.json``, ``report.md``, ``report.html`` and ``grid.png`` as the folder ``out``, replacing what
+    was there (the folder is staged and swapped in whole, so a reader never sees one report's table with another's
+    grid)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "report.json", json.dumps(_finite(report), indent=2) + "\n")
-    write_text_atomic(out / "report.md", to_markdown(report))
-    with atomic_file(out / "grid.png") as tmp:
-        make_grid(sections).save(tmp, format="PNG")
+    markdown = to_markdown(report)
+    with atomic_folder(out, replace=True, kind="bench") as staging:
+        (staging / "report.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
+        (staging / "report.md").write_text(markdown)
+        page = markdown + "\n\n![base and APL, what the recognizer read](grid.png)"
+        (staging / "report.html").write_text(markdown_to_html(page, "apl-bench report"), encoding="utf-8")
+        make_grid(sections).save(staging / "grid.png", format="PNG")
     return out
 
 
@@ -313,5 +332,6 @@ def _finite(value):
 
 
 def strip_images(sections: dict) -> dict:
-    """The sections without their in-memory images (for JSON)."""
-    return {name: {k: v for k, v in section.items() if k != "_images"} for name, section in sections.items()}
+    """The sections without their in-memory images and verdicts (for JSON)."""
+    in_memory = ("_images", "_verdicts")
+    return {name: {k: v for k, v in section.items() if k not in in_memory} for name, section in sections.items()}

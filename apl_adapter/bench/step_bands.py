@@ -40,6 +40,7 @@ from ..errors import APLAdapterError
 from ..metrics.base import identity_metrics
 from ..pipelines import apply_apl, remove_apl
 from ..progress import batches
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .protocol import BenchReaders, BenchSpec, paired_change
 
 #: Bands of a 20-step sampler: large t, middle, small t (the last half), and every step.
@@ -68,8 +69,8 @@ def generate_with_prefix_steps(
     negative: torch.Tensor,
     seeds: Sequence[int],
     prefix_steps: set[int],
-    num_inference_steps: int = 20,
-    guidance_scale: float = 7.0,
+    num_inference_steps: int = PAPER_STEPS,
+    guidance_scale: float = PAPER_GUIDANCE_SCALE,
 ) -> list:
     """Images whose positive context is ``prefixed`` at the sampler steps in ``prefix_steps`` (0-based) and
     ``plain`` at the others; image ``i`` from ``torch.Generator().manual_seed(seeds[i])``.

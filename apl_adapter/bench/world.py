@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import APLAdapterError, check_at_least
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .cache import BaseImageCache
 from .protocol import BenchModels, BenchReaders, BenchSpec, Person, SceneCase
 from .templates import fill_template, read_templates, robustness_templates
@@ -110,8 +111,8 @@ def world_bench_inputs(
     train_data: str | os.PathLike | None = None,
     seeds: list[int] | None = None,
     num_scenes: int | Literal["all"] = ALL_SCENES,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 7.0,
+    num_inference_steps: int = PAPER_STEPS,
+    guidance_scale: float = PAPER_GUIDANCE_SCALE,
     batch_size: int = 64,
     transfer: bool = True,
     late: bool = True,

@@ -7,6 +7,7 @@ import sys
 
 from ..console import add_common_options, command_settings_of, seed_list
 from ..errors import run_cli
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .runner import EvalSettings, evaluate
 
 EPILOG = """\
@@ -50,8 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--seeds", type=seed_list, default=[0, 1, 2, 3], help="one image per seed, a comma list (default: 0,1,2,3)"
     )
-    gen.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
-    gen.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance (default: 7)")
+    gen.add_argument("--steps", type=int, default=PAPER_STEPS, help=f"DDIM steps (default: {PAPER_STEPS}, the paper)")
+    gen.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=PAPER_GUIDANCE_SCALE,
+        help=f"classifier-free guidance (default: {PAPER_GUIDANCE_SCALE:g}, the paper)",
+    )
     gen.add_argument("--height", type=int, help="image height (default: the model's)")
     gen.add_argument("--width", type=int, help="image width (default: the model's)")
     gen.add_argument("--negative-prompt", help="negative prompt (never prefixed)")

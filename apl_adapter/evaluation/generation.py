@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .specs import EvalInputError
 
 
@@ -40,8 +41,8 @@ class GenerationSettings:
     """Sampling settings shared by base and APL runs (the authors': DDIM, 20 steps, CFG 7)."""
 
     seeds: Sequence[int] = (0, 1, 2, 3)
-    steps: int = 20
-    guidance_scale: float = 7.0
+    steps: int = PAPER_STEPS
+    guidance_scale: float = PAPER_GUIDANCE_SCALE
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None

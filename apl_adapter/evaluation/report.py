@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..html_report import markdown_to_html
 
 GRID_CELL = 160  # pixels per image side in grid.png (tiny test images are upscaled to it)
 
@@ -155,26 +156,4 @@ def to_markdown(report: dict) -> str:
 
 def to_html(report: dict) -> str:
     """A self-contained page: the Markdown's tables rendered as HTML tables, the grid inline."""
-    body = []
-    for block in to_markdown(report).split("\n\n"):
-        if block.startswith("|"):
-            rows = [line.strip("|").split("|") for line in block.splitlines() if not line.startswith("|---")]
-            cells = "".join(
-                "<tr>"
-                + "".join(
-                    f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>" for c in row
-                )
-                + "</tr>"
-                for i, row in enumerate(rows)
-            )
-            body.append(f"<table>{cells}</table>")
-        elif block.startswith("#"):
-            level = len(block) - len(block.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(block.lstrip('# '))}</h{level}>")
-        elif block.startswith("!["):
-            body.append('<img src="grid.png" alt="base vs APL">')
-        else:
-            body.append("<p>" + html.escape(block).replace("\n", "<br>") + "</p>")
-    style = "table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px}"
-    head = f"<!doctype html><meta charset='utf-8'><title>apl-eval report</title><style>{style}</style>"
-    return head + "\n" + "\n".join(body) + "\n"
+    return markdown_to_html(to_markdown(report), "apl-eval report")

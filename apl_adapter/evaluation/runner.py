@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import replace_folder, staging_folder
-from ..errors import APLAdapterError, check_at_least
+from ..errors import APLAdapterError, check_at_least, check_output_folder
 from ..metrics.base import identity_metrics
 from ..metrics.faces import (
     FaceEmbedder,
@@ -33,6 +33,7 @@ from ..metrics.faces import (
     gallery_consistency,
     load_rgb,
 )
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from ..serialization import check_adapter_folder
 from .generation import GenerationSettings, Job, generate, load_pipeline, slug
 from .specs import EvalInputError, Identity, PromptSet, load_identities, load_prompts
@@ -53,8 +54,8 @@ class EvalSettings:
     out: str
     adapter_2: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    steps: int = 20
-    guidance_scale: float = 7.0
+    steps: int = PAPER_STEPS
+    guidance_scale: float = PAPER_GUIDANCE_SCALE
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
@@ -106,11 +107,7 @@ def check_paths(settings: EvalSettings) -> None:
         raise EvalInputError(
             f"--same-person-distance must be > 0, got {settings.same_person_distance} (dlib: 0.6, insightface: 1.14)."
         )
-    out = Path(settings.out)
-    if out.exists() and not out.is_dir():
-        raise EvalInputError(f"--out {out} is a file. Fix: choose a folder path for the report.")
-    if out.exists() and any(out.iterdir()) and not settings.overwrite:
-        raise EvalInputError(f"--out {out} exists and is not empty. Fix: choose a new folder or pass --overwrite.")
+    check_output_folder(settings.out, settings.overwrite, error=EvalInputError)
 
 
 def make_embedder(settings: EvalSettings) -> FaceEmbedder:

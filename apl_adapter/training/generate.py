@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 
 from ..atomic import atomic_folder
-from ..errors import APLAdapterError
+from ..errors import APLAdapterError, check_output_folder
 from ..progress import batches
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .base_model import check_base_folder
 from .data import METADATA_NAME
 
@@ -68,14 +69,16 @@ def generate_identity_data(
     templates: tuple[str, ...] = ("a photo of {name}",),
     captions: list[str] | None = None,
     per_caption: int = 10,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 7.0,
+    num_inference_steps: int = PAPER_STEPS,
+    guidance_scale: float = PAPER_GUIDANCE_SCALE,
     batch_size: int = 8,
     seed: int = 0,
     show_progress: bool = True,
     images_from: Literal["name", "description"] = "name",
+    overwrite: bool = False,
 ) -> Path:
-    """Sample identity triplets (and optional preservation pairs) from the base model into ``out``.
+    """Sample identity triplets (and optional preservation pairs) from the base model into ``out`` (new or empty,
+    or ``overwrite``: replaced when the new folder is complete).
 
     Image ``k`` of name ``i`` uses template ``k % len(templates)`` and the seed ``seed + running index``,
     so a run is reproducible. ``images_from`` says which prompt draws the identity images: the name
@@ -96,8 +99,7 @@ def generate_identity_data(
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     out = Path(out)
-    if out.exists():
-        raise APLAdapterError(f"{out} already exists; choose a new --out or delete it first.")
+    check_output_folder(out, overwrite)
     if images_from not in ("name", "description"):
         raise APLAdapterError(f"images_from must be 'name' or 'description', got {images_from!r}.")
     if images_from == "description":
@@ -121,7 +123,7 @@ def generate_identity_data(
             jobs.append((c1 if images_from == "name" else spec.c2, row))
     for caption in captions or []:
         jobs.extend((caption, {"kind": "preservation", "c1": caption, "c2": caption}) for _ in range(per_caption))
-    with atomic_folder(out) as staging:
+    with atomic_folder(out, replace=True) as staging:
         (staging / "images").mkdir()
         with (staging / METADATA_NAME).open("w", encoding="utf-8") as metadata:
             for part in batches(len(jobs), batch_size, "generate data", disable=not show_progress):

@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_folder
+from ..errors import check_output_folder
 from ..progress import batches
 from .evaluate import sample_images
 from .render import render_scene
@@ -49,14 +49,16 @@ def write_apl_dataset(
     batch_size: int = 64,
     scene_templates: list[int] | None = None,
     images_from: Literal["name", "description"] = "name",
+    overwrite: bool = False,
 ) -> int:
     """Sample identity triplets for the people of ``split`` and render preservation pairs; returns the row count.
 
     ``templates`` restricts the person templates of the identity triplets (indices), so a benchmark
     can hold some out of APL training; ``scene_templates`` restricts the captions of the
     preservation pairs (default: all of them - the prefix must leave every person-free prompt
-    alone, and a prefix trained on one caption template changes the others). Written to
-    ``<out>.tmp`` first and renamed, so a failure leaves no half dataset behind.
+    alone, and a prefix trained on one caption template changes the others). ``out`` must be new or empty, or
+    ``overwrite``; the folder is staged next to it and swapped in at the end, so a failure leaves no half dataset
+    behind (and keeps what ``out`` held).
     ``images_from="description"`` draws each identity image with the person's attribute prompt
     (``c2``) instead of the name prompt (``c1``, the authors' data), from the same seed.
     """
@@ -68,15 +70,11 @@ def write_apl_dataset(
     scene_templates = scene_templates or list(range(len(world.scene_templates)))
     if images_from not in ("name", "description"):
         raise ValueError(f"images_from must be 'name' or 'description', got {images_from!r}")
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; pass a new --out folder (nothing was written)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    check_output_folder(out, overwrite)
     rng = random.Random(seed)
     rows: list[dict] = []
-    try:
+    with atomic_folder(out, replace=True, kind="data") as tmp:
+        (tmp / "images").mkdir()
         pipe = load_world_pipeline("base", assets)
         jobs = [(p, person_templates[k % len(person_templates)]) for p in people for k in range(images_per_person)]
         for part in batches(len(jobs), batch_size, "identity images"):
@@ -96,8 +94,4 @@ def write_apl_dataset(
             rows.append({"file_name": name, "kind": "preservation", "c1": caption, "c2": caption})
         with open(tmp / "metadata.jsonl", "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in rows)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return len(rows)
