@@ -43,6 +43,9 @@ def test_with_adapter_the_prefix_changes_preservation_eps(base_folder, data_fold
     assert all(r.gap_with > 1e-8 and r.ratio == float("inf") for r in preservation)
     table = format_rows(rows)
     assert table.count("\n") == len(rows) + 1 and "| preservation | [500, 1000) |" in table
+    # identity rows say how much of the name's direction the prefix keeps; preservation rows have none to keep
+    assert all(r.name_share is None for r in preservation)
+    assert all(math.isfinite(r.name_share) for r in rows if r.kind == "identity")
 
 
 def test_cli_prints_the_table_and_refuses_bad_settings(base_folder, data_folder, capsys):  # noqa: F811
@@ -88,6 +91,6 @@ def test_split_run_measures_both_halves_without_moving_the_rest(base_folder, dat
     args = ["--base", str(base_folder), "--data", str(data_folder), "--bands", "1", "--samples", "2"]
     assert main([*args, "--adapter", str(adapter), "--split"]) == 0
     table = capsys.readouterr().out
-    assert "prefix states only | prompt states only |" in table and table.splitlines()[2].count("|") == 8
+    assert "prefix states only | prompt states only |" in table and table.splitlines()[2].count("|") == 9
     assert main([*args, "--split"]) == 2
     assert "needs an adapter" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from apl_adapter.testing import tiny_sd_pipeline
+from apl_adapter.testing import tiny_sd_pipeline, tiny_unet
 from apl_adapter.training.cli import main
 from apl_adapter.training.data import write_data_folder
 
@@ -269,3 +269,30 @@ def test_push_from_name_and_description_needs_a_push_and_then_trains(capsys, bas
     code, err = run(capsys, base_folder, data, tmp_path / "run", *extra)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["push_from"] == "name_and_description"
+
+
+def test_also_through_needs_a_unet_of_the_same_family(capsys, base_folder, tmp_path):
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, base_folder, data, tmp_path / "missing", "--also-through", str(tmp_path / "nowhere"))
+    assert_clean_failure(code, err, tmp_path / "missing", "no UNet there", "shares the base text encoder")
+    assert not (tmp_path / "missing").exists()  # refused before anything was loaded or written
+    wide = tmp_path / "wide-unet"
+    tiny_unet(cross_attention_dim=48).save_pretrained(wide)
+    code, err = run(capsys, base_folder, data, tmp_path / "wide", "--also-through", str(wide))
+    assert_clean_failure(code, err, tmp_path / "wide", "cross_attention_dim 48 != 32", "same family")
+
+
+def test_report_to_names_a_missing_tracker_before_loading_anything(capsys, base_folder, tmp_path):
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    missing = next(t.value for t in LoggerType if t.value != "all" and t.value not in installed)
+    data = write_data_folder(tmp_path / "data", rows())
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--report-to", missing)
+    assert_clean_failure(code, err, tmp_path / "run", f"the {missing} package is not installed", "--report-to none")
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--report-to", "tensorbored")
+    assert_clean_failure(code, err, tmp_path / "run", "not an Accelerate tracker", "tensorboard")
+    assert not (tmp_path / "run").exists()
+    code, err = run(capsys, base_folder, data, tmp_path / "run", "--checkpoints-total-limit", "0")
+    assert_clean_failure(code, err, tmp_path / "run", "checkpoints_total_limit must be >= 1, got 0")

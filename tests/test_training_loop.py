@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from apl_adapter import APLConfig
-from apl_adapter.testing import tiny_sd_pipeline
+from apl_adapter.testing import tiny_sd_pipeline, tiny_unet
 from apl_adapter.training import TrainConfig, apl_loss, train
 from apl_adapter.training.data import write_data_folder
 from apl_adapter.training.loop import learning_rate, tokenize
@@ -172,6 +172,17 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, text_match=0.25).detach()
     torch.testing.assert_close(loss, (prefixed - target).square().mean() + 0.25 * gap, rtol=1e-4, atol=1e-7)
     assert gap > 1e-3  # the term is not vanishing in this check
+    # direction=lambda: + lambda * (r - r*)^2 on the identity row, r = <prefixed - target_c2, d> / ||d||^2 with
+    # d = eps(c1) - eps(c2), and r* = -push (the pushed target's own share of d)
+    d = (plain[0] - target[0]).flatten()
+    share = ((prefixed[0] - target[0]).flatten() @ d) / (d @ d)
+    for eta in (0.0, 0.3):
+        pushed = target.clone()
+        pushed[0] = target[0] - eta * (plain[0] - target[0])
+        expected = (prefixed - pushed).square().mean() + 0.2 * (share + eta) ** 2
+        loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, direction=0.2).detach()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+    assert abs(share) > 1e-2  # the term is not vanishing in this check
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):
@@ -269,3 +280,54 @@ def test_gradient_checkpointing_gives_the_same_prefix_and_bf16_runs(base_folder,
     bf16 = train(TrainConfig(out=str(tmp_path / "bf16"), mixed_precision="bf16", **common), show_progress=False)
     assert math.isfinite(bf16.final_loss)
     assert not torch.equal(_prefix(bf16.adapter_dir), _prefix(plain.adapter_dir))  # autocast really ran
+
+
+def test_training_through_more_unets_takes_the_mean_of_their_losses(base_folder, data_folder, tmp_path):
+    common = {"data": str(data_folder), "batch_size": 4, "lr": 1e-2}
+    # a second base: the same text encoder, tokenizer and VAE, another UNet (as a fine-tune of the base would be)
+    other_base = tmp_path / "other-base"
+    shutil.copytree(base_folder, other_base)
+    tiny_unet(seed=7).save_pretrained(other_base / "unet")
+    first = {}
+    for name, base, extra in [("one", base_folder, []), ("other", other_base, []), ("both", base_folder, [other_base])]:
+        through = [str(folder) for folder in extra]
+        config = TrainConfig(base=str(base), out=str(tmp_path / name), steps=1, also_through=through, **common)
+        first[name] = train(config, show_progress=False).losses[0][1]
+    # the same batch, noise and prefix init: the first step's loss is the mean of the two UNets' losses
+    assert first["both"] == pytest.approx((first["one"] + first["other"]) / 2, rel=1e-5)
+    assert abs(first["one"] - first["other"]) > 1e-3 * first["one"]  # the two losses really differ
+    # the base UNet twice (given as a bare UNet folder): the mean of two equal losses, so the same prefix
+    common["base"], common["steps"] = str(base_folder), 3
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), **common), show_progress=False)
+    twice_config = TrainConfig(out=str(tmp_path / "twice"), also_through=[str(base_folder / "unet")], **common)
+    twice = train(twice_config, show_progress=False)
+    torch.testing.assert_close(_prefix(twice.adapter_dir), _prefix(plain.adapter_dir), rtol=1e-5, atol=1e-6)
+    card = (twice.adapter_dir / "README.md").read_text()
+    assert "| also_through | ['unet'] |" in card and str(tmp_path) not in card  # by name, never a local path
+    assert "also_through" not in (plain.adapter_dir / "README.md").read_text()
+
+
+def test_checkpoint_limit_and_validation_images_without_and_with_the_prefix(base_folder, data_folder, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    prompts = ["a photo of Zorvan Kelt", "a red star on white"]
+    config = TrainConfig(
+        base=str(base_folder), data=str(data_folder), out=str(tmp_path / "run"), steps=4, batch_size=2, lr=1e-2,
+        checkpoint_every=1, checkpoints_total_limit=2, validation_prompts=prompts, validation_every=3,
+    )  # fmt: skip
+    result = train(config, show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-3.png", "step-4.png"]
+    assert "validation_prompts" not in (result.adapter_dir / "README.md").read_text()  # bookkeeping, not recipe
+    grid = np.asarray(Image.open(tmp_path / "run" / "validation" / "step-4.png").convert("RGB"))
+    assert grid.shape == (2 * 128, 2 * 128, 3)  # 16-pixel images, each cell scaled up to 128
+    cells = [[grid[r * 128 : (r + 1) * 128 : 8, c * 128 : (c + 1) * 128 : 8] for c in range(2)] for r in range(2)]
+    # the left column is the plain model from the same seed; the right one differs where the prefix acts
+    pipe = StableDiffusionPipeline.from_pretrained(base_folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for k, prompt in enumerate(prompts):
+        expected = pipe(prompt, num_inference_steps=20, guidance_scale=7.0, output_type="np",
+                        generator=torch.Generator().manual_seed(config.seed + k)).images[0]  # fmt: skip
+        assert np.abs(cells[k][0].astype(float) - np.round(expected * 255)).max() <= 1, prompt
+    assert np.abs(cells[0][1].astype(float) - cells[0][0].astype(float)).mean() > 1.0

@@ -67,3 +67,33 @@ def load_frozen_parts(base: str | Path) -> FrozenParts:
         module.requires_grad_(False)
         module.eval()
     return FrozenParts(tokenizer, text_encoder, unet, vae, noise_scheduler)
+
+
+def unet_subfolder(folder: str | Path) -> str | None:
+    """``"unet"`` for a diffusers model folder, ``None`` for a UNet folder; a clear error for anything else."""
+    folder = Path(folder)
+    if (folder / "unet" / "config.json").is_file():
+        return "unet"
+    if (folder / "config.json").is_file():
+        return None
+    raise APLAdapterError(
+        f"--also-through {folder}: no UNet there (neither unet/config.json nor config.json). Pass a diffusers model "
+        "folder that shares the base text encoder, or its unet/ folder."
+    )
+
+
+def load_frozen_unet(folder: str | Path, like: torch.nn.Module) -> torch.nn.Module:
+    """Load another UNet to train through (``folder/unet`` of a diffusers folder, or a UNet folder), frozen and in
+    eval mode; refuse one that cannot read the base text encoder's states or the base latents."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder=unet_subfolder(folder))
+    keys = ("cross_attention_dim", "in_channels", "sample_size")
+    differ = [f"{k} {unet.config[k]} != {like.config[k]}" for k in keys if unet.config[k] != like.config[k]]
+    if differ:
+        raise APLAdapterError(
+            f"--also-through {folder}: its UNet does not fit the base model ({', '.join(differ)}); a prefix can "
+            "train only through UNets of the same family (fine-tunes of the same base)."
+        )
+    unet.requires_grad_(False)
+    return unet.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,17 +49,32 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
     return tensors
 
 
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """The complete ``checkpoint-N`` folders in ``out``, oldest (smallest N) first."""
+    found = sorted(
+        (int(match.group(1)), path)
+        for path in Path(out).glob("checkpoint-*")
+        if (match := _CHECKPOINT_RE.match(path.name)) and (path / STATE_NAME).is_file()
+    )
+    return [path for _, path in found]
+
+
+def prune_checkpoints(out: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoint folders of ``out`` (``--checkpoints-total-limit``); return
+    what was deleted."""
+    old = list_checkpoints(out)[:-keep]
+    for path in old:
+        shutil.rmtree(path)
+    return old
+
+
 def find_checkpoint(resume: str, out: str | Path) -> Path:
     """Resolve ``--resume``: a checkpoint folder, or ``latest`` = the highest ``checkpoint-N`` in ``out``."""
     if resume == "latest":
-        found = sorted(
-            (int(match.group(1)), path)
-            for path in Path(out).glob("checkpoint-*")
-            if (match := _CHECKPOINT_RE.match(path.name)) and (path / STATE_NAME).is_file()
-        )
+        found = list_checkpoints(out)
         if not found:
             raise APLAdapterError(f"--resume latest: no checkpoint-N folder in {out}; train without --resume first.")
-        return found[-1][1]
+        return found[-1]
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
         raise APLAdapterError(

@@ -11,6 +11,7 @@ import textwrap
 
 from ..console import add_common_options, command_settings_of
 from ..errors import check_at_least, run_cli
+from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .config import TrainConfig
 
 DESCRIPTION = textwrap.dedent(
@@ -31,7 +32,8 @@ DESCRIPTION = textwrap.dedent(
     (any base model, as the authors do: N images per name sampled from the base model).
 
     output (--out): adapter/ (the final PEFT adapter, for apply_apl or apl-bench), checkpoint-N/ (adapter +
-    optimizer state, for --resume), loss.csv, train_config.json, tensorboard/ (when tensorboard is installed).
+    optimizer state, for --resume), loss.csv, train_config.json, trackers/ (--report-to), validation/ (step-N.png,
+    with --validation-prompts).
 
     several GPUs or nodes: accelerate launch --num_processes 2 -m apl_adapter.training.cli --base ... (no code change).
     """
@@ -43,6 +45,9 @@ EXAMPLES = textwrap.dedent(
       apl-train --base world/base --data apl-data --out runs/apl --steps 600 --batch-size 8
       apl-train --base /models/sd15 --data apl-data --out runs/sd15 --steps 20000 --mixed-precision bf16
       apl-train --base /models/sd15 --data apl-data --out runs/sd15 --steps 20000 --resume latest
+      apl-train --base /models/sd15 --data apl-data --out runs/sd15 --steps 20000 --report-to tensorboard \\
+          --checkpoint-every 1000 --checkpoints-total-limit 3 \\
+          --validation-prompts "a photo of Ann Lee" "a red cube on a table" --validation-every 1000
       apl-train generate-identity-data --base /models/sd15 --identities names.tsv --captions captions.txt --out apl-data
     """
 )
@@ -74,12 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--push-from", choices=["name", "name_and_description"], default="name", help=helps["push_from"]
     )
     parser.add_argument("--text-match", type=float, default=0.0, help=helps["text_match"])
+    parser.add_argument("--name-direction", type=float, default=0.0, help=helps["name_direction"])
+    parser.add_argument("--also-through", nargs="+", default=[], metavar="FOLDER", help=helps["also_through"])
     parser.add_argument("--attribute-boost", type=float, default=0.0, help=helps["attribute_boost"])
     parser.add_argument("--c2", choices=["attribute", "empty"], default="attribute", help=helps["c2"])
     parser.add_argument("--identity-fraction", type=float, default=0.5, help=helps["identity_fraction"])
     parser.add_argument("--batch-size", type=int, default=1, help=helps["batch_size"])
     parser.add_argument("--seed", type=int, default=0, help=helps["seed"])
     parser.add_argument("--checkpoint-every", type=int, default=0, help=helps["checkpoint_every"])
+    parser.add_argument("--checkpoints-total-limit", type=int, default=None, help=helps["checkpoints_total_limit"])
     parser.add_argument("--resume", default=None, help=helps["resume"])
     parser.add_argument("--resume-with-new-settings", action="store_true", help=helps["resume_with_new_settings"])
     parser.add_argument("--resolution", type=int, default=None, help=helps["resolution"])
@@ -89,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help=helps["gradient_checkpointing"])
     parser.add_argument("--log-every", type=int, default=1, help=helps["log_every"])
+    parser.add_argument("--report-to", default="auto", help=helps["report_to"])
+    parser.add_argument(
+        "--validation-prompts", nargs="+", default=[], metavar="PROMPT", help=helps["validation_prompts"]
+    )
+    parser.add_argument("--validation-every", type=int, default=0, help=helps["validation_every"])
     add_common_options(parser)
     return parser
 
@@ -108,13 +121,14 @@ def build_generate_parser() -> argparse.ArgumentParser:
         help="Text file: one 'Name<TAB>anonymous description prompt' per line, e.g. "
         "'Ann Lee<TAB>a photo of a woman, short brown hair' (no description = empty c2).",
     )
-    parser.add_argument("--out", required=True, help="New data folder to write (must not exist).")
+    parser.add_argument("--out", required=True, help="Data folder to create (must be new or empty, or --overwrite).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
     parser.add_argument("--per-name", type=int, default=100, help="Images per name (the authors: 100).")
     parser.add_argument("--templates", default=None, help="Text file of prompt templates with {name}, one a line.")
     parser.add_argument("--captions", default=None, help="Text file of captions without a person, one a line.")
     parser.add_argument("--per-caption", type=int, default=10, help="Images per caption.")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps.")
-    parser.add_argument("--guidance-scale", type=float, default=7.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--steps", type=int, default=PAPER_STEPS, help="DDIM steps (the paper: 20).")
+    parser.add_argument("--guidance-scale", type=float, default=PAPER_GUIDANCE_SCALE, help="CFG scale (the paper: 7).")
     parser.add_argument("--batch-size", type=int, default=8, help="Images per pipeline call.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image (image k uses seed + k).")
     parser.add_argument(
@@ -147,6 +161,7 @@ def run_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         images_from=args.images_from,
+        overwrite=args.overwrite,
     )
     print(f"training data written to {out}")
     return 0

@@ -11,8 +11,13 @@ from ..errors import APLAdapterError
 
 #: settings a resumed run may change (``TrainConfig.differences`` ignores them)
 RESUMABLE_CHANGES = frozenset(
-    {"out", "steps", "resume", "resume_with_new_settings", "checkpoint_every", "log_every", "gradient_checkpointing"}
-)
+    {
+        "out", "steps", "resume", "resume_with_new_settings", "checkpoint_every", "checkpoints_total_limit",
+        "log_every", "gradient_checkpointing", "report_to", "validation_prompts", "validation_every",
+    }
+)  # fmt: skip
+#: run bookkeeping, not part of what made a prefix (``TrainConfig.recipe`` leaves these out)
+BOOKKEEPING = RESUMABLE_CHANGES - {"steps", "gradient_checkpointing"}
 
 
 @dataclass
@@ -97,6 +102,30 @@ class TrainConfig:
             "push alone (66.9%) (experiments 2026-12-03-attributes-mechanism)."
         },
     )
+    name_direction: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda >= 0: also penalize the share r of the name's own direction d = eps(c1) - eps(c2) that the "
+            "prefixed prediction keeps beyond its target's (-eta): lambda * mean (r + eta)^2 over identity rows, r = "
+            "<eps([AP]+c1) - eps(c2), d> / ||d||^2 (0 = the paper). A ratio per row, so large t, where d is small "
+            "and the eps loss leaves r at 0.2-0.4 (more on the sibling model), counts as much as small t. Measured "
+            "(deep, seed 0; seen / unseen / late / transfer falls, attributes): push 0.3 alone 16/10/5/5.6x, 67%; "
+            "+ 0.003: 20/15/8/11x, 51%; + 0.03: all to ~0, 25%; push 0 + 0.01: 49/2.9/8/4.1x, 63% "
+            "(experiments 2026-12-03-training-variance)."
+        },
+    )
+    also_through: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Other UNets that share the base's text encoder (local diffusers folders with unet/, or UNet "
+            "folders), to train through as well: the loss is the mean over the base UNet and these, each against its "
+            "own targets, so the prefix meets more than one UNet (beyond the paper; each one adds a base UNet's cost "
+            "to a step). Measured on the world (deep, push 0.3, seed 0, through the auxiliary model): no gain; the "
+            "name share kept on the sibling at t >= 800 was 0.32 (0.28 and 0.42 without it, two training seeds) and "
+            "transfer fell 3.3x, inside the 2.7-5.6x that training seeds alone give (experiments 2026-12-03-training-"
+            "variance)."
+        },
+    )
     attribute_boost: float = field(
         default=0.0,
         metadata={
@@ -115,6 +144,10 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata={"help": "Examples per step and process (the paper: 1)."})
     seed: int = field(default=0, metadata={"help": "Seed of the prefix init and of every step's sampling."})
     checkpoint_every: int = field(default=0, metadata={"help": "Save checkpoint-N every N steps (0 = only at end)."})
+    checkpoints_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most this many checkpoint-N folders; older ones are deleted (default: keep all)."},
+    )
     resume: str | None = field(
         default=None, metadata={"help": "A checkpoint-N folder to continue from, or 'latest' (newest in --out)."}
     )
@@ -137,7 +170,25 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute UNet/encoder activations in backward: less memory, slower."}
     )
-    log_every: int = field(default=1, metadata={"help": "Write the loss to loss.csv (and TensorBoard) every N steps."})
+    log_every: int = field(default=1, metadata={"help": "Write the loss to loss.csv (and the trackers) every N steps."})
+    report_to: str = field(
+        default="auto",
+        metadata={
+            "help": "Experiment trackers (Accelerate's): 'tensorboard', 'wandb', 'comet_ml', 'mlflow', ... or a comma "
+            "list, 'all' (every one installed), 'none', or 'auto' (tensorboard when installed, else none). Logs go "
+            "under <out>/trackers."
+        },
+    )
+    validation_prompts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Prompts drawn without and with the prefix from the same seed (DDIM 20, CFG 7) into "
+            "<out>/validation/step-N.png (a row per prompt: without | with); give a name and a scene."
+        },
+    )
+    validation_every: int = field(
+        default=0, metadata={"help": "Draw the validation prompts every N steps as well as at the end (0 = end only)."}
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -151,6 +202,15 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (
+                self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+                f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}",
+            ),
+            (self.validation_every >= 0, f"validation_every must be >= 0, got {self.validation_every}"),
+            (
+                not (self.validation_every and not self.validation_prompts),
+                "validation_every needs validation_prompts (--validation-prompts 'a photo of <Name>' 'a red cube')",
+            ),
             (
                 self.lr_schedule in ("constant", "cosine"),
                 f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
@@ -170,6 +230,7 @@ class TrainConfig:
             (self.identity_push >= 0, f"identity_push must be >= 0, got {self.identity_push}"),
             (self.attribute_boost >= 0, f"attribute_boost must be >= 0, got {self.attribute_boost}"),
             (self.text_match >= 0, f"text_match must be >= 0, got {self.text_match}"),
+            (self.name_direction >= 0, f"name_direction must be >= 0, got {self.name_direction}"),
             (
                 not (self.text_match and self.c2 == "empty"),
                 "text_match needs c2='attribute' (an empty target has no description to encode like)",
@@ -204,9 +265,12 @@ class TrainConfig:
 
     def recipe(self) -> dict:
         """The settings that made a prefix, for its model card (folders by name only, run bookkeeping left out)."""
-        skip = {"out", "resume", "resume_with_new_settings", "checkpoint_every", "log_every"}
-        recipe = {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
+        recipe = {k: v for k, v in asdict(self).items() if k not in BOOKKEEPING and v is not None}
         recipe["base"], recipe["data"] = Path(self.base).name, Path(self.data).name
+        if self.also_through:
+            recipe["also_through"] = [Path(folder).name for folder in self.also_through]
+        else:
+            del recipe["also_through"]  # recipes from before the option read the same
         return recipe
 
     def differences(self, saved: dict) -> list[str]:
@@ -223,6 +287,8 @@ class TrainConfig:
             old = saved[name]
             if name in ("base", "data"):  # the same folder written two ways
                 value, old = str(Path(value).resolve()), str(Path(str(old)).resolve())
+            elif name == "also_through" and isinstance(old, list):
+                value, old = [str(Path(v).resolve()) for v in value], [str(Path(str(v)).resolve()) for v in old]
             if value != old:
                 changed.append(f"{name} ({saved[name]!r} -> {mine[name]!r})")
         return changed

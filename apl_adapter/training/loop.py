@@ -16,7 +16,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,11 +29,12 @@ from ..errors import APLAdapterError
 from ..model import prefix_parameters
 from ..progress import batches
 from ..serialization import save_adapter
-from .base_model import FrozenParts, check_base_folder, load_frozen_parts
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .base_model import FrozenParts, check_base_folder, load_frozen_parts, load_frozen_unet, unet_subfolder
+from .checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import DataFormatError, Example, load_images, name_and_description, read_metadata
 from .objective import apl_loss, noisy_latents
+from .validation import save_validation, validation_grid
 
 LOSS_LOG_NAME = "loss.csv"
 ADAPTER_DIR = "adapter"
@@ -152,12 +153,34 @@ def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
         )
 
 
-def _open_tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+def trackers(report_to: str) -> list[str]:
+    """The Accelerate trackers ``--report-to`` asks for, each installed (else a clear error naming the package)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    if report_to == "none":
+        return []
+    if report_to == "auto":
+        return ["tensorboard"] if "tensorboard" in available else []
+    if report_to == "all":
+        return available
+    known = [t.value for t in LoggerType if t.value != "all"]
+    wanted = [name.strip() for name in report_to.split(",") if name.strip()]
+    for name in wanted:
+        if name not in known:
+            raise APLAdapterError(f"--report-to {name}: not an Accelerate tracker; choose from {', '.join(known)}.")
+        if name not in available:
+            raise APLAdapterError(
+                f"--report-to {name}: the {name} package is not installed. Install it (pip install {name}) or pass "
+                "--report-to none."
+            )
+    return wanted
+
+
+def _tracker_config(config: TrainConfig) -> dict:
+    """Trackers take scalars and strings (TensorBoard's hparams refuse lists)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()}
 
 
 def _read_loss_log(path: Path, up_to: int) -> list[tuple[int, float]]:
@@ -224,9 +247,12 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     ```
     """
     started = time.perf_counter()
-    accelerator = accelerator or _new_accelerator(config.mixed_precision)
     out = Path(config.out)
+    log_with = trackers(config.report_to)  # a missing tracker package is an error before any loading
+    accelerator = accelerator or _new_accelerator(config.mixed_precision, log_with, out / "trackers")
     check_base_folder(config.base)
+    for folder in config.also_through:
+        unet_subfolder(folder)
     check_run_folder(config, out)
     examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
     parts = load_frozen_parts(config.base)
@@ -247,10 +273,12 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     )
     text_encoder.eval()  # CLIP has no dropout by default; eval keeps it deterministic if a config adds some
     prefix = prefix_parameters(text_encoder)
-    unet = parts.unet.to(accelerator.device)
+    unets = [parts.unet] + [load_frozen_unet(folder, parts.unet) for folder in config.also_through]
+    unets = [unet.to(accelerator.device) for unet in unets]
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers checkpoints only in training mode; the SD UNet has no dropout
+        for unet in unets:
+            unet.enable_gradient_checkpointing()
+            unet.train()  # diffusers checkpoints only in training mode; the SD UNet has no dropout
         text_encoder.base_model.model.gradient_checkpointing_enable()
         text_encoder.base_model.model.train()
     optimizer = torch.optim.Adam(list(prefix.values()), lr=config.lr)
@@ -262,11 +290,10 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     encode, optimizer = accelerator.prepare(text_encoder, optimizer)
 
     losses = _read_loss_log(out / LOSS_LOG_NAME, start_step) if accelerator.is_main_process else []
-    writer = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "train_config.json")
-        writer = _open_tensorboard(out)
+    accelerator.init_trackers("apl-train", config=_tracker_config(config))
     num_train_timesteps = parts.noise_scheduler.config.num_train_timesteps
     empty_ids = tokenize(parts.tokenizer, [""]).to(accelerator.device)
     progress = tqdm(
@@ -286,12 +313,15 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
         )
         with accelerator.autocast():
             noisy = noisy_latents(parts.noise_scheduler, latents, noise, timesteps)
-            loss = apl_loss(
-                unet, text_encoder, noisy, timesteps, c1_ids, c2_ids, encode=encode,
-                loss_space=config.loss_space, alphas_cumprod=parts.noise_scheduler.alphas_cumprod,
-                push=config.identity_push, push_ids=push_ids, boost=config.attribute_boost, empty_ids=empty_ids,
-                text_match=config.text_match,
-            )  # fmt: skip
+            loss = sum(
+                apl_loss(
+                    unet, text_encoder, noisy, timesteps, c1_ids, c2_ids, encode=encode,
+                    loss_space=config.loss_space, alphas_cumprod=parts.noise_scheduler.alphas_cumprod,
+                    push=config.identity_push, push_ids=push_ids, boost=config.attribute_boost, empty_ids=empty_ids,
+                    text_match=config.text_match, direction=config.name_direction,
+                )
+                for unet in unets
+            ) / len(unets)  # fmt: skip
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -302,25 +332,28 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                 raise APLAdapterError(f"The loss became {loss_value} at step {done}; lower --lr or use fp32.")
             losses.append((done, loss_value))
             progress.set_postfix(loss=f"{loss_value:.4g}")
-            if writer is not None:
-                writer.add_scalar("loss", loss_value, done)
+            accelerator.log({"loss": loss_value, "lr": learning_rate(config, step)}, step=done)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(accelerator, text_encoder, optimizer, done, out, losses)
+            _save_checkpoint(accelerator, text_encoder, optimizer, done, out, losses, config.checkpoints_total_limit)
+        if config.validation_every and done % config.validation_every == 0 and done < config.steps:
+            _validate(accelerator, parts, text_encoder, config, done)
     progress.close()
     accelerator.wait_for_everyone()
     adapter_dir = out / ADAPTER_DIR
+    if config.validation_prompts:
+        _validate(accelerator, parts, text_encoder, config, config.steps)
+    _save_checkpoint(accelerator, text_encoder, optimizer, config.steps, out, losses, config.checkpoints_total_limit)
     if accelerator.is_main_process:
-        _save_checkpoint(accelerator, text_encoder, optimizer, config.steps, out, losses)
         save_adapter(text_encoder, adapter_dir, recipe=config.recipe())
-        if writer is not None:
-            writer.close()
+    accelerator.end_training()
     accelerator.wait_for_everyone()
     if config.gradient_checkpointing:
-        unet.eval()
+        for unet in unets:
+            unet.eval()
     return TrainResult(adapter_dir, config.steps, loss_value, time.perf_counter() - started, losses)
 
 
-def _new_accelerator(mixed_precision: str) -> Accelerator:
+def _new_accelerator(mixed_precision: str, log_with: list[str] | None = None, logging_dir: Path | None = None):
     """An Accelerator for this run. Accelerate keeps one global state per process and refuses a second run
     (in the same notebook or test session) with another precision; the per-run part of that state is reset,
     the process group (``PartialState``, set by ``accelerate launch``) is kept."""
@@ -328,12 +361,23 @@ def _new_accelerator(mixed_precision: str) -> Accelerator:
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, log_with=log_with or None, project_dir=logging_dir)
 
 
-def _save_checkpoint(accelerator, text_encoder, optimizer, step: int, out: Path, losses) -> None:
+def _save_checkpoint(accelerator, text_encoder, optimizer, step: int, out: Path, losses, keep: int | None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(text_encoder, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, step, out)
+        if keep is not None:
+            prune_checkpoints(out, keep)
         _write_loss_log(out / LOSS_LOG_NAME, losses)
+    accelerator.wait_for_everyone()
+
+
+def _validate(accelerator, parts: FrozenParts, text_encoder, config: TrainConfig, step: int) -> None:
+    """Draw the validation prompts without and with the prefix (main process) into <out>/validation/step-N.png."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        grid = validation_grid(parts, text_encoder, config.validation_prompts, seed=config.seed)
+        save_validation(grid, config.out, step)
     accelerator.wait_for_everyone()

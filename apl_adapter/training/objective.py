@@ -46,6 +46,7 @@ def apl_loss(
     boost: float = 0.0,
     empty_ids: torch.Tensor | None = None,
     text_match: float = 0.0,
+    direction: float = 0.0,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -68,6 +69,12 @@ def apl_loss(
         text_match: ``lambda`` of a term on the text encoder's output alone, ``lambda * mean ||tau([AP] + c1) -
             tau(c2)||^2`` over the identity rows (0 = the paper): it asks the prefixed name to *encode* like its
             description, which no UNet is needed to judge (beyond the paper).
+        direction: ``lambda`` of a term on the name's own direction, ``lambda * mean (r - r*)^2`` over the identity rows
+            (0 = the paper): ``r = <eps([AP] + c1) - eps(c2), d> / ||d||^2`` is the share of the name's direction
+            ``d = eps(c1) - eps(c2)`` (``c1`` or ``push_ids``) that the prefixed prediction keeps, ``r* = -push`` the
+            share its target keeps. Per row it is a ratio, so a step at large t (small ``d``) counts as much as one at
+            small t: the eps loss lets the prefix keep most of ``d`` there, and CFG then multiplies it (beyond the
+            paper).
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -94,12 +101,15 @@ def apl_loss(
         target_states = text_encoder(c2_ids)[0]
         target = unet(noisy, timesteps, encoder_hidden_states=target_states).sample
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
-        if (push or boost) and bool(identity.any()):
+        name_direction = None
+        if (push or boost or direction) and bool(identity.any()):
             noisy_id, t_id, described = noisy[identity], timesteps[identity], target[identity]
             moved = described.clone()
-            if push:
+            if push or direction:
                 source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
                 plain = unet(noisy_id, t_id, encoder_hidden_states=text_encoder(source)[0]).sample
+                name_direction = (plain - described).float().flatten(1)
+            if push:
                 moved -= push * (plain - described)
             if boost:
                 if empty_ids is None:
@@ -121,4 +131,9 @@ def apl_loss(
     if text_match and bool(identity.any()):
         gap = (prefixed_states[identity].float() - target_states[identity].float()).square().mean()
         loss = loss + text_match * gap
+    if direction and name_direction is not None:
+        # target = described - push * d, so the target's share of d is -push
+        kept = ((prediction[identity].float() - target[identity].float()).flatten(1) * name_direction).sum(dim=1)
+        excess = kept / name_direction.square().sum(dim=1).clamp_min(1e-12)  # r - r*
+        loss = loss + direction * excess.square().mean()
     return loss
