@@ -30,6 +30,8 @@ def summary_of(recipe: dict) -> str:
     parts = [f"{recipe['prefix_depth']} prefix (m = {recipe['prefix_len']})"]
     if recipe.get("identity_push"):
         parts.append(f"identity push {recipe['identity_push']:g}")
+    if recipe.get("name_direction"):
+        parts.append(f"name direction {recipe['name_direction']:g}")
     if recipe.get("attribute_boost"):
         parts.append(f"attribute boost {recipe['attribute_boost']:g}")
     parts.append(f"{recipe['steps']} steps at lr {recipe['lr']:g}, batch {recipe['batch_size']}")

@@ -244,6 +244,14 @@ def lookalike_fine_features(
     raise ValueError(f"no look-alike of {person.name} is >= 2 away from every person; the world is too dense")
 
 
+def style_bank(world: WorldSpec, config: BuildConfig, style: str, seed: int) -> Bank:
+    """A style fine-tune's renders (sibling, auxiliary): the seen and unseen people, strangers and scenes, a third
+    of the base bank's counts each."""
+    people = world.seen + world.unseen
+    third = (config.faces_per_person // 3, config.strangers // 3, config.scenes // 3)
+    return render_bank(world, people, *third, seed, style=style)
+
+
 def render_lookalikes(world: WorldSpec, per_person: int, seed: int, style: str = "base") -> Bank:
     """Strangers labelled as strangers who share a person's coarse attributes and most of their fine features."""
     rng = random.Random(seed)
@@ -651,15 +659,7 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
             world, people, config.faces_per_person, config.strangers, config.scenes, seed + SEEDS.base_renders
         )
         late = render_bank(world, world.late, config.late_faces_per_person, 0, 0, seed + SEEDS.late_renders)
-        sib = render_bank(
-            world,
-            world.seen + world.unseen,
-            config.faces_per_person // 3,
-            config.strangers // 3,
-            config.scenes // 3,
-            seed + SEEDS.sibling_renders,
-            style="sibling",
-        )
+        sib = style_bank(world, config, "sibling", seed + SEEDS.sibling_renders)
         log(f"rendered {len(base) + len(late) + len(sib)} training images in {time.time() - t0:.0f}s")
         return base, late, sib
 
@@ -729,15 +729,7 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
 
     if "auxiliary" in config.stages:
         t0 = time.time()
-        aux_bank = render_bank(
-            world,
-            world.seen + world.unseen,
-            config.faces_per_person // 3,
-            config.strangers // 3,
-            config.scenes // 3,
-            seed + SEEDS.auxiliary_renders,
-            style="cool",
-        )
+        aux_bank = style_bank(world, config, "cool", seed + SEEDS.auxiliary_renders)
         aux_latents = LatentSet(*encode_latents(vae, aux_bank.images), aux_bank)
         finetune_unet(
             config, world, out, "auxiliary", mix_groups(aux_latents, config.mix), config.sibling_steps,
