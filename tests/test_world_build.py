@@ -147,3 +147,12 @@ def test_lookalike_strangers_share_a_persons_attributes_and_are_nobody():
     assert bool((bank.kind == KIND_STRANGER).all()) and bool((bank.identity == -1).all())
     first = world.identities[0]
     assert bank.attributes[0].tolist() == [ATTRIBUTE_VALUES[k].index(first.attributes[k]) for k in ATTRIBUTE_VALUES]
+
+
+def test_a_later_stage_runs_alone_on_a_built_world(toy_build):
+    """--stages auxiliary on a world built elsewhere: no VAE in the fresh --work, so the built model's own is used."""
+    root, _, _ = toy_build
+    (root / "out" / "auxiliary" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    card = build_world(_toy_config(("auxiliary",)), root / "out", root / "fresh-work", log=lambda _: None)
+    assert not (root / "fresh-work" / "vae").exists() and "auxiliary" in card["timings_s"]
+    assert isinstance(load_world_pipeline("auxiliary", root / "out"), StableDiffusionPipeline)

@@ -673,7 +673,9 @@ def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str],
         with atomic_folder(work / "vae", replace=True) as staging:
             vae.save_pretrained(staging)
         timings["vae"] = time.time() - t0
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    # a later stage run alone (e.g. --stages auxiliary on the shipped world) encodes with the built model's VAE
+    vae_dir = work / "vae" if (work / "vae").is_dir() else out / "base" / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
 
     if "recognizer" in config.stages:
         t0 = time.time()

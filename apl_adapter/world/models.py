@@ -138,9 +138,9 @@ def model_path(kind: str = "base", assets: str | os.PathLike | None = None) -> P
     path = Path(assets or ASSETS) / kind
     if not (path / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(
-            f"world model {kind!r} not found under {path}. Fix: run `apl-world build`"
+            f"world model {kind!r} not found under {path}. Fix: run `apl-world build"
             + (" --stages auxiliary" if kind == "auxiliary" else "")
-            + " (or pass --assets to the folder a build wrote)."
+            + "` (or pass --assets to the folder a build wrote)."
         )
     return path
 
