@@ -13,7 +13,7 @@ from PIL import Image
 
 from apl_adapter.bench.cli import main
 from apl_adapter.bench.protocol import Person, attribute_agreement, fall_ratio, paired_change, pixel_change
-from apl_adapter.bench.report import goals, strip_images, to_markdown, write_report
+from apl_adapter.bench.report import compare_markdown, goals, strip_images, to_markdown, write_report
 from apl_adapter.bench.templates import read_templates, robustness_templates
 from apl_adapter.bench.world import pick_scenes, read_identity_list, templates_in_training_data
 from apl_adapter.errors import APLAdapterError
@@ -268,3 +268,15 @@ def test_scenes_are_kept_only_when_the_interval_stays_above_minus_4_points():
     assert not met(scenes(lost=3, gained=2, n=48))  # -2.1 points, interval far below -4
     assert not met(scenes(lost=3, gained=1, n=96))  # -2.1 points: the point estimate alone misses
     assert not met(scenes(lost=16, gained=3, n=384))  # -3.4 points
+
+
+def test_compared_reports_give_the_scene_change_with_its_sign_and_interval():
+    def scenes(drop: float, ci: tuple[float, float]) -> dict:
+        paired = {"change_ci95_points": list(ci), "lost": 1, "gained": 1, "mcnemar_p": 1.0}
+        return {"scenes": {"num_images": 768, "accuracy_drop_points": drop, "paired": paired,
+                           "base": {"scene_accuracy": 0.9}, "apl": {"scene_accuracy": 0.9 - drop / 100}}}  # fmt: skip
+
+    reports = {"a": {"sections": scenes(0.0, (-1.4, 1.4))}, "b": {"sections": scenes(3.5, (-5.8, -1.2))}}
+    table = compare_markdown(reports)
+    row = next(line for line in table.splitlines() if line.startswith("| scenes, base model"))
+    assert "| +0.0 pts [-1.4, +1.4] yes | -3.5 pts [-5.8, -1.2] **no** |" in row  # no drop is not "-0.0"

@@ -241,9 +241,8 @@ def _compare_rows():
                 return None
             s, row = sections[name], _scene_row(sections[name], "")
             low, high = s["paired"]["change_ci95_points"]
-            return (
-                f"{-s['accuracy_drop_points']:+.1f} pts [{low:+.1f}, {high:+.1f}] {'yes' if row['met'] else '**no**'}"
-            )
+            change = 0.0 - s["accuracy_drop_points"]  # not -drop: no drop would print as "-0.0"
+            return f"{change:+.1f} pts [{low:+.1f}, {high:+.1f}] {'yes' if row['met'] else '**no**'}"
 
         return cell
 
