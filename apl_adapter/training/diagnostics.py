@@ -44,6 +44,7 @@ from ..errors import APLAdapterError
 from .base_model import load_frozen_parts
 from .data import read_metadata
 from .loop import encode_data
+from .objective import name_share
 
 
 @dataclass
@@ -169,9 +170,7 @@ def eps_gap_by_timestep(
                 eps_prefixed = eps(noisy, t, prefixed)
                 row.gap_with = F.mse_loss(eps_prefixed, target).item()
                 if kind == "identity":
-                    d = (eps_plain - target).flatten(1)
-                    share = ((eps_prefixed - target).flatten(1) * d).sum(1) / d.square().sum(1).clamp_min(1e-12)
-                    row.name_share = share.median().item()
+                    row.name_share = name_share(eps_prefixed - target, eps_plain - target).median().item()
                 if split:
                     halves = split_prefixed_states(prefixed, plain, prefix_len)
                     row.gap_prefix_states = F.mse_loss(eps(noisy, t, halves["prefix_states"]), target).item()

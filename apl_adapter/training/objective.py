@@ -26,6 +26,18 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 
+def name_share(residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Per row ``<residual, direction> / ||direction||^2`` (rows flattened): the share of ``direction`` in
+    ``residual``. With ``residual = eps([AP] + c1) - eps(c2)`` and ``direction = eps(c1) - eps(c2)`` it is how much of
+    the name's own direction a prefixed prediction keeps (the diagnostics' "name share kept").
+
+    >>> name_share(torch.tensor([[2.0, 1.0]]), torch.tensor([[4.0, 0.0]]))
+    tensor([0.5000])
+    """
+    residual, direction = residual.float().flatten(1), direction.float().flatten(1)
+    return (residual * direction).sum(dim=1) / direction.square().sum(dim=1).clamp_min(1e-12)
+
+
 def noisy_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``z_t`` ``(B, C, h, w)`` from ``z0`` ``(B, C, h, w)``, noise of the same shape and ``t`` ``(B,)``."""
     return scheduler.add_noise(latents, noise, timesteps)
@@ -108,7 +120,7 @@ def apl_loss(
             if push or direction:
                 source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
                 plain = unet(noisy_id, t_id, encoder_hidden_states=text_encoder(source)[0]).sample
-                name_direction = (plain - described).float().flatten(1)
+                name_direction = plain - described
             if push:
                 moved -= push * (plain - described)
             if boost:
@@ -133,7 +145,6 @@ def apl_loss(
         loss = loss + text_match * gap
     if direction and name_direction is not None:
         # target = described - push * d, so the target's share of d is -push
-        kept = ((prediction[identity].float() - target[identity].float()).flatten(1) * name_direction).sum(dim=1)
-        excess = kept / name_direction.square().sum(dim=1).clamp_min(1e-12)  # r - r*
+        excess = name_share(prediction[identity] - target[identity], name_direction)  # r - r*
         loss = loss + direction * excess.square().mean()
     return loss

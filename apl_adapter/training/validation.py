@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -64,17 +65,15 @@ def validation_grid(
     # a throwaway pipeline: apply_apl changes only its encode_prompt; the live prefix, no cache to go stale
     prefixed = apply_apl(StableDiffusionPipeline(**components), text_encoder, use_prefix_cache=False)
     settings = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    for pipe in (plain, prefixed):
+        pipe.set_progress_bar_config(disable=True)
     cells = []
     for k, prompt in enumerate(prompts):
-        for pipe, disabled in ((plain, True), (prefixed, False)):
-            pipe.set_progress_bar_config(disable=True)
-            generator = torch.Generator(device="cpu").manual_seed(seed + k)
-            if disabled:
-                with text_encoder.disable_adapter():
-                    image = pipe(prompt, generator=generator, **settings).images[0]
-            else:
-                image = pipe(prompt, generator=generator, **settings).images[0]
-            cells.append(image)
+        # the plain pipeline shares the encoder that carries the prefix: switch the prefix off for it
+        for pipe, switch in ((plain, text_encoder.disable_adapter), (prefixed, contextlib.nullcontext)):
+            with switch():
+                generator = torch.Generator(device="cpu").manual_seed(seed + k)
+                cells.append(pipe(prompt, generator=generator, **settings).images[0])
     scale = max(1, -(-MIN_CELL // cells[0].width))
     cells = [cell.resize((cell.width * scale, cell.height * scale), Image.NEAREST) for cell in cells]
     return make_image_grid(cells, rows=len(prompts), cols=2)
