@@ -18,10 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from apl_adapter import APLConfig
+from apl_adapter.errors import APLAdapterError
 from apl_adapter.testing import tiny_sd_pipeline, tiny_unet
 from apl_adapter.training import TrainConfig, apl_loss, train
 from apl_adapter.training.data import write_data_folder
-from apl_adapter.training.loop import learning_rate, tokenize
+from apl_adapter.training.loop import lr_scheduler, tokenize
 from apl_adapter.training.objective import noisy_latents
 
 from .reference import reference_encode
@@ -241,13 +242,38 @@ def test_interrupted_cosine_run_resumes_on_its_schedule(base_folder, data_folder
     torch.testing.assert_close(_prefix(resumed.adapter_dir), _prefix(full.adapter_dir), rtol=0, atol=1e-6)
 
 
+def _rates(config: TrainConfig, start_step: int = 0) -> list[float]:
+    """The learning rate of every step from ``start_step`` on, as the training loop steps its schedule."""
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    schedule = lr_scheduler(config, optimizer, start_step)
+    rates = []
+    for _ in range(start_step, config.steps):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
 def test_cosine_schedule_decays_from_lr_to_zero_and_changes_the_result(base_folder, data_folder, tmp_path):
     config = TrainConfig(base="b", data="d", out="o", steps=10, lr=1e-2, lr_schedule="cosine")
-    rates = [learning_rate(config, step) for step in range(10)]
+    rates = _rates(config)
     assert rates[0] == pytest.approx(1e-2) and rates[5] == pytest.approx(5e-3)
     assert rates[9] == pytest.approx(5e-3 * (1 + math.cos(0.9 * math.pi)))
     assert all(a > b for a, b in itertools.pairwise(rates))
-    assert learning_rate(TrainConfig(base="b", data="d", out="o", steps=10, lr=1e-2), 9) == 1e-2
+    assert _rates(config, start_step=6) == pytest.approx(rates[6:])  # a resumed run is placed on its schedule
+    assert _rates(TrainConfig(base="b", data="d", out="o", steps=10, lr=1e-2)) == pytest.approx([1e-2] * 10)
+    warm = _rates(
+        TrainConfig(
+            base="b", data="d", out="o", steps=10, lr=1e-2, lr_schedule="constant_with_warmup", lr_warmup_steps=4
+        )
+    )
+    assert warm[:5] == pytest.approx([0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2]) and warm[9] == pytest.approx(1e-2)
+    with pytest.raises(APLAdapterError, match="lr_warmup_steps"):
+        TrainConfig(base="b", data="d", out="o", steps=10, lr_schedule="cosine", lr_warmup_steps=10)
+    with pytest.raises(APLAdapterError, match="constant_with_warmup"):  # 'constant' has no warm-up: not a no-op
+        TrainConfig(base="b", data="d", out="o", steps=10, lr_warmup_steps=2)
+    with pytest.raises(APLAdapterError, match="lr_schedule must be one of"):
+        TrainConfig(base="b", data="d", out="o", lr_schedule="cyclic")
     common = {"base": str(base_folder), "data": str(data_folder), "batch_size": 2, "lr": 1e-2, "steps": 4}
     constant = train(TrainConfig(out=str(tmp_path / "constant"), **common), show_progress=False)
     cosine = train(TrainConfig(out=str(tmp_path / "cosine"), lr_schedule="cosine", **common), show_progress=False)

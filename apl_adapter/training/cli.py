@@ -12,7 +12,7 @@ import textwrap
 from ..console import add_common_options, command_settings_of
 from ..errors import check_at_least, run_cli
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
-from .config import TrainConfig
+from .config import LR_SCHEDULES, TrainConfig
 
 DESCRIPTION = textwrap.dedent(
     """\
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help=helps["out"])
     parser.add_argument("--steps", type=int, default=1000, help=helps["steps"] + " Default: 1000.")
     parser.add_argument("--lr", type=float, default=1e-3, help=helps["lr"])
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help=helps["lr_schedule"])
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help=helps["lr_schedule"])
+    parser.add_argument("--lr-warmup-steps", type=int, default=0, help=helps["lr_warmup_steps"])
     parser.add_argument("--prefix-len", type=int, default=10, help=helps["prefix_len"])
     parser.add_argument(
         "--prefix-init",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from ..errors import APLAdapterError
 
 #: settings a resumed run may change (``TrainConfig.differences`` ignores them)
+LRSchedule = Literal["constant", "cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
+#: diffusers' schedules that need nothing beyond warm-up and the step count ('piecewise_constant' needs rules)
+LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 RESUMABLE_CHANGES = frozenset(
     {
         "out", "steps", "resume", "resume_with_new_settings", "checkpoint_every", "checkpoints_total_limit",
@@ -43,9 +46,17 @@ class TrainConfig:
     out: str = field(metadata={"help": "Run folder: adapter/ (final), checkpoint-N/, loss.csv, train_config.json."})
     steps: int = field(default=1000, metadata={"help": "Optimizer steps in total (a resumed run continues to this)."})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (the paper: 1e-3)."})
-    lr_schedule: Literal["constant", "cosine"] = field(
+    lr_schedule: LRSchedule = field(
         default="constant",
-        metadata={"help": "'constant' (the paper) or 'cosine': decay from lr to 0 at the last step."},
+        metadata={
+            "help": "diffusers' learning-rate schedule over --steps (diffusers.optimization.get_scheduler): 'constant' "
+            "(the paper), 'cosine' (decay from lr to 0 at the last step), 'linear', 'constant_with_warmup', "
+            "'cosine_with_restarts', 'polynomial'."
+        },
+    )
+    lr_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Steps of linear warm-up from 0 to lr at the start of the schedule (0 = none, the paper)."},
     )
     prefix_len: int = field(default=10, metadata={"help": "Prefix length m (the paper: 10)."})
     prefix_init: Literal["random_uniform", "text", "vocab"] = field(
@@ -212,8 +223,16 @@ class TrainConfig:
                 "validation_every needs validation_prompts (--validation-prompts 'a photo of <Name>' 'a red cube')",
             ),
             (
-                self.lr_schedule in ("constant", "cosine"),
-                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+            ),
+            (
+                0 <= self.lr_warmup_steps < self.steps,
+                f"lr_warmup_steps must be in [0, steps), got {self.lr_warmup_steps} with steps={self.steps}",
+            ),
+            (
+                not (self.lr_warmup_steps and self.lr_schedule == "constant"),
+                "'constant' has no warm-up: use --lr-schedule constant_with_warmup (or another) with --lr-warmup-steps",
             ),
             (
                 self.prefix_init != "text" or bool(self.prefix_init_text),

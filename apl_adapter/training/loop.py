@@ -133,11 +133,19 @@ def draw_batch(
     return latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows], data.push_ids[rows]
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """The learning rate of step ``step`` (0-based) under ``config.lr_schedule``."""
-    if config.lr_schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
-    return config.lr
+def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, start_step: int = 0):
+    """diffusers' schedule ``config.lr_schedule`` over ``config.steps``, placed at ``start_step`` (a resumed run
+    follows the schedule it was started on, which is a function of the step alone). Step it after each
+    ``optimizer.step()``; the learning rate of step ``k`` (0-based) is ``lr`` times the schedule at ``k``.
+    """
+    from diffusers.optimization import get_scheduler
+
+    for group in optimizer.param_groups:  # LambdaLR scales from each group's initial_lr when it does not start at 0
+        group.setdefault("initial_lr", config.lr)
+    return get_scheduler(
+        config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps,
+        last_epoch=start_step - 1,
+    )  # fmt: skip
 
 
 def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
@@ -287,6 +295,8 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
         start_step = load_checkpoint(find_checkpoint(config.resume, out), prefix, optimizer)
         if start_step > config.steps:
             raise APLAdapterError(f"Checkpoint is at step {start_step}, past --steps {config.steps}; raise --steps.")
+    # built on the plain optimizer and not prepared: Accelerate would step a prepared one once per process
+    schedule = lr_scheduler(config, optimizer, start_step)
     encode, optimizer = accelerator.prepare(text_encoder, optimizer)
 
     losses = _read_loss_log(out / LOSS_LOG_NAME, start_step) if accelerator.is_main_process else []
@@ -305,8 +315,6 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     )
     loss_value = math.nan
     for step in progress:
-        for group in optimizer.param_groups:  # a function of the step alone, so a resumed run follows it exactly
-            group["lr"] = learning_rate(config, step)
         latents, noise, timesteps, c1_ids, c2_ids, push_ids = (
             tensor.to(accelerator.device)
             for tensor in draw_batch(data, config, step, accelerator.process_index, num_train_timesteps)
@@ -325,6 +333,8 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        learning_rate = schedule.get_last_lr()[0]  # this step's rate, before the schedule moves on
+        schedule.step()
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             loss_value = accelerator.gather(loss.detach()[None]).mean().item()
@@ -332,7 +342,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                 raise APLAdapterError(f"The loss became {loss_value} at step {done}; lower --lr or use fp32.")
             losses.append((done, loss_value))
             progress.set_postfix(loss=f"{loss_value:.4g}")
-            accelerator.log({"loss": loss_value, "lr": learning_rate(config, step)}, step=done)
+            accelerator.log({"loss": loss_value, "lr": learning_rate}, step=done)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             _save_checkpoint(accelerator, text_encoder, optimizer, done, out, losses, config.checkpoints_total_limit)
         if config.validation_every and done % config.validation_every == 0 and done < config.steps:
