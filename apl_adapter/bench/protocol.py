@@ -201,26 +201,54 @@ def paired_change(before: Sequence[bool], after: Sequence[bool]) -> dict:
     95% interval of the accuracy change.
 
     Only discordant pairs carry information about the change; under "no effect" each one is a fair
-    coin, so ``p`` is the two-sided binomial tail of ``min(lost, gained)`` in ``lost + gained`` tosses.
+    coin, so ``p`` is the exact two-sided binomial test of ``lost`` in ``lost + gained`` tosses (scipy).
     A few points of accuracy over ~100 prompts are often within that noise; ``p`` says when they are not.
-    ``change_ci95_points`` is the normal-approximation interval of ``after - before`` accuracy for paired
-    proportions, in points: how far the measured change could be from the true one (so whether a goal such as
-    "at most 2 points lost" is met, not only whether anything changed).
+    ``change_ci95_points`` is Newcombe's interval for the difference of paired proportions (his method 10,
+    from the two Wilson score intervals: :func:`paired_difference_interval`), ``after - before`` in points: how
+    far the measured change could be from the true one (so whether a goal such as "at most 2 points lost" is
+    met, not only whether anything changed). Unlike the normal approximation it stays inside [-100, 100] and
+    keeps its coverage with few discordant pairs.
 
     >>> paired_change([True, True, True, False], [False, True, True, True])
-    {'lost': 1, 'gained': 1, 'mcnemar_p': 1.0, 'change_ci95_points': [-69.3, 69.3]}
+    {'lost': 1, 'gained': 1, 'mcnemar_p': 1.0, 'change_ci95_points': [-55.2, 55.2]}
     """
+    from scipy.stats import binomtest
+
     if len(before) != len(after):
         raise ValueError(f"paired_change needs one 'after' per 'before': got {len(before)} and {len(after)}")
     lost = sum(b and not a for b, a in zip(before, after))
     gained = sum(a and not b for b, a in zip(before, after))
+    both = sum(b and a for b, a in zip(before, after))
     tosses = lost + gained
-    tail = sum(math.comb(tosses, k) for k in range(min(lost, gained) + 1)) / 2**tosses
-    n = max(len(before), 1)
-    change = (gained - lost) / n
-    half = 1.96 * math.sqrt(max(tosses / n - change**2, 0.0) / n)
-    interval = [round(100 * (change - half), 1), round(100 * (change + half), 1)]
-    return {"lost": lost, "gained": gained, "mcnemar_p": min(1.0, 2 * tail), "change_ci95_points": interval}
+    p_value = binomtest(lost, tosses, 0.5).pvalue if tosses else 1.0
+    low, high = paired_difference_interval(both, lost, gained, len(before) - both - lost - gained)
+    interval = [round(100 * low, 1), round(100 * high, 1)]
+    return {"lost": lost, "gained": gained, "mcnemar_p": float(p_value), "change_ci95_points": interval}
+
+
+def paired_difference_interval(both: int, lost: int, gained: int, neither: int) -> tuple[float, float]:
+    """Newcombe's 95% interval (Statistics in Medicine 17:2635, 1998, method 10) for ``p_after - p_before`` of
+    paired binary outcomes: ``both`` right before and after, ``lost`` right only before, ``gained`` right only
+    after, ``neither``. It joins the Wilson score intervals of the two proportions, corrected by their correlation.
+    """
+    from scipy.stats import binomtest
+
+    n = both + lost + gained + neither
+    if n == 0:
+        return (-1.0, 1.0)
+    p1, p2 = (both + lost) / n, (both + gained) / n
+
+    def wilson(successes: int) -> tuple[float, float]:
+        bounds = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+        return bounds.low, bounds.high
+
+    l1, u1 = wilson(both + lost)
+    l2, u2 = wilson(both + gained)
+    margins = (both + lost) * (gained + neither) * (both + gained) * (lost + neither)
+    phi = (both * neither - lost * gained) / math.sqrt(margins) if margins else 0.0
+    below = math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+    above = math.sqrt(max((u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2, 0.0))
+    return (p2 - p1 - below, p2 - p1 + above)
 
 
 def fall_ratio(before: float, after: float) -> float:

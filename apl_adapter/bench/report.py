@@ -101,7 +101,7 @@ def _scene_row(scenes: dict, model: str) -> dict:
 
 
 def _paired(section: dict) -> str:
-    """``"; 16 lost, 3 gained, McNemar p = 0.0044, APL minus base 95% CI -11.1 to -2.4"`` (same-seed pairs)."""
+    """``"; 16 lost, 3 gained, McNemar p = 0.0044, APL minus base 95% CI -11.7 to -2.5"`` (same-seed pairs)."""
     paired = section.get("paired")
     if not paired:
         return ""
