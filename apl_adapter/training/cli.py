@@ -10,9 +10,10 @@ import sys
 import textwrap
 
 from ..console import add_common_options, command_settings_of
+from ..dataclass_args import add_dataclass_arguments
 from ..errors import check_at_least, run_cli
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
-from .config import LR_SCHEDULES, TrainConfig
+from .config import TrainConfig
 
 DESCRIPTION = textwrap.dedent(
     """\
@@ -54,55 +55,10 @@ EXAMPLES = textwrap.dedent(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    helps = {k: v.replace("%", "%%") for k, v in TrainConfig.help_texts().items()}  # argparse formats help with %
     parser = argparse.ArgumentParser(
         prog="apl-train", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--base", required=True, help=helps["base"])
-    parser.add_argument("--data", required=True, help=helps["data"])
-    parser.add_argument("--out", required=True, help=helps["out"])
-    parser.add_argument("--steps", type=int, default=1000, help=helps["steps"] + " Default: 1000.")
-    parser.add_argument("--lr", type=float, default=1e-3, help=helps["lr"])
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help=helps["lr_schedule"])
-    parser.add_argument("--lr-warmup-steps", type=int, default=0, help=helps["lr_warmup_steps"])
-    parser.add_argument("--prefix-len", type=int, default=10, help=helps["prefix_len"])
-    parser.add_argument(
-        "--prefix-init",
-        choices=["random_uniform", "text", "vocab"],
-        default="random_uniform",
-        help=helps["prefix_init"],
-    )
-    parser.add_argument("--prefix-init-text", default=None, help=helps["prefix_init_text"])
-    parser.add_argument("--prefix-depth", choices=["shallow", "deep"], default="shallow", help=helps["prefix_depth"])
-    parser.add_argument("--loss-space", choices=["eps", "v"], default="eps", help=helps["loss_space"])
-    parser.add_argument("--identity-push", type=float, default=0.0, help=helps["identity_push"])
-    parser.add_argument(
-        "--push-from", choices=["name", "name_and_description"], default="name", help=helps["push_from"]
-    )
-    parser.add_argument("--text-match", type=float, default=0.0, help=helps["text_match"])
-    parser.add_argument("--name-direction", type=float, default=0.0, help=helps["name_direction"])
-    parser.add_argument("--also-through", nargs="+", default=[], metavar="FOLDER", help=helps["also_through"])
-    parser.add_argument("--attribute-boost", type=float, default=0.0, help=helps["attribute_boost"])
-    parser.add_argument("--c2", choices=["attribute", "empty"], default="attribute", help=helps["c2"])
-    parser.add_argument("--identity-fraction", type=float, default=0.5, help=helps["identity_fraction"])
-    parser.add_argument("--batch-size", type=int, default=1, help=helps["batch_size"])
-    parser.add_argument("--seed", type=int, default=0, help=helps["seed"])
-    parser.add_argument("--checkpoint-every", type=int, default=0, help=helps["checkpoint_every"])
-    parser.add_argument("--checkpoints-total-limit", type=int, default=None, help=helps["checkpoints_total_limit"])
-    parser.add_argument("--resume", default=None, help=helps["resume"])
-    parser.add_argument("--resume-with-new-settings", action="store_true", help=helps["resume_with_new_settings"])
-    parser.add_argument("--resolution", type=int, default=None, help=helps["resolution"])
-    parser.add_argument("--latent-mode", choices=["sample", "mean"], default="sample", help=helps["latent_mode"])
-    parser.add_argument(
-        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help=helps["mixed_precision"]
-    )
-    parser.add_argument("--gradient-checkpointing", action="store_true", help=helps["gradient_checkpointing"])
-    parser.add_argument("--log-every", type=int, default=1, help=helps["log_every"])
-    parser.add_argument("--report-to", default="auto", help=helps["report_to"])
-    parser.add_argument(
-        "--validation-prompts", nargs="+", default=[], metavar="PROMPT", help=helps["validation_prompts"]
-    )
-    parser.add_argument("--validation-every", type=int, default=0, help=helps["validation_every"])
+    add_dataclass_arguments(parser, TrainConfig)  # every default, type and help text lives in TrainConfig
     add_common_options(parser)
     return parser
 

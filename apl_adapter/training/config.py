@@ -128,13 +128,14 @@ class TrainConfig:
     also_through: list[str] = field(
         default_factory=list,
         metadata={
+            "metavar": "FOLDER",
             "help": "Other UNets that share the base's text encoder (local diffusers folders with unet/, or UNet "
             "folders), to train through as well: the loss is the mean over the base UNet and these, each against its "
             "own targets, so the prefix meets more than one UNet (beyond the paper; each one adds a base UNet's cost "
             "to a step). Measured on the world (deep, push 0.3, seed 0, through the auxiliary model): no gain; the "
             "name share kept on the sibling at t >= 800 was 0.32 (0.28 and 0.42 without it, two training seeds) and "
             "transfer fell 3.3x, inside the 2.7-5.6x that training seeds alone give (experiments 2026-12-03-training-"
-            "variance)."
+            "variance).",
         },
     )
     attribute_boost: float = field(
@@ -193,8 +194,9 @@ class TrainConfig:
     validation_prompts: list[str] = field(
         default_factory=list,
         metadata={
+            "metavar": "PROMPT",
             "help": "Prompts drawn without and with the prefix from the same seed (DDIM 20, CFG 7) into "
-            "<out>/validation/step-N.png (a row per prompt: without | with); give a name and a scene."
+            "<out>/validation/step-N.png (a row per prompt: without | with); give a name and a scene.",
         },
     )
     validation_every: int = field(
