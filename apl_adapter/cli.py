@@ -9,8 +9,7 @@ import argparse
 import json
 import sys
 
-from .console import add_common_options, add_version_option
-from .errors import run_cli
+from .console import add_common_options, add_version_option, run_cli
 from .serialization import CONFIG_NAME, check_adapter_folder
 
 

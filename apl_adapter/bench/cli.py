@@ -6,8 +6,8 @@ import argparse
 import sys
 import textwrap
 
-from ..console import add_common_options, seed_list
-from ..errors import check_output_folder, run_cli
+from ..console import add_common_options, run_cli, seed_list
+from ..errors import check_output_folder
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .world import ALL_SCENES
 

@@ -9,8 +9,8 @@ import argparse
 import sys
 import textwrap
 
-from ..console import add_common_options, command_settings_of
-from ..errors import check_at_least, run_cli
+from ..console import add_common_options, command_settings_of, run_cli
+from ..errors import check_at_least
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .config import TrainConfig
 
