@@ -10,7 +10,7 @@ import json
 import sys
 
 from .console import add_common_options, add_version_option, run_cli
-from .serialization import CONFIG_NAME, check_adapter_folder
+from .tuners.apl.serialization import CONFIG_NAME, check_adapter_folder
 
 
 def _inspect(folder: str) -> dict:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
 
-    from ..serialization import check_adapter_folder
+    from ..tuners.apl.serialization import check_adapter_folder
     from .runner import run_bench
     from .world import world_bench_inputs
 

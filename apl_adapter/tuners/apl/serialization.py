@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .atomic import atomic_folder
-from .config import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS
-from .errors import APLAdapterError
+from ...atomic import atomic_folder
+from ...errors import APLAdapterError
+from ...model_card import pipeline_of, write_model_card
+from .constants import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS
+from .peft_type import PEFT_TYPE_NAME
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,7 +81,7 @@ def check_adapter_config(config: object, config_path: Path) -> None:
     if not isinstance(config, dict):
         raise refuse(f"the config is a JSON {type(config).__name__}, not an object")
     peft_type = config.get("peft_type")
-    if peft_type != "APL":
+    if peft_type != PEFT_TYPE_NAME:
         what = "has no peft_type" if peft_type is None else f"is a {peft_type!r} adapter"
         raise APLAdapterError(
             f"{config_path} {what}, not an APL prefix (peft_type 'APL'); apl-adapter loads APL adapters only. "
@@ -185,11 +187,7 @@ def save_adapter(model, save_directory: str | os.PathLike, recipe: dict | None =
         model.save_pretrained(str(staging), safe_serialization=True, **kwargs)
         folder = _adapter_dir(staging, kwargs)
         check_adapter_folder(folder)
-        from .model_card import write_model_card
-
         name = (kwargs.get("selected_adapters") or ["default"])[0]
-        from .model_card import pipeline_of
-
         encoder_path = getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None)
         write_model_card(folder, model.peft_config[name], recipe, base_model=pipeline_of(encoder_path))
     return target

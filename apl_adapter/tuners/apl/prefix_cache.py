@@ -6,8 +6,8 @@ those ``m + 1`` positions; each call then embeds only positions ``m+1..L-1`` and
 plus its own keys with :func:`apl_adapter.ops.prefix_attention` (the fused kernel where built).
 
 The result equals the full prefixed encoder (``[BOS][P1..Pm][prompt][EOS][pad]``, see
-:func:`apl_adapter.model.insert_prefix_ids`): last hidden state, pooled output, projected ``text_embeds`` and every
-layer's hidden states. The cache refreshes itself when the prefix tensor changes (a new tensor, or an in-place
+:func:`apl_adapter.tuners.apl.prefix.insert_prefix_ids`): last hidden state, pooled output, projected ``text_embeds``
+and every layer's hidden states. The cache refreshes itself when the prefix tensor changes (a new tensor, or an in-place
 update such as an optimizer step); :meth:`CachedPrefixEncoder.refresh` forces it (after changing encoder weights).
 
 With gradients enabled and a prefix that requires grad (training), the prefix states are recomputed on every call
@@ -17,7 +17,7 @@ Example:
 
 ```python
 >>> import torch
->>> from apl_adapter.prefix_cache import CachedPrefixEncoder
+>>> from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder
 >>> from apl_adapter.testing import tiny_clip_text_model
 >>> text_model = tiny_clip_text_model()
 >>> encoder = CachedPrefixEncoder(text_model, prefix=torch.rand(10, 32))
@@ -40,9 +40,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
-from .errors import APLAdapterError
-from .model import (
-    APLEmbedding,
+from ...errors import APLAdapterError
+from ...ops import prefix_attention, prefix_attention_reference
+from .layer import APLEmbedding
+from .prefix import (
     PrefixWeights,
     as_prefix_weights,
     clip_eos_token_id,
@@ -51,13 +52,12 @@ from .model import (
     splice_prefix,
     warn_if_prompt_truncated,
 )
-from .ops import prefix_attention, prefix_attention_reference
 
-__all__ = ["CachedPrefixEncoder", "PrefixState"]
+__all__ = ["CachedPrefixEncoder", "PrefixState", "prefix_layer_kv"]
 
 
 def _plain(projection: nn.Module) -> nn.Module:
-    """The projection itself, or the ``nn.Linear`` inside an :class:`~apl_adapter.model.APLPrefixProjection`."""
+    """The projection itself, or the ``nn.Linear`` inside an :class:`~.layer.APLPrefixProjection`."""
     return getattr(projection, "base_layer", projection)
 
 
@@ -89,8 +89,8 @@ class CachedPrefixEncoder(nn.Module):
         text_encoder: a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` (plain, or wrapped by an
             APL adapter - the adapter's own prefix splicing is bypassed, its base embeddings are used).
         prefix: the ``(m, D)`` prefix vectors (a tensor or ``nn.Parameter``, tracked for in-place changes), a
-            :class:`~apl_adapter.model.PrefixWeights` (a deep prefix: per-layer keys and values at ``1..m`` too), or
-            a callable returning either (``None``: no prefix, the encoder runs unchanged).
+            :class:`~.prefix.PrefixWeights` (a deep prefix: per-layer keys and values at ``1..m`` too), or a
+            callable returning either (``None``: no prefix, the encoder runs unchanged).
         use_kernel: use the fused ``prefix_attention`` kernel where built (else the PyTorch reference).
 
     ``forward`` takes ``input_ids`` ``(B, L)`` as produced by the CLIP tokenizer (BOS first, ``L <= 77``) and returns
@@ -302,3 +302,18 @@ class CachedPrefixEncoder(nn.Module):
                 last_hidden_state=last_hidden, pooler_output=pooled, hidden_states=hidden_states
             )
         return result if return_dict else result.to_tuple()
+
+
+def prefix_layer_kv(text_model: nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a shallow prefix ``embeds`` ``(m, D)`` produces at positions ``1..m`` of every layer.
+
+    Returns ``(keys, values)``, each ``(num_layers, m, D)``: the start of a deep prefix that computes exactly
+    what the shallow one does. Computed by the cache, the one re-implementation of CLIP's layers.
+    """
+    with torch.no_grad():
+        state = CachedPrefixEncoder(text_model, embeds.detach(), use_kernel=False).prefix_state(embeds.detach())
+
+    def merged(per_layer: list[torch.Tensor]) -> torch.Tensor:  # (1, H, P, Dh) per layer -> (layers, m, D)
+        return torch.stack([t[0, :, 1:].transpose(0, 1).reshape(t.shape[2] - 1, -1) for t in per_layer])
+
+    return merged(state.keys).float(), merged(state.values).float()
