@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from peft import PeftConfig
 
@@ -94,7 +94,7 @@ class APLConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[no-untyped-call]  # PeftConfig's has no annotations (peft 0.21)
         self.peft_type = APL_PEFT_TYPE
         if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool):
             raise APLAdapterError(f"num_virtual_tokens must be an int, got {self.num_virtual_tokens!r}")
@@ -133,11 +133,12 @@ class APLConfig(PeftConfig):
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
             check_adapter_folder(folder)
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config: APLConfig = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         # The saved tensors replace the initial prefix right after injection: building it must not need the
         # tokenizer (a relative `tokenizer_name_or_path` read elsewhere would be taken for a Hub id).
         config.weights_follow = True
         return config
 
     #: True on a config read from a saved adapter: its prefix starts as zeros, to be overwritten by the file.
-    weights_follow: ClassVar[bool] = False
+    #: Left unannotated so the dataclass does not make it a field (adapter_config.json must not hold it).
+    weights_follow = False

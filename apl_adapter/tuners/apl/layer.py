@@ -96,7 +96,8 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
         scope = self._deep_scope
         if scope is None or scope.keys is None:
             return None
-        return (scope.keys if kind == "keys" else scope.values)[layer_index]
+        rows = scope.keys if kind == "keys" else scope.values
+        return None if rows is None else rows[layer_index]
 
     def forward(
         self,
@@ -105,11 +106,14 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         prefix = self.active_prefix
+        out: torch.Tensor
         if prefix is None:
-            return self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+            out = self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+            return out
         if inputs_embeds is None:
             inputs_embeds = self.base_layer.token_embedding(input_ids)
-        return self.base_layer(position_ids=position_ids, inputs_embeds=splice_prefix(inputs_embeds, prefix))
+        out = self.base_layer(position_ids=position_ids, inputs_embeds=splice_prefix(inputs_embeds, prefix))
+        return out
 
     def __repr__(self) -> str:
         return "apl." + super().__repr__()
@@ -126,8 +130,11 @@ class APLPrefixProjection(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ()
     other_param_names = ()
+    _embedding: APLEmbedding
 
-    def __init__(self, base_layer: nn.Linear, embedding: APLEmbedding, layer_index: int, kind: str) -> None:
+    def __init__(
+        self, base_layer: nn.Linear, embedding: APLEmbedding, layer_index: int, kind: Literal["keys", "values"]
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         object.__setattr__(self, "_embedding", embedding)  # a reference, not a submodule: the text model owns it
@@ -138,7 +145,7 @@ class APLPrefixProjection(nn.Module, BaseTunerLayer):
         self._active_adapter = embedding._active_adapter
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(hidden)
+        out: torch.Tensor = self.base_layer(hidden)
         rows = self._embedding.deep_rows(self.kind, self.layer_index)
         if rows is None or out.shape[-2] <= rows.shape[0]:
             return out

@@ -16,9 +16,10 @@ prefix without any change to the pipeline.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import CLIPTextModel
@@ -30,6 +31,7 @@ from .config import APLConfig, apl_target_modules
 from .layer import APLEmbedding, APLPrefixProjection
 from .prefix import (
     PrefixWeights,
+    base_model_of,
     clip_eos_token_id,
     clip_text_model_of,
     insert_prefix_ids,
@@ -82,7 +84,7 @@ def _init_text_ids(config: APLConfig) -> list[int]:
         tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer_name_or_path)
     else:
         tokenizer = load_clip_tokenizer()
-    ids = tokenizer(config.prefix_init_text, add_special_tokens=False).input_ids
+    ids: list[int] = tokenizer(config.prefix_init_text, add_special_tokens=False).input_ids
     if not ids:
         raise APLAdapterError(f"prefix_init_text {config.prefix_init_text!r} gives no tokens; use a real phrase")
     return ids
@@ -93,7 +95,13 @@ def _init_text_ids(config: APLConfig) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _prefix_inputs_hook(text_model: CLIPTextModel, args: tuple, kwargs: dict[str, Any]):
+#: where the text model keeps the handles of the two hooks (in its __dict__: they are not submodules)
+_HOOKS = "_apl_hook_handle"
+
+
+def _prefix_inputs_hook(
+    text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     layer = text_model.embeddings
     if not isinstance(layer, APLEmbedding):
         return None
@@ -124,7 +132,7 @@ def _prefix_inputs_hook(text_model: CLIPTextModel, args: tuple, kwargs: dict[str
     return tuple(args), kwargs
 
 
-def _end_prefix_scope(text_model: CLIPTextModel, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
     """Forward hook (run even when the forward raises): the deep rows act inside the prefixed forward only."""
     layer = text_model.embeddings
     if isinstance(layer, APLEmbedding):
@@ -154,7 +162,7 @@ def strip_apl_layers(encoder: nn.Module) -> bool:
             parent_name, _, child = name.rpartition(".")
             setattr(text_model.get_submodule(parent_name) if parent_name else text_model, child, module.base_layer)
             removed = True
-    for handle in text_model.__dict__.pop("_apl_hook_handle", ()):
+    for handle in text_model.__dict__.pop(_HOOKS, ()):
         handle.remove()
         removed = True
     return removed
@@ -163,8 +171,7 @@ def strip_apl_layers(encoder: nn.Module) -> bool:
 def prefix_parameters(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
     """The trainable tensors of one APL adapter, by attribute name: ``apl_prefix`` ``(m, D)`` and, for a deep
     prefix, ``apl_deep_keys`` / ``apl_deep_values`` ``(num_layers, m, D)``. Give them to the optimizer."""
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    embedding = clip_text_model_of(base).embeddings
+    embedding = clip_text_model_of(base_model_of(peft_model)).embeddings
     if not isinstance(embedding, APLEmbedding) or adapter_name not in embedding.apl_prefix:
         raise APLAdapterError(f"No APL adapter named {adapter_name!r} in this text encoder.")
     return {
@@ -182,6 +189,13 @@ def _projection_of(key: str) -> tuple[int, Literal["keys", "values"]] | None:
     if parts[-5:-3] != ["encoder", "layers"] or not parts[-3].isdigit():
         return None
     return int(parts[-3]), "keys" if parts[-1] == "k_proj" else "values"
+
+
+def _apl_config(config: PeftConfig) -> APLConfig:
+    """``config`` as the APLConfig it is: PEFT hands each tuner the config registered with it."""
+    if not isinstance(config, APLConfig):
+        raise APLAdapterError(f"The APL tuner got a {type(config).__name__}; it builds APL adapters only.")
+    return config
 
 
 class APLModel(BaseTuner):
@@ -208,10 +222,12 @@ class APLModel(BaseTuner):
 
     prefix: str = "apl_"
     tuner_layer_cls = APLEmbedding
-    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - BaseTuner declares it per instance; APL maps none
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> dict:
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Put the saved prefix keys where this encoder keeps its prefix, then let PEFT add the adapter name.
 
         ``CLIPTextModel`` keeps its embeddings at ``embeddings``, ``CLIPTextModelWithProjection`` (SDXL's second
@@ -236,11 +252,13 @@ class APLModel(BaseTuner):
             state_dict = mapped
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
-    def _prepare_adapter_config(self, peft_config: APLConfig, model_config: dict) -> APLConfig:
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict[str, Any]) -> APLConfig:
+        peft_config = _apl_config(peft_config)
         peft_config.target_modules = apl_target_modules(peft_config.prefix_depth)
         return peft_config
 
-    def _pre_injection_hook(self, model: nn.Module, config: APLConfig, adapter_name: str) -> None:
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        config = _apl_config(config)
         text_model = clip_text_model_of(model)
         width = text_model.config.hidden_size
         if config.token_dim is None:
@@ -258,14 +276,14 @@ class APLModel(BaseTuner):
             )
 
     @staticmethod
-    def _check_target_module_exists(peft_config: APLConfig, key: str) -> bool:
+    def _check_target_module_exists(peft_config: PeftConfig, key: str) -> bool:
         if key in ("embeddings", "text_model.embeddings"):
             return True
-        return peft_config.prefix_depth == "deep" and _projection_of(key) is not None
+        return _apl_config(peft_config).prefix_depth == "deep" and _projection_of(key) is not None
 
     def _create_and_replace(
         self,
-        peft_config: APLConfig,
+        peft_config: PeftConfig,
         adapter_name: str,
         target: nn.Module,
         target_name: str,
@@ -273,6 +291,7 @@ class APLModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
+        peft_config = _apl_config(peft_config)
         text_model = clip_text_model_of(self.model)
         projection = _projection_of(current_key)
         if projection is not None:
@@ -292,8 +311,8 @@ class APLModel(BaseTuner):
             raise APLAdapterError(f"{current_key} is a {type(target).__name__}, not CLIPTextEmbeddings")
         weights = initial_weights(peft_config, target.token_embedding.weight, text_model)
         self._replace_module(parent, target_name, APLEmbedding(target, adapter_name, weights), target)
-        if not hasattr(parent, "_apl_hook_handle"):
-            parent._apl_hook_handle = (
+        if _HOOKS not in parent.__dict__:
+            parent.__dict__[_HOOKS] = (
                 parent.register_forward_pre_hook(_prefix_inputs_hook, with_kwargs=True),
                 parent.register_forward_hook(_end_prefix_scope, with_kwargs=True, always_call=True),
             )
@@ -302,7 +321,7 @@ class APLModel(BaseTuner):
         # PEFT's version copies `.weight` from the child, which CLIPTextEmbeddings lacks; nothing else is needed.
         setattr(parent, child_name, new_module)
         if isinstance(new_module, APLEmbedding):
-            device = child.token_embedding.weight.device
+            device = new_module.token_embedding.weight.device  # the wrapped child's
             for params in (new_module.apl_prefix, new_module.apl_deep_keys, new_module.apl_deep_values):
                 params.to(device)
 
@@ -316,11 +335,19 @@ class APLModel(BaseTuner):
             "Keep the adapter, export it with apl-export (the prefix is baked into the engine), or use unload()."
         )
 
-    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+    def _unload_and_optionally_merge(  # type: ignore[override]  # peft 0.21 says -> None; it returns self.model
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
         text_model = clip_text_model_of(self.model)
-        for handle in text_model.__dict__.pop("_apl_hook_handle", ()):
+        for handle in text_model.__dict__.pop(_HOOKS, ()):
             handle.remove()
-        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+        super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        model: nn.Module = self.model
+        return model
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,7 +117,8 @@ def warn_if_prompt_truncated(
 
 
 def _is_tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    tracing: bool = torch.jit.is_tracing()  # type: ignore[no-untyped-call]  # torch 2.13 leaves it unannotated
+    return tracing or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,9 @@ class PrefixWeights:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor of the prefix (one when shallow, three when deep)."""
-        return (self.embeds,) if self.keys is None else (self.embeds, self.keys, self.values)
+        if self.keys is None or self.values is None:  # both or neither (checked in __post_init__)
+            return (self.embeds,)
+        return (self.embeds, self.keys, self.values)
 
     def detached(self) -> PrefixWeights:
         """A float32 copy that shares nothing with the adapter (for graph constants and caches)."""
@@ -172,10 +176,20 @@ def as_prefix_weights(prefix: torch.Tensor | PrefixWeights) -> PrefixWeights:
 def clip_text_model_of(model: nn.Module) -> CLIPTextModel:
     """The ``CLIPTextModel`` inside ``model`` (itself, or ``.text_model`` of the projection variant)."""
     if isinstance(model, CLIPTextModelWithProjection):
-        return model.text_model
+        text_model: CLIPTextModel = model.text_model
+        return text_model
     if isinstance(model, CLIPTextModel):
         return model
     raise APLAdapterError(
         f"APL adapts CLIP text encoders (transformers CLIPTextModel or CLIPTextModelWithProjection), "
         f"got {type(model).__name__}. Pass the pipeline's text_encoder (or text_encoder_2 for SDXL)."
     )
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (its ``get_base_model()``), or ``model`` itself."""
+    get_base_model: Any = getattr(model, "get_base_model", None)
+    if get_base_model is None:
+        return model
+    base: nn.Module = get_base_model()
+    return base

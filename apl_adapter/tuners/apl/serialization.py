@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from peft import PeftModel
 from safetensors import safe_open
 
 from ...atomic import atomic_folder
@@ -24,7 +26,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_adapter_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+def check_adapter_folder(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Check that ``folder`` holds a loadable APL adapter and return its tensors.
 
     Raises :class:`APLAdapterError` naming the problem and the fix for: a missing folder or
@@ -102,7 +104,7 @@ def check_adapter_config(config: object, config_path: Path) -> None:
         raise refuse(f"apply_to_negative_prompt must be true or false (JSON booleans), got {negative!r}")
 
 
-def expected_tensor_names(config: dict) -> tuple[str, ...]:
+def expected_tensor_names(config: dict[str, Any]) -> tuple[str, ...]:
     """The tensors an APL adapter of this config holds, by name: the prefix, plus the deep rows when deep."""
     deep = config.get("prefix_depth", "shallow") == "deep"
     return ("apl_prefix", "apl_deep_keys", "apl_deep_values") if deep else ("apl_prefix",)
@@ -113,7 +115,7 @@ def expected_tensor_names(config: dict) -> tuple[str, ...]:
 PREFIX_PARENTS = ("base_model.model.embeddings", "base_model.model.text_model.embeddings")
 
 
-def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights_path: Path) -> None:
+def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], weights_path: Path) -> None:
     """Refuse a weights file that holds anything but the prefix tensors its config declares, or bad values.
 
     An adapter is a prefix and nothing else: PEFT would load any other tensor into the base model (a key ending
@@ -173,7 +175,9 @@ def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights
         )
 
 
-def save_adapter(model, save_directory: str | os.PathLike, recipe: dict | None = None, **kwargs) -> Path:
+def save_adapter(
+    model: PeftModel, save_directory: str | os.PathLike[str], recipe: dict[str, Any] | None = None, **kwargs: Any
+) -> Path:
     """Atomically save a PEFT model's adapter: write into a temporary sibling folder, then rename.
 
     A crash mid-save leaves the previous adapter (if any) intact and no partial folder behind. The folder gets an
@@ -193,7 +197,7 @@ def save_adapter(model, save_directory: str | os.PathLike, recipe: dict | None =
     return target
 
 
-def _adapter_dir(root: Path, kwargs: dict) -> Path:
+def _adapter_dir(root: Path, kwargs: dict[str, Any]) -> Path:
     names = kwargs.get("selected_adapters") or ["default"]
     name = names[0]
     return root if name == "default" else root / name
