@@ -11,7 +11,7 @@ DEMO_OUT ?= demo-out
 # The CPU wheel of torch 2.13.0 lies on disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv install build test test-fast demo cuda-check lint bench world clean
+.PHONY: venv install build test test-fast demo cuda-check lint typecheck bench world clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check apl_adapter export tests benchmarks tools
 	$(VENV)/bin/ruff format --check apl_adapter export tests benchmarks tools
+
+# mypy on apl_adapter as configured in pyproject.toml (strict on the tuner, apl_adapter/tuners/apl/).
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -9,24 +9,24 @@ text_encoder.save_pretrained("apl-prefix")
 restored = PeftModel.from_pretrained(other_text_encoder, "apl-prefix")
 
 ```
+
+The adapter itself lives in :mod:`apl_adapter.tuners.apl` (importing it registers APL with PEFT).
 """
 
-from .config import APLConfig
 from .errors import APLAdapterError
-from .model import (
+from .tokenizer import load_clip_tokenizer
+from .tuners.apl import (
+    APLConfig,
     APLEmbedding,
     APLModel,
     APLPrefixProjection,
     PrefixWeights,
     PromptTruncationWarning,
+    check_adapter_folder,
     insert_prefix_ids,
     prefix_parameters,
+    save_adapter,
 )
-from .registry import register as _register
-from .serialization import check_adapter_folder, save_adapter
-from .tokenizer import load_clip_tokenizer
-
-_register()
 
 __version__ = "0.1.0"
 

@@ -191,9 +191,11 @@ def atomic_folder(target: str | os.PathLike, replace: bool = False, kind: str = 
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` to write; on success it replaces ``path`` (mode from the umask)."""
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.writing-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
+    handle, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.writing-{os.getpid()}-", suffix=path.suffix, dir=path.parent
+    )
     os.close(handle)
-    tmp = Path(tmp)
+    tmp = Path(tmp_name)
     try:
         tmp.chmod(0o666 & ~_umask())
         yield tmp

@@ -9,9 +9,8 @@ import argparse
 import json
 import sys
 
-from .console import add_common_options, add_version_option
-from .errors import run_cli
-from .serialization import CONFIG_NAME, check_adapter_folder
+from .console import add_common_options, add_version_option, run_cli
+from .tuners.apl.serialization import CONFIG_NAME, check_adapter_folder
 
 
 def _inspect(folder: str) -> dict:

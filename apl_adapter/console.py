@@ -1,4 +1,5 @@
-"""What every ``apl-*`` command shares: ``--version``, ``-v/--verbose``, ``--threads`` and a quiet stderr.
+"""What every ``apl-*`` command shares: ``--version``, ``-v/--verbose``, ``--threads``, a quiet stderr, and
+one way to report errors (:func:`run_cli`).
 
 The libraries under the commands print notices a user cannot act on (transformers' "requires torchvision"
 fallbacks, its weight-loading bars, deprecation warnings raised inside transformers and PEFT, the ONNX exporter's
@@ -12,6 +13,7 @@ start here (``apl_world``, ``apl_train`` ...): they quiet the libraries, then im
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import __version__
+from .errors import APLAdapterError
 
 #: ``(category, message regex)`` of the warnings the commands hide unless ``-v``
 HIDDEN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
@@ -123,8 +126,6 @@ def command_settings(verbose: bool = False, threads: int = 0, hidden: tuple[type
     import torch
 
     if threads < 0:
-        from .errors import APLAdapterError
-
         raise APLAdapterError(f"--threads must be >= 0 (0: torch's choice), got {threads}.")
     before = torch.get_num_threads()
     with warnings.catch_warnings():
@@ -142,6 +143,41 @@ def command_settings(verbose: bool = False, threads: int = 0, hidden: tuple[type
         finally:
             torch.set_num_threads(before)
             undo()
+
+
+# "the disk is full" in its three forms: no space, quota, file-size limit
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def run_cli(prog: str, body: Callable[[], int], args: object = None, hidden: tuple[type[Warning], ...] = ()) -> int:
+    """Run a command's ``body`` and turn what it raises into ``<prog>: error: ...`` on stderr and exit code 2.
+
+    ``args``: the parsed command line; its ``verbose`` and ``threads`` (the options every command shares, see
+    :mod:`apl_adapter.console`) apply while ``body`` runs, with ``hidden`` warning categories also hidden.
+
+    - :class:`APLAdapterError`: the message already names the problem and the fix;
+    - a full disk (ENOSPC, EDQUOT, EFBIG): said so; every writer stages its output and removes the staging on
+      failure, so nothing half-written is kept;
+    - any other ``OSError`` (a path that is a file, no permission ...): its reason and path, not a traceback.
+    """
+    try:
+        with command_settings(bool(getattr(args, "verbose", False)), int(getattr(args, "threads", 0) or 0), hidden):
+            return body()
+    except APLAdapterError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        if err.errno in _NO_SPACE:
+            print(
+                f"{prog}: error: the disk is full{where}: {err.strerror}. Free some space (or raise the quota) and "
+                "run again; nothing half-written was kept.",
+                file=sys.stderr,
+            )
+        elif err.strerror is None:  # raised with a message of ours (e.g. "X already exists; pass a new --out")
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {err.strerror}{where}; check the path and its permissions.", file=sys.stderr)
+    return 2
 
 
 def _launch(module: str) -> Callable[[], int]:

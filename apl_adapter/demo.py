@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from .bench.demo import DEMO_STEPS, SHIPPED_LABEL, SHORT_LABEL
-from .console import add_common_options
-from .errors import APLAdapterError, run_cli
+from .console import add_common_options, run_cli
+from .errors import APLAdapterError
 from .sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 
 EXPORT_PROMPTS = ["a photo of {name}", "a red cube on a table"]

@@ -1,11 +1,12 @@
-"""Errors raised by apl-adapter, each naming the problem and the fix, and the one way every CLI reports them."""
+"""Errors raised by apl-adapter, each naming the problem and the fix.
+
+A leaf: it imports nothing of ours, so every module may raise these. The commands report them through
+:func:`apl_adapter.console.run_cli`.
+"""
 
 from __future__ import annotations
 
-import errno
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 
@@ -41,40 +42,3 @@ def check_output_folder(
         raise error(
             f"{flag} {out} already exists and is not empty; choose a new folder or pass --overwrite to replace it."
         )
-
-
-# "the disk is full" in its three forms: no space, quota, file-size limit
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def run_cli(prog: str, body: Callable[[], int], args: object = None, hidden: tuple[type[Warning], ...] = ()) -> int:
-    """Run a command's ``body`` and turn what it raises into ``<prog>: error: ...`` on stderr and exit code 2.
-
-    ``args``: the parsed command line; its ``verbose`` and ``threads`` (the options every command shares, see
-    :mod:`apl_adapter.console`) apply while ``body`` runs, with ``hidden`` warning categories also hidden.
-
-    - :class:`APLAdapterError`: the message already names the problem and the fix;
-    - a full disk (ENOSPC, EDQUOT, EFBIG): said so; every writer stages its output and removes the staging on
-      failure, so nothing half-written is kept;
-    - any other ``OSError`` (a path that is a file, no permission ...): its reason and path, not a traceback.
-    """
-    from .console import command_settings
-
-    try:
-        with command_settings(bool(getattr(args, "verbose", False)), int(getattr(args, "threads", 0) or 0), hidden):
-            return body()
-    except APLAdapterError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        if err.errno in _NO_SPACE:
-            print(
-                f"{prog}: error: the disk is full{where}: {err.strerror}. Free some space (or raise the quota) and "
-                "run again; nothing half-written was kept.",
-                file=sys.stderr,
-            )
-        elif err.strerror is None:  # raised with a message of ours (e.g. "X already exists; pass a new --out")
-            print(f"{prog}: error: {err}", file=sys.stderr)
-        else:
-            print(f"{prog}: error: {err.strerror}{where}; check the path and its permissions.", file=sys.stderr)
-    return 2

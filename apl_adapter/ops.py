@@ -46,7 +46,8 @@ _FALLBACK_WARNED = False
 
 def _load_extension() -> bool:
     try:
-        from . import _C  # noqa: F401  (importing registers torch.ops.apl.*)
+        # The compiled extension has no stub (it exports no Python names): mypy cannot see it.
+        from . import _C  # type: ignore[attr-defined]  # noqa: F401  (importing registers torch.ops.apl.*)
     except ImportError:
         return False
     return hasattr(torch.ops.apl, "prefix_attention")

@@ -30,10 +30,11 @@ from pathlib import Path
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
-from .config import APLConfig
 from .errors import APLAdapterError
-from .model import clip_text_model_of, has_apl_layers, strip_apl_layers
-from .serialization import check_adapter_folder
+from .tuners.apl.config import APLConfig
+from .tuners.apl.model import has_apl_layers, strip_apl_layers
+from .tuners.apl.prefix import clip_text_model_of
+from .tuners.apl.serialization import check_adapter_folder
 
 _STATE = "_apl_state"
 AdapterLike = str | os.PathLike | PeftModel
@@ -57,7 +58,7 @@ def apply_apl(
             SDXL's second encoder is wider).
         apply_to_negative_prompt: also prefix the negative / unconditional prompt. Default: the
             adapter config's ``apply_to_negative_prompt`` (False, as the paper).
-        use_prefix_cache: encode prefixed prompts with :class:`~apl_adapter.prefix_cache.CachedPrefixEncoder`
+        use_prefix_cache: encode prefixed prompts with :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder`
             (BOS + prefix keys/values computed once per prefix, the fused ``torch.ops.apl.prefix_attention``
             kernel for the prompt positions). Same outputs as the full encoder within 1e-5 (fp32); turn off
             to run the full prefixed encoder.
@@ -80,7 +81,7 @@ def apply_apl(
             models[attr] = _attach(getattr(pipe, attr), source)
         cached = {}
         if use_prefix_cache:
-            from .prefix_cache import CachedPrefixEncoder
+            from .tuners.apl.prefix_cache import CachedPrefixEncoder
 
             cached = {attr: CachedPrefixEncoder.from_adapter(model) for attr, model in models.items()}
     except BaseException:
@@ -171,7 +172,8 @@ def remove_apl(pipe):
 
 
 def apl_cached_encoders(pipe) -> dict:
-    """The :class:`~apl_adapter.prefix_cache.CachedPrefixEncoder` stand-ins in use (empty when the cache is off)."""
+    """The :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` stand-ins in use (empty when the cache
+    is off)."""
     state = getattr(pipe, _STATE, None)
     return dict(state["cached"]) if state else {}
 

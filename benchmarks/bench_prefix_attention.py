@@ -71,8 +71,8 @@ def bench_encoder(batch: int, repeats: int, layers: int) -> None:
     from transformers import CLIPTextModel
 
     from apl_adapter import APLConfig
-    from apl_adapter.prefix_cache import CachedPrefixEncoder
     from apl_adapter.testing import sd15_text_config
+    from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder
 
     torch.manual_seed(0)
     config = sd15_text_config()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from apl_adapter.console import add_common_options
-from apl_adapter.errors import run_cli
+from apl_adapter.console import add_common_options, run_cli
 
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET
 from .specs import ShapeRange, ShapeRanges

@@ -39,7 +39,7 @@ import torch
 
 from apl_adapter.atomic import replace_folder, staging_folder
 from apl_adapter.errors import check_output_folder
-from apl_adapter.model import PrefixWeights
+from apl_adapter.tuners.apl.prefix import PrefixWeights
 
 from .errors import ExportError, TensorRTUnavailableError
 from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph, make_standard_text_encoder

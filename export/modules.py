@@ -5,7 +5,7 @@ hooks, no dataclass outputs and no Python control flow that depends on data.
 
 The prefixed text encoder rebuilds CLIP's forward from its parts (token embedding, position
 embedding, causal encoder, final layer norm, EOS pooling) with an explicit additive causal mask,
-and inserts the APL prefix exactly as :mod:`apl_adapter.model` does: the ids are shifted by
+and inserts the APL prefix exactly as :mod:`apl_adapter.tuners.apl` does: the ids are shifted by
 :func:`insert_prefix_ids` and the prefix replaces the token embeddings at positions ``1..m``.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from apl_adapter.model import (
+from apl_adapter.tuners.apl.prefix import (
     PrefixWeights,
     as_prefix_weights,
     clip_eos_token_id,
@@ -23,7 +23,7 @@ from apl_adapter.model import (
     insert_prefix_ids,
     splice_prefix,
 )
-from apl_adapter.prefix_cache import CachedPrefixEncoder, PrefixState
+from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder, PrefixState
 
 from .errors import ExportError
 
@@ -106,8 +106,9 @@ class CLIPTextEncoderGraph(nn.Module):
 class BakedPrefixStateGraph(nn.Module):
     """CLIP text encoder whose prefix is baked as its per-layer keys / values; int32 ``input_ids`` ``(B, 77)``.
 
-    The prefix positions ``0..m`` are computed once, here, by :class:`~apl_adapter.prefix_cache.CachedPrefixEncoder`
-    (deep rows included); the graph runs only positions ``m+1..76``, attending to the constant prefix K/V.
+    The prefix positions ``0..m`` are computed once, here, by
+    :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` (deep rows included); the graph runs only
+    positions ``m+1..76``, attending to the constant prefix K/V.
     ``use_kernel=False`` writes that attention as plain SDPA (onnxruntime and stock TensorRT run it): the graph
     of a *deep* prefix, whose per-layer rows the input-splicing :class:`CLIPTextEncoderGraph` cannot express.
     ``use_kernel=True`` is the fast variant (one ``apl::PrefixAttention`` node per layer, see ``trt_plugin``).

@@ -1,7 +1,7 @@
 """The fused prefix attention in exported graphs: the ONNX custom node ``apl::PrefixAttention`` and its TensorRT plugin.
 
 The "fast" text encoder (:class:`FastCLIPTextEncoderGraph`) bakes the APL prefix as per-layer keys/values computed
-once (:class:`apl_adapter.prefix_cache.CachedPrefixEncoder`) and runs only the prompt positions; each layer's
+once (:class:`apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder`) and runs only the prompt positions; each layer's
 attention is one ``torch.ops.apl.prefix_attention`` call, exported as an ``apl::PrefixAttention`` node (opset
 domain ``apl``, version 1; attributes ``causal``, ``scale``, ``plugin_namespace="apl"``, ``plugin_version="1"``).
 
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from apl_adapter.model import PrefixWeights
+from apl_adapter.tuners.apl.prefix import PrefixWeights
 
 from .errors import ExportError
 from .modules import BakedPrefixStateGraph

@@ -1,7 +1,7 @@
 """An independent, hand-built reference of the prefixed CLIP text encoder.
 
 Written from the paper's description only, row by row and layer by layer with plain tensor
-math, so it shares no code with ``apl_adapter.model`` or transformers' CLIP forward.
+math, so it shares no code with ``apl_adapter.tuners.apl`` or transformers' CLIP forward.
 """
 
 from __future__ import annotations

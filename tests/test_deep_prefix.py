@@ -18,11 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from apl_adapter import APLAdapterError, APLConfig, save_adapter
 from apl_adapter.cli import main as inspect_main
-from apl_adapter.model import APLPrefixProjection, PrefixWeights, prefix_parameters
 from apl_adapter.pipelines import apl_models, apply_apl, remove_apl
-from apl_adapter.prefix_cache import CachedPrefixEncoder
-from apl_adapter.serialization import check_adapter_folder
 from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline, tiny_sdxl_pipeline
+from apl_adapter.tuners.apl.layer import APLPrefixProjection
+from apl_adapter.tuners.apl.model import prefix_parameters
+from apl_adapter.tuners.apl.prefix import PrefixWeights
+from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder
+from apl_adapter.tuners.apl.serialization import check_adapter_folder
 
 from .reference import reference_encode
 

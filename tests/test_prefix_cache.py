@@ -12,8 +12,8 @@ from peft import get_peft_model
 
 from apl_adapter import APLConfig, load_clip_tokenizer
 from apl_adapter.errors import APLAdapterError
-from apl_adapter.prefix_cache import CachedPrefixEncoder
 from apl_adapter.testing import sd15_text_config, tiny_clip_text_model
+from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder
 
 ATOL = 1e-5
 PROMPTS = [

@@ -11,7 +11,8 @@ from peft.utils import PeftType
 
 import apl_adapter
 from apl_adapter import APLAdapterError, APLConfig, APLModel
-from apl_adapter.registry import SUPPORTED_PEFT_RANGE, _add_enum_member, register
+from apl_adapter.tuners.apl import register
+from apl_adapter.tuners.apl.peft_type import SUPPORTED_PEFT_RANGE, add_enum_member
 
 
 def test_apl_is_a_peft_type_after_import():
@@ -31,11 +32,11 @@ def test_enum_member_added_like_a_native_one():
     class Colour(str, enum.Enum):
         RED = "RED"
 
-    green = _add_enum_member(Colour, "GREEN")
+    green = add_enum_member(Colour, "GREEN")
     assert Colour("GREEN") is green is Colour.GREEN is Colour["GREEN"]
     assert list(Colour) == [Colour.RED, Colour.GREEN]
     assert isinstance(green, str) and green == "GREEN"
-    assert _add_enum_member(Colour, "GREEN") is green
+    assert add_enum_member(Colour, "GREEN") is green
 
 
 def test_missing_enum_internals_fail_naming_the_supported_range():
@@ -43,4 +44,4 @@ def test_missing_enum_internals_fail_naming_the_supported_range():
         __members__ = types.MappingProxyType({})
 
     with pytest.raises(APLAdapterError, match=SUPPORTED_PEFT_RANGE.replace("<", ".").replace(">", ".")):
-        _add_enum_member(NotAnEnum, "APL")
+        add_enum_member(NotAnEnum, "APL")

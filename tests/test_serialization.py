@@ -337,3 +337,26 @@ def test_a_saved_adapter_is_readable_per_the_umask(tmp_path):
     modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()}
     assert modes == dict.fromkeys(["README.md", "adapter_config.json", "adapter_model.safetensors"], 0o644)
     assert folder.stat().st_mode & 0o777 == 0o755
+
+
+def test_the_shipped_adapter_saved_before_the_tuner_moved_still_loads(prompt_ids):
+    """The prefix in the package was saved when the tuner lived in apl_adapter.model: a saved folder names its type
+    (``"peft_type": "APL"``), never a module path, so moving the code must not orphan adapters on disk."""
+    from transformers import CLIPTextModel
+
+    from apl_adapter import APLModel
+    from apl_adapter.world.models import ASSETS, SHIPPED_PREFIX
+
+    tensors = check_adapter_folder(SHIPPED_PREFIX)
+    encoder = CLIPTextModel.from_pretrained(ASSETS / "base" / "text_encoder")
+    model = PeftModel.from_pretrained(encoder, SHIPPED_PREFIX)
+    assert isinstance(model.peft_config["default"], APLConfig)
+    assert isinstance(model.base_model, APLModel)
+    embeddings = model.get_base_model().embeddings
+    for name in ("apl_prefix", "apl_deep_keys", "apl_deep_values"):
+        assert torch.equal(getattr(embeddings, name)["default"], tensors[f"base_model.model.embeddings.{name}"])
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(input_ids=prompt_ids).last_hidden_state
+    with torch.no_grad():
+        prefixed = model(input_ids=prompt_ids).last_hidden_state
+    assert prefixed.shape == plain.shape and not torch.allclose(prefixed, plain)

@@ -6,8 +6,8 @@ import argparse
 import sys
 import textwrap
 
-from ..console import add_common_options, seed_list
-from ..errors import check_output_folder, run_cli
+from ..console import add_common_options, run_cli, seed_list
+from ..errors import check_output_folder
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .world import ALL_SCENES
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
 
-    from ..serialization import check_adapter_folder
+    from ..tuners.apl.serialization import check_adapter_folder
     from .runner import run_bench
     from .world import world_bench_inputs
 

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from ..console import add_common_options, seed_list
-from ..errors import run_cli
+from ..console import add_common_options, run_cli, seed_list
 
 # World-scale training settings (docs/experiments/2026-12-02-world.md: the sweep that chose them). 400 steps at
 # lr 1e-2 (10x the paper's rate for ~50x fewer steps) fit the demo's 10-minute budget; batch 16

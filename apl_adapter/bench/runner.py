@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import APLAdapterError
-from ..serialization import check_adapter_folder
+from ..tuners.apl.serialization import check_adapter_folder
 from .protocol import BenchModels, BenchReaders, BenchSpec, run_protocol
 from .report import goals, strip_images, write_report
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..console import add_common_options, command_settings_of, seed_list
-from ..errors import run_cli
+from ..console import add_common_options, command_settings_of, run_cli, seed_list
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .runner import EvalSettings, evaluate
 

@@ -34,7 +34,7 @@ from ..metrics.faces import (
     load_rgb,
 )
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
-from ..serialization import check_adapter_folder
+from ..tuners.apl.serialization import check_adapter_folder
 from .generation import GenerationSettings, Job, generate, load_pipeline, slug
 from .specs import EvalInputError, Identity, PromptSet, load_identities, load_prompts
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_folder
 from ..errors import APLAdapterError
-from ..serialization import check_adapter_folder, save_adapter
+from ..tuners.apl.serialization import check_adapter_folder, save_adapter
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -85,8 +85,8 @@ def find_checkpoint(resume: str, out: str | Path) -> Path:
 
 
 def load_checkpoint(path: Path, prefix: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
-    """Copy the checkpoint's prefix tensors into ``prefix`` (see :func:`apl_adapter.model.prefix_parameters`) and
-    its Adam state into ``optimizer``; return its step."""
+    """Copy the checkpoint's prefix tensors into ``prefix`` (see
+    :func:`apl_adapter.tuners.apl.model.prefix_parameters`) and its Adam state into ``optimizer``; return its step."""
     tensors = check_adapter_folder(path)
     saved = {key.rsplit(".", 1)[-1]: value for key, value in tensors.items()}
     if set(saved) != set(prefix):

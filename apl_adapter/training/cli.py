@@ -9,9 +9,9 @@ import argparse
 import sys
 import textwrap
 
-from ..console import add_common_options, command_settings_of
+from ..console import add_common_options, command_settings_of, run_cli
 from ..dataclass_args import add_dataclass_arguments
-from ..errors import check_at_least, run_cli
+from ..errors import check_at_least
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .config import TrainConfig
 

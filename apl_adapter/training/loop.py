@@ -24,11 +24,11 @@ from accelerate import Accelerator
 from peft import get_peft_model
 from tqdm.auto import tqdm
 
-from ..config import APLConfig
 from ..errors import APLAdapterError
-from ..model import prefix_parameters
 from ..progress import batches
-from ..serialization import save_adapter
+from ..tuners.apl.config import APLConfig
+from ..tuners.apl.model import prefix_parameters
+from ..tuners.apl.serialization import save_adapter
 from .base_model import FrozenParts, check_base_folder, load_frozen_parts, load_frozen_unet, unet_subfolder
 from .checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig

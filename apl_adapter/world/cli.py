@@ -17,8 +17,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from ..console import add_common_options, add_version_option
-from ..errors import APLAdapterError, check_at_least, run_cli
+from ..console import add_common_options, add_version_option, run_cli
+from ..errors import APLAdapterError, check_at_least
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .spec import WorldSpec
 

@@ -6,8 +6,8 @@ those ``m + 1`` positions; each call then embeds only positions ``m+1..L-1`` and
 plus its own keys with :func:`apl_adapter.ops.prefix_attention` (the fused kernel where built).
 
 The result equals the full prefixed encoder (``[BOS][P1..Pm][prompt][EOS][pad]``, see
-:func:`apl_adapter.model.insert_prefix_ids`): last hidden state, pooled output, projected ``text_embeds`` and every
-layer's hidden states. The cache refreshes itself when the prefix tensor changes (a new tensor, or an in-place
+:func:`apl_adapter.tuners.apl.prefix.insert_prefix_ids`): last hidden state, pooled output, projected ``text_embeds``
+and every layer's hidden states. The cache refreshes itself when the prefix tensor changes (a new tensor, or an in-place
 update such as an optimizer step); :meth:`CachedPrefixEncoder.refresh` forces it (after changing encoder weights).
 
 With gradients enabled and a prefix that requires grad (training), the prefix states are recomputed on every call
@@ -17,7 +17,7 @@ Example:
 
 ```python
 >>> import torch
->>> from apl_adapter.prefix_cache import CachedPrefixEncoder
+>>> from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder
 >>> from apl_adapter.testing import tiny_clip_text_model
 >>> text_model = tiny_clip_text_model()
 >>> encoder = CachedPrefixEncoder(text_model, prefix=torch.rand(10, 32))
@@ -33,36 +33,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModelOutput
 
-from .errors import APLAdapterError
-from .model import (
-    APLEmbedding,
+from ...errors import APLAdapterError
+from ...ops import prefix_attention, prefix_attention_reference
+from .layer import APLEmbedding
+from .prefix import (
     PrefixWeights,
     as_prefix_weights,
+    base_model_of,
     clip_eos_token_id,
     clip_text_model_of,
     insert_prefix_ids,
     splice_prefix,
     warn_if_prompt_truncated,
 )
-from .ops import prefix_attention, prefix_attention_reference
 
-__all__ = ["CachedPrefixEncoder", "PrefixState"]
+__all__ = ["CachedPrefixEncoder", "PrefixState", "prefix_layer_kv"]
 
 
 def _plain(projection: nn.Module) -> nn.Module:
-    """The projection itself, or the ``nn.Linear`` inside an :class:`~apl_adapter.model.APLPrefixProjection`."""
+    """The projection itself, or the ``nn.Linear`` inside an :class:`~.layer.APLPrefixProjection`."""
     return getattr(projection, "base_layer", projection)
 
 
 PrefixLike = torch.Tensor | PrefixWeights
 PrefixSource = PrefixLike | Callable[[], PrefixLike | None]
+#: per prefix tensor: its storage, offset, version counter, dtype, device and shape
+Version = tuple[tuple[Any, ...], ...]
+EncoderOutput = BaseModelOutputWithPooling | CLIPTextModelOutput | tuple[Any, ...]
 
 
 @dataclass
@@ -79,7 +84,7 @@ class PrefixState:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     hidden_states: list[torch.Tensor]
-    version: tuple | None
+    version: Version | None
 
 
 class CachedPrefixEncoder(nn.Module):
@@ -89,8 +94,8 @@ class CachedPrefixEncoder(nn.Module):
         text_encoder: a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` (plain, or wrapped by an
             APL adapter - the adapter's own prefix splicing is bypassed, its base embeddings are used).
         prefix: the ``(m, D)`` prefix vectors (a tensor or ``nn.Parameter``, tracked for in-place changes), a
-            :class:`~apl_adapter.model.PrefixWeights` (a deep prefix: per-layer keys and values at ``1..m`` too), or
-            a callable returning either (``None``: no prefix, the encoder runs unchanged).
+            :class:`~.prefix.PrefixWeights` (a deep prefix: per-layer keys and values at ``1..m`` too), or a
+            callable returning either (``None``: no prefix, the encoder runs unchanged).
         use_kernel: use the fused ``prefix_attention`` kernel where built (else the PyTorch reference).
 
     ``forward`` takes ``input_ids`` ``(B, L)`` as produced by the CLIP tokenizer (BOS first, ``L <= 77``) and returns
@@ -111,7 +116,7 @@ class CachedPrefixEncoder(nn.Module):
     @classmethod
     def from_adapter(cls, peft_model: nn.Module, use_kernel: bool = True) -> CachedPrefixEncoder:
         """The cached encoder for a PEFT-wrapped text encoder; follows its active adapter (and ``disable_adapter``)."""
-        base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+        base = base_model_of(peft_model)
         embeddings = clip_text_model_of(base).embeddings
         if not isinstance(embeddings, APLEmbedding):
             raise APLAdapterError(
@@ -121,8 +126,9 @@ class CachedPrefixEncoder(nn.Module):
 
     # What diffusers' encode_prompt reads from a text encoder besides calling it.
     @property
-    def config(self):
-        return self.text_encoder.config
+    def config(self) -> CLIPTextConfig:
+        # clip_text_model_of accepted text_encoder in __init__: a CLIP text model, whose config this is
+        return cast(CLIPTextConfig, self.text_encoder.config)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -145,7 +151,7 @@ class CachedPrefixEncoder(nn.Module):
         return None if prefix is None else as_prefix_weights(prefix)
 
     @staticmethod
-    def _version_of(prefix: PrefixWeights) -> tuple:
+    def _version_of(prefix: PrefixWeights) -> Version:
         return tuple(
             (t.untyped_storage().data_ptr(), t.storage_offset(), t._version, t.dtype, t.device, tuple(t.shape))
             for t in prefix.tensors()
@@ -163,7 +169,7 @@ class CachedPrefixEncoder(nn.Module):
                 self._state = self._compute_state(prefix, version)
         return self._state
 
-    def _compute_state(self, prefix: PrefixWeights, version: tuple | None) -> PrefixState:
+    def _compute_state(self, prefix: PrefixWeights, version: Version | None) -> PrefixState:
         """Run the causal encoder on ``[BOS][P1..Pm]`` alone, keeping every layer's K/V and hidden states.
 
         A deep prefix replaces each layer's keys and values at ``1..m`` with its own rows before attention."""
@@ -175,8 +181,8 @@ class CachedPrefixEncoder(nn.Module):
         hidden = (tokens + tm.embeddings.position_embedding.weight[: m + 1])[None]  # (1, P, D)
         empty = hidden.new_empty(1, self._heads, 0, self._head_dim)
         keys, values, states = [], [], [hidden]
-        for index, layer in enumerate(tm.encoder.layers):
-            rows = None if prefix.keys is None else (prefix.keys[index], prefix.values[index])
+        for index, layer in enumerate(self._layers):
+            rows = None if prefix.keys is None or prefix.values is None else (prefix.keys[index], prefix.values[index])
             hidden, k, v = self._layer(layer, hidden, empty, empty, rows)
             keys.append(k)
             values.append(v)
@@ -199,9 +205,14 @@ class CachedPrefixEncoder(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self._heads, self._head_dim).transpose(1, 2)  # (B, H, L, Dh)
 
+    @property
+    def _layers(self) -> list[CLIPEncoderLayer]:
+        # nn.ModuleList is not generic: its items type as Module
+        return cast("list[CLIPEncoderLayer]", list(self.text_model.encoder.layers))
+
     def _layer(
         self,
-        layer: nn.Module,
+        layer: CLIPEncoderLayer,
         hidden: torch.Tensor,
         k_prefix: torch.Tensor,
         v_prefix: torch.Tensor,
@@ -239,16 +250,17 @@ class CachedPrefixEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
-        **unused,
-    ):
+        **unused: Any,
+    ) -> EncoderOutput:
         prefix = self.current_prefix()
         if prefix is None:
-            return self.text_encoder(
+            plain: EncoderOutput = self.text_encoder(
                 input_ids,
                 attention_mask=attention_mask,
                 output_hidden_states=output_hidden_states,
                 return_dict=return_dict,
             )
+            return plain
         if attention_mask is not None and not bool(attention_mask.all()):
             raise APLAdapterError(
                 "CachedPrefixEncoder supports causal masking only (as Stable Diffusion uses CLIP); "
@@ -261,7 +273,7 @@ class CachedPrefixEncoder(nn.Module):
 
     def encode_with_state(
         self, input_ids: torch.Tensor, state: PrefixState, output_hidden_states: bool = False, return_dict: bool = True
-    ):
+    ) -> EncoderOutput:
         """Encode with a given prefix state (what ``forward`` does after its cache lookup; exporters call it with
         the state's tensors as graph constants). No Python branch depends on tensor values: traceable."""
         tm = self.text_model
@@ -277,7 +289,7 @@ class CachedPrefixEncoder(nn.Module):
         positions = tm.embeddings.position_embedding.weight[m + 1 : length]
         hidden = tm.embeddings.token_embedding(ids[:, m + 1 :]) + positions  # (B, L' - P, D)
         per_layer = [hidden]
-        for layer, k_prefix, v_prefix in zip(tm.encoder.layers, state.keys, state.values):
+        for layer, k_prefix, v_prefix in zip(self._layers, state.keys, state.values):
             hidden, _, _ = self._layer(layer, hidden, k_prefix, v_prefix)
             per_layer.append(hidden)
 
@@ -291,6 +303,7 @@ class CachedPrefixEncoder(nn.Module):
         if output_hidden_states:
             hidden_states = tuple(full(p, r) for p, r in zip(state.hidden_states, per_layer))
 
+        result: CLIPTextModelOutput | BaseModelOutputWithPooling
         if isinstance(self.text_encoder, CLIPTextModelWithProjection):
             result = CLIPTextModelOutput(
                 text_embeds=self.text_encoder.text_projection(pooled),
@@ -302,3 +315,18 @@ class CachedPrefixEncoder(nn.Module):
                 last_hidden_state=last_hidden, pooler_output=pooled, hidden_states=hidden_states
             )
         return result if return_dict else result.to_tuple()
+
+
+def prefix_layer_kv(text_model: nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a shallow prefix ``embeds`` ``(m, D)`` produces at positions ``1..m`` of every layer.
+
+    Returns ``(keys, values)``, each ``(num_layers, m, D)``: the start of a deep prefix that computes exactly
+    what the shallow one does. Computed by the cache, the one re-implementation of CLIP's layers.
+    """
+    with torch.no_grad():
+        state = CachedPrefixEncoder(text_model, embeds.detach(), use_kernel=False).prefix_state(embeds.detach())
+
+    def merged(per_layer: list[torch.Tensor]) -> torch.Tensor:  # (1, H, P, Dh) per layer -> (layers, m, D)
+        return torch.stack([t[0, :, 1:].transpose(0, 1).reshape(t.shape[2] - 1, -1) for t in per_layer])
+
+    return merged(state.keys).float(), merged(state.values).float()

@@ -9,20 +9,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from peft import PeftModel
 from safetensors import safe_open
 
-from .atomic import atomic_folder
-from .config import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS
-from .errors import APLAdapterError
+from ...atomic import atomic_folder
+from ...errors import APLAdapterError
+from ...model_card import pipeline_of, write_model_card
+from .constants import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS
+from .peft_type import PEFT_TYPE_NAME
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_adapter_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+def check_adapter_folder(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Check that ``folder`` holds a loadable APL adapter and return its tensors.
 
     Raises :class:`APLAdapterError` naming the problem and the fix for: a missing folder or
@@ -79,7 +83,7 @@ def check_adapter_config(config: object, config_path: Path) -> None:
     if not isinstance(config, dict):
         raise refuse(f"the config is a JSON {type(config).__name__}, not an object")
     peft_type = config.get("peft_type")
-    if peft_type != "APL":
+    if peft_type != PEFT_TYPE_NAME:
         what = "has no peft_type" if peft_type is None else f"is a {peft_type!r} adapter"
         raise APLAdapterError(
             f"{config_path} {what}, not an APL prefix (peft_type 'APL'); apl-adapter loads APL adapters only. "
@@ -100,7 +104,7 @@ def check_adapter_config(config: object, config_path: Path) -> None:
         raise refuse(f"apply_to_negative_prompt must be true or false (JSON booleans), got {negative!r}")
 
 
-def expected_tensor_names(config: dict) -> tuple[str, ...]:
+def expected_tensor_names(config: dict[str, Any]) -> tuple[str, ...]:
     """The tensors an APL adapter of this config holds, by name: the prefix, plus the deep rows when deep."""
     deep = config.get("prefix_depth", "shallow") == "deep"
     return ("apl_prefix", "apl_deep_keys", "apl_deep_values") if deep else ("apl_prefix",)
@@ -111,7 +115,7 @@ def expected_tensor_names(config: dict) -> tuple[str, ...]:
 PREFIX_PARENTS = ("base_model.model.embeddings", "base_model.model.text_model.embeddings")
 
 
-def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights_path: Path) -> None:
+def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], weights_path: Path) -> None:
     """Refuse a weights file that holds anything but the prefix tensors its config declares, or bad values.
 
     An adapter is a prefix and nothing else: PEFT would load any other tensor into the base model (a key ending
@@ -171,7 +175,9 @@ def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict, weights
         )
 
 
-def save_adapter(model, save_directory: str | os.PathLike, recipe: dict | None = None, **kwargs) -> Path:
+def save_adapter(
+    model: PeftModel, save_directory: str | os.PathLike[str], recipe: dict[str, Any] | None = None, **kwargs: Any
+) -> Path:
     """Atomically save a PEFT model's adapter: write into a temporary sibling folder, then rename.
 
     A crash mid-save leaves the previous adapter (if any) intact and no partial folder behind. The folder gets an
@@ -185,17 +191,13 @@ def save_adapter(model, save_directory: str | os.PathLike, recipe: dict | None =
         model.save_pretrained(str(staging), safe_serialization=True, **kwargs)
         folder = _adapter_dir(staging, kwargs)
         check_adapter_folder(folder)
-        from .model_card import write_model_card
-
         name = (kwargs.get("selected_adapters") or ["default"])[0]
-        from .model_card import pipeline_of
-
         encoder_path = getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None)
         write_model_card(folder, model.peft_config[name], recipe, base_model=pipeline_of(encoder_path))
     return target
 
 
-def _adapter_dir(root: Path, kwargs: dict) -> Path:
+def _adapter_dir(root: Path, kwargs: dict[str, Any]) -> Path:
     names = kwargs.get("selected_adapters") or ["default"]
     name = names[0]
     return root if name == "default" else root / name

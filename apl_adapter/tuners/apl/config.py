@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, Literal
 
 from peft import PeftConfig
 
-from .errors import APLAdapterError
-
-# CLIP's text encoder has 77 positions; BOS and EOS must keep theirs.
-MAX_CLIP_POSITIONS = 77
-PEFT_TYPE_NAME = "APL"
-
-InitMethod = Literal["random_uniform", "text", "vocab"]
-INIT_METHODS = ("random_uniform", "text", "vocab")
-PrefixDepth = Literal["shallow", "deep"]
-PREFIX_DEPTHS = ("shallow", "deep")
+from ...errors import APLAdapterError
+from .constants import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS, InitMethod, PrefixDepth
+from .peft_type import APL_PEFT_TYPE
+from .serialization import check_adapter_folder
 
 
 def apl_target_modules(prefix_depth: str) -> list[str]:
@@ -100,10 +94,8 @@ class APLConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        from .registry import apl_peft_type
-
-        self.peft_type = apl_peft_type()
+        super().__post_init__()  # type: ignore[no-untyped-call]  # PeftConfig's has no annotations (peft 0.21)
+        self.peft_type = APL_PEFT_TYPE
         if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool):
             raise APLAdapterError(f"num_virtual_tokens must be an int, got {self.num_virtual_tokens!r}")
         if self.num_virtual_tokens <= 0:
@@ -134,18 +126,19 @@ class APLConfig(PeftConfig):
         return False
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> APLConfig:
         """Load the config of a saved adapter, after checking the folder holds a loadable APL adapter."""
-        from .serialization import check_adapter_folder
-
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
             check_adapter_folder(folder)
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config: APLConfig = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         # The saved tensors replace the initial prefix right after injection: building it must not need the
         # tokenizer (a relative `tokenizer_name_or_path` read elsewhere would be taken for a Hub id).
         config.weights_follow = True
         return config
 
     #: True on a config read from a saved adapter: its prefix starts as zeros, to be overwritten by the file.
-    weights_follow: ClassVar[bool] = False
+    #: Left unannotated so the dataclass does not make it a field (adapter_config.json must not hold it).
+    weights_follow = False

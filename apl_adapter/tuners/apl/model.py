@@ -1,0 +1,354 @@
+"""The APL tuner: installs an APL prefix into a CLIP text encoder, as PEFT's tuners do.
+
+:class:`APLModel` wraps the text encoder's embeddings (and, for a deep prefix, every layer's ``k_proj`` /
+``v_proj``) with the layers of :mod:`apl_adapter.tuners.apl.layer`, and puts a forward pre-hook on the
+``CLIPTextModel`` that rewrites ``input_ids`` / ``attention_mask``
+(:func:`~apl_adapter.tuners.apl.prefix.insert_prefix_ids`), so everything downstream sees consistent positions.
+Pooling finds EOS in the *prefixed* ids, so ``pooler_output`` / ``text_embeds`` are taken at the shifted EOS.
+
+A deep prefix (``APLConfig(prefix_depth="deep")``, prefix-tuning / P-tuning v2 style) starts from the keys and
+values the shallow prefix itself produces (:func:`~apl_adapter.tuners.apl.prefix_cache.prefix_layer_kv`), so a deep
+adapter's first forward equals the shallow one's; training then moves each layer's rows freely.
+
+Because the change is made in place (as LoRA does), a diffusers pipeline holding the text encoder applies the
+prefix without any change to the pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers import CLIPTextModel
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+
+from ...errors import APLAdapterError
+from ...tokenizer import load_clip_tokenizer
+from .config import APLConfig, apl_target_modules
+from .layer import APLEmbedding, APLPrefixProjection
+from .prefix import (
+    PrefixWeights,
+    base_model_of,
+    clip_eos_token_id,
+    clip_text_model_of,
+    insert_prefix_ids,
+    insert_prefix_mask,
+    warn_if_prompt_truncated,
+)
+from .prefix_cache import prefix_layer_kv
+
+# ----------------------------------------------------------------------------------------------
+# The starting weights of a new adapter
+# ----------------------------------------------------------------------------------------------
+
+
+def initial_weights(config: APLConfig, token_embedding: torch.Tensor, text_model: nn.Module) -> PrefixWeights:
+    """The tensors a new adapter starts from, in float32 on the embedding's device.
+
+    The prefix follows ``config.prefix_init``; a deep prefix's keys and values are what that prefix itself gives at
+    every layer (so its first forward equals the shallow one's).
+    """
+    if config.weights_follow:  # a saved adapter: its tensors overwrite these at once
+        prefix = torch.zeros(config.num_virtual_tokens, token_embedding.shape[1], device=token_embedding.device)
+    else:
+        prefix = initial_prefix(config, token_embedding)
+    if config.prefix_depth != "deep":
+        return PrefixWeights(prefix)
+    keys, values = prefix_layer_kv(text_model, prefix)
+    return PrefixWeights(prefix, keys.to(token_embedding.device), values.to(token_embedding.device))
+
+
+def initial_prefix(config: APLConfig, token_embedding: torch.Tensor) -> torch.Tensor:
+    """The starting prefix ``(m, D)`` for ``config.prefix_init``, in float32 on the embedding's device."""
+    m, width = config.num_virtual_tokens, token_embedding.shape[1]
+    generator = torch.Generator().manual_seed(config.init_seed)
+    if config.prefix_init == "random_uniform":  # U[0, 1), as the authors' code
+        prefix = torch.rand(m, width, generator=generator)
+    elif config.prefix_init == "vocab":
+        rows = torch.randint(0, token_embedding.shape[0], (m,), generator=generator)
+        prefix = token_embedding.detach().float().cpu()[rows]
+    else:
+        ids = _init_text_ids(config)
+        reps = -(-m // len(ids))
+        prefix = token_embedding.detach().float().cpu()[torch.tensor((ids * reps)[:m])]
+    return prefix.to(device=token_embedding.device, dtype=torch.float32).clone()
+
+
+def _init_text_ids(config: APLConfig) -> list[int]:
+    if config.tokenizer_name_or_path:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer_name_or_path)
+    else:
+        tokenizer = load_clip_tokenizer()
+    ids: list[int] = tokenizer(config.prefix_init_text, add_special_tokens=False).input_ids
+    if not ids:
+        raise APLAdapterError(f"prefix_init_text {config.prefix_init_text!r} gives no tokens; use a real phrase")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# The pre-hook that shifts ids and mask on the CLIPTextModel
+# ----------------------------------------------------------------------------------------------
+
+
+#: where the text model keeps the handles of the two hooks (in its __dict__: they are not submodules)
+_HOOKS = "_apl_hook_handle"
+
+
+def _prefix_inputs_hook(
+    text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    layer = text_model.embeddings
+    if not isinstance(layer, APLEmbedding):
+        return None
+    weights = layer.active_prefix_weights
+    # A deep prefix's rows reach the layers' projections for this forward only (cleared by _end_prefix_scope).
+    layer._deep_scope = weights if weights is not None and weights.is_deep else None
+    if weights is None:
+        return None
+    prefix = weights.embeds
+    args, kwargs = list(args), dict(kwargs)
+    names = ("input_ids", "attention_mask", "position_ids")
+    for i, name in enumerate(names[: len(args)]):
+        kwargs[name] = args[i]
+    args = args[len(names) :]
+    if kwargs.get("position_ids") is not None:
+        raise APLAdapterError("position_ids cannot be combined with an APL prefix (positions shift by m); omit them")
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None:
+        return None  # the model raises its own "You have to specify input_ids"
+    m = prefix.shape[0]
+    max_positions = text_model.config.max_position_embeddings
+    eos = clip_eos_token_id(text_model.config)
+    shifted = insert_prefix_ids(input_ids.view(-1, input_ids.shape[-1]), m, eos, max_positions=max_positions)
+    warn_if_prompt_truncated(input_ids, m, eos, max_positions)
+    kwargs["input_ids"] = shifted
+    if kwargs.get("attention_mask") is not None:
+        kwargs["attention_mask"] = insert_prefix_mask(kwargs["attention_mask"], m, max_positions)
+    return tuple(args), kwargs
+
+
+def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    """Forward hook (run even when the forward raises): the deep rows act inside the prefixed forward only."""
+    layer = text_model.embeddings
+    if isinstance(layer, APLEmbedding):
+        layer._deep_scope = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The tuner
+# ----------------------------------------------------------------------------------------------
+
+
+def has_apl_layers(encoder: nn.Module) -> bool:
+    """Whether an APL prefix is injected into this CLIP text encoder."""
+    return isinstance(clip_text_model_of(encoder).embeddings, APLEmbedding)
+
+
+def strip_apl_layers(encoder: nn.Module) -> bool:
+    """Put back the plain CLIP modules wherever APL injected its layers, and drop its hooks.
+
+    The rollback of a failed injection or load (PEFT leaves the layers in place when loading the weights fails).
+    Returns True when anything was removed.
+    """
+    text_model = clip_text_model_of(encoder)
+    removed = False
+    for name, module in list(text_model.named_modules()):
+        if isinstance(module, (APLEmbedding, APLPrefixProjection)):
+            parent_name, _, child = name.rpartition(".")
+            setattr(text_model.get_submodule(parent_name) if parent_name else text_model, child, module.base_layer)
+            removed = True
+    for handle in text_model.__dict__.pop(_HOOKS, ()):
+        handle.remove()
+        removed = True
+    return removed
+
+
+def prefix_parameters(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """The trainable tensors of one APL adapter, by attribute name: ``apl_prefix`` ``(m, D)`` and, for a deep
+    prefix, ``apl_deep_keys`` / ``apl_deep_values`` ``(num_layers, m, D)``. Give them to the optimizer."""
+    embedding = clip_text_model_of(base_model_of(peft_model)).embeddings
+    if not isinstance(embedding, APLEmbedding) or adapter_name not in embedding.apl_prefix:
+        raise APLAdapterError(f"No APL adapter named {adapter_name!r} in this text encoder.")
+    return {
+        name: getattr(embedding, name)[adapter_name]
+        for name in APLEmbedding.adapter_layer_names
+        if adapter_name in getattr(embedding, name)
+    }
+
+
+def _projection_of(key: str) -> tuple[int, Literal["keys", "values"]] | None:
+    """``"encoder.layers.3.self_attn.k_proj"`` -> ``(3, "keys")``; ``None`` for any other module name."""
+    parts = key.split(".")
+    if len(parts) < 5 or parts[-1] not in ("k_proj", "v_proj") or parts[-2] != "self_attn":
+        return None
+    if parts[-5:-3] != ["encoder", "layers"] or not parts[-3].isdigit():
+        return None
+    return int(parts[-3]), "keys" if parts[-1] == "k_proj" else "values"
+
+
+def _apl_config(config: PeftConfig) -> APLConfig:
+    """``config`` as the APLConfig it is: PEFT hands each tuner the config registered with it."""
+    if not isinstance(config, APLConfig):
+        raise APLAdapterError(f"The APL tuner got a {type(config).__name__}; it builds APL adapters only.")
+    return config
+
+
+class APLModel(BaseTuner):
+    """PEFT tuner that installs an APL prefix into a CLIP text encoder.
+
+    Built by ``peft.get_peft_model(text_encoder, APLConfig())`` after ``import apl_adapter``.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from peft import get_peft_model
+    >>> from apl_adapter import APLConfig
+    >>> from apl_adapter.testing import tiny_clip_text_model
+    >>> model = get_peft_model(tiny_clip_text_model(), APLConfig(num_virtual_tokens=4))
+    >>> ids = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72])
+    >>> model(input_ids=ids).last_hidden_state.shape
+    torch.Size([1, 77, 32])
+    >>> with model.disable_adapter():
+    ...     plain = model(input_ids=ids).last_hidden_state
+
+    ```
+    """
+
+    prefix: str = "apl_"
+    tuner_layer_cls = APLEmbedding
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - BaseTuner declares it per instance; APL maps none
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Put the saved prefix keys where this encoder keeps its prefix, then let PEFT add the adapter name.
+
+        ``CLIPTextModel`` keeps its embeddings at ``embeddings``, ``CLIPTextModelWithProjection`` (SDXL's second
+        encoder) at ``text_model.embeddings``: a prefix saved from one loads into the other when the widths match.
+        A prefix key in neither layout is an error (PEFT itself would only warn and keep a random prefix).
+        """
+        own = next((n for n, m in model.named_modules() if isinstance(m, APLEmbedding)), None)
+        if own is not None:
+            root = own[: -len("embeddings")].removesuffix("text_model.")
+            mapped = {}
+            for key, value in state_dict.items():
+                path, dot, tail = key.partition(".apl_")
+                if dot and path != own:
+                    if path not in (root + "embeddings", root + "text_model.embeddings"):
+                        raise APLAdapterError(
+                            f"The adapter's tensor {key!r} belongs to no CLIP text-encoder layout (this encoder keeps "
+                            f"its prefix at {own.removeprefix('base_model.model.')!r}); the adapter was renamed or "
+                            "saved from another kind of model. Re-save it from a CLIP text encoder."
+                        )
+                    key = f"{own}.apl_{tail}"
+                mapped[key] = value
+            state_dict = mapped
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict[str, Any]) -> APLConfig:
+        peft_config = _apl_config(peft_config)
+        peft_config.target_modules = apl_target_modules(peft_config.prefix_depth)
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        config = _apl_config(config)
+        text_model = clip_text_model_of(model)
+        width = text_model.config.hidden_size
+        if config.token_dim is None:
+            config.token_dim = width
+        elif config.token_dim != width:
+            raise APLAdapterError(
+                f"This APL adapter has token width {config.token_dim} but the text encoder has width {width}; "
+                "a prefix only transfers between encoders of the same width (e.g. SD 1.x = 768, SD 2.x = 1024)."
+            )
+        max_positions = text_model.config.max_position_embeddings
+        if config.num_virtual_tokens > max_positions - 2:
+            raise APLAdapterError(
+                f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for BOS and EOS in this encoder's "
+                f"{max_positions} positions; use at most {max_positions - 2}."
+            )
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: PeftConfig, key: str) -> bool:
+        if key in ("embeddings", "text_model.embeddings"):
+            return True
+        return _apl_config(peft_config).prefix_depth == "deep" and _projection_of(key) is not None
+
+    def _create_and_replace(
+        self,
+        peft_config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        peft_config = _apl_config(peft_config)
+        text_model = clip_text_model_of(self.model)
+        projection = _projection_of(current_key)
+        if projection is not None:
+            if isinstance(target, APLPrefixProjection):
+                return  # already wrapped by an earlier deep adapter; the rows come from the active one
+            embedding = text_model.embeddings
+            if not isinstance(target, nn.Linear) or not isinstance(embedding, APLEmbedding):
+                raise APLAdapterError(f"{current_key} is a {type(target).__name__}; a deep prefix wraps nn.Linear")
+            wrapper = APLPrefixProjection(target, embedding, *projection)
+            self._replace_module(parent, target_name, wrapper, target)
+            return
+        if isinstance(target, APLEmbedding):
+            weights = initial_weights(peft_config, target.token_embedding.weight, text_model)
+            target.update_layer(adapter_name, weights)
+            return
+        if not isinstance(target, CLIPTextEmbeddings):
+            raise APLAdapterError(f"{current_key} is a {type(target).__name__}, not CLIPTextEmbeddings")
+        weights = initial_weights(peft_config, target.token_embedding.weight, text_model)
+        self._replace_module(parent, target_name, APLEmbedding(target, adapter_name, weights), target)
+        if _HOOKS not in parent.__dict__:
+            parent.__dict__[_HOOKS] = (
+                parent.register_forward_pre_hook(_prefix_inputs_hook, with_kwargs=True),
+                parent.register_forward_hook(_end_prefix_scope, with_kwargs=True, always_call=True),
+            )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies `.weight` from the child, which CLIPTextEmbeddings lacks; nothing else is needed.
+        setattr(parent, child_name, new_module)
+        if isinstance(new_module, APLEmbedding):
+            device = new_module.token_embedding.weight.device  # the wrapped child's
+            for params in (new_module.apl_prefix, new_module.apl_deep_keys, new_module.apl_deep_values):
+                params.to(device)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            param.requires_grad = any(f".{n}." in f".{name}" for n in APLEmbedding.adapter_layer_names)
+
+    def _check_merge_allowed(self) -> None:
+        raise APLAdapterError(
+            "An APL prefix cannot be merged into the encoder's weights (it adds positions, not weight deltas). "
+            "Keep the adapter, export it with apl-export (the prefix is baked into the engine), or use unload()."
+        )
+
+    def _unload_and_optionally_merge(  # type: ignore[override]  # peft 0.21 says -> None; it returns self.model
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        text_model = clip_text_model_of(self.model)
+        for handle in text_model.__dict__.pop(_HOOKS, ()):
+            handle.remove()
+        super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        model: nn.Module = self.model
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.active_adapter = [name for name in self.peft_config if name != adapter_name][:1] or []

@@ -1,0 +1,195 @@
+"""The APL prefix as plain tensor functions: where it goes in the ids, the mask and the embeddings.
+
+Layout (the paper's, and the authors' code): the ``m`` prefix vectors replace the token embeddings at positions
+``1..m``, right after BOS; the prompt shifts right by ``m`` and the sequence is cut back to the encoder's 77
+positions, keeping EOS. No modules here: the tuner layers, the prefix K/V cache and the exported graphs all call
+these, so each of them inserts the prefix the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ...errors import APLAdapterError
+from .constants import MAX_CLIP_POSITIONS
+
+
+class PromptTruncationWarning(UserWarning):
+    """Prompt tokens were dropped to make room for the prefix within CLIP's 77 positions."""
+
+
+def clip_eos_token_id(config: CLIPTextConfig) -> int:
+    """The EOS id pooling looks for. Configs older than transformers PR #24773 say ``eos_token_id=2``;
+    CLIP's real EOS is then the highest id (``vocab_size - 1``), which is what those configs pool on."""
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None or eos == 2:
+        return int(config.vocab_size) - 1
+    return int(eos)
+
+
+def prefixed_length(seq_len: int, num_virtual_tokens: int, max_positions: int = MAX_CLIP_POSITIONS) -> int:
+    """Sequence length after inserting ``num_virtual_tokens`` after BOS, capped at ``max_positions``."""
+    return min(seq_len + num_virtual_tokens, max_positions)
+
+
+def insert_prefix_ids(
+    input_ids: torch.Tensor,
+    num_virtual_tokens: int,
+    eos_token_id: int,
+    placeholder_id: int = 0,
+    max_positions: int = MAX_CLIP_POSITIONS,
+) -> torch.Tensor:
+    """Make room for the prefix: ``[BOS] + m placeholders + prompt``, cut to ``max_positions``.
+
+    If the cut removed EOS, the last position becomes EOS (the prompt is truncated, EOS kept).
+    Traceable (no data-dependent Python control flow), so exported graphs use it too.
+
+    Args:
+        input_ids: ``(B, L)`` token ids starting with BOS.
+        num_virtual_tokens: ``m``.
+        eos_token_id: id pooling looks for (see :func:`clip_eos_token_id`).
+        placeholder_id: id written at the prefix positions; must not be EOS (0 = ``"!"``).
+
+    Returns:
+        ``(B, min(L + m, max_positions))`` ids.
+    """
+    batch, seq_len = input_ids.shape
+    out_len = prefixed_length(seq_len, num_virtual_tokens, max_positions)
+    kept = out_len - 1 - num_virtual_tokens
+    placeholders = torch.full(
+        (batch, num_virtual_tokens), placeholder_id, dtype=input_ids.dtype, device=input_ids.device
+    )
+    ids = torch.cat([input_ids[:, :1], placeholders, input_ids[:, 1 : 1 + kept]], dim=1)
+    has_eos = (ids[:, 1 + num_virtual_tokens :] == eos_token_id).any(dim=1)
+    last = torch.where(has_eos, ids[:, -1], torch.full_like(ids[:, -1], eos_token_id))
+    return torch.cat([ids[:, :-1], last[:, None]], dim=1)
+
+
+def insert_prefix_mask(
+    attention_mask: torch.Tensor, num_virtual_tokens: int, max_positions: int = MAX_CLIP_POSITIONS
+) -> torch.Tensor:
+    """The attention mask matching :func:`insert_prefix_ids`: prefix positions and a kept EOS attend."""
+    batch, seq_len = attention_mask.shape
+    out_len = prefixed_length(seq_len, num_virtual_tokens, max_positions)
+    kept = out_len - 1 - num_virtual_tokens
+    ones = torch.ones((batch, num_virtual_tokens), dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1 : 1 + kept]], dim=1)
+    if kept < seq_len - 1:  # the cut may have moved EOS to the last position
+        mask = torch.cat([mask[:, :-1], torch.ones_like(mask[:, -1:])], dim=1)
+    return mask
+
+
+def splice_prefix(token_embeds: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """Put ``prefix`` ``(m, D)`` at positions ``1..m`` of ``token_embeds`` ``(B, L, D)``.
+
+    The prefix is broadcast with ``expand`` (no per-batch copy before the concatenation)."""
+    batch = token_embeds.shape[0]
+    m = prefix.shape[0]
+    prefix = prefix.to(token_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    return torch.cat([token_embeds[:, :1], prefix, token_embeds[:, 1 + m :]], dim=1)
+
+
+def warn_if_prompt_truncated(
+    input_ids: torch.Tensor, num_virtual_tokens: int, eos_token_id: int, max_positions: int = MAX_CLIP_POSITIONS
+) -> None:
+    """Warn (as diffusers does for over-long prompts) when the prefix pushes prompt tokens out of the window.
+
+    Skipped while tracing/exporting: the check reads tensor values.
+    """
+    if _is_tracing():
+        return
+    ids = input_ids.view(-1, input_ids.shape[-1])
+    room = prefixed_length(ids.shape[1], num_virtual_tokens, max_positions) - num_virtual_tokens
+    if bool((~(ids[:, 1:room] == eos_token_id).any(dim=1)).any()):
+        warnings.warn(
+            f"The APL prefix takes {num_virtual_tokens} of CLIP's {max_positions} positions: prompt tokens past "
+            f"position {max_positions - num_virtual_tokens - 1} were truncated (EOS kept). Shorten the prompt "
+            "to keep them.",
+            PromptTruncationWarning,
+            stacklevel=3,
+        )
+
+
+def _is_tracing() -> bool:
+    tracing: bool = torch.jit.is_tracing()  # type: ignore[no-untyped-call]  # torch 2.13 leaves it unannotated
+    return tracing or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+@dataclass(frozen=True)
+class PrefixWeights:
+    """The tensors of one APL prefix.
+
+    Attributes:
+        embeds: ``(m, D)``, the vectors at positions ``1..m`` of the encoder's input (the paper's prefix).
+        keys, values: ``(num_layers, m, D)`` for a deep prefix - what each layer's key / value projection gives
+            at positions ``1..m`` is replaced by these rows (before the split into heads); ``None`` when shallow.
+    """
+
+    embeds: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keys is None) != (self.values is None):
+            raise APLAdapterError("A deep prefix needs both keys and values (or neither, for a shallow prefix).")
+        if self.embeds.ndim != 2:
+            raise APLAdapterError(f"The prefix must be (m, D), got shape {tuple(self.embeds.shape)}")
+        m, width = self.embeds.shape
+        for name, rows in (("keys", self.keys), ("values", self.values)):
+            if rows is not None and (rows.ndim != 3 or tuple(rows.shape[1:]) != (m, width)):
+                raise APLAdapterError(
+                    f"Deep prefix {name} must be (num_layers, {m}, {width}) to match the (m, D) prefix, "
+                    f"got {tuple(rows.shape)}"
+                )
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def is_deep(self) -> bool:
+        return self.keys is not None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of the prefix (one when shallow, three when deep)."""
+        if self.keys is None or self.values is None:  # both or neither (checked in __post_init__)
+            return (self.embeds,)
+        return (self.embeds, self.keys, self.values)
+
+    def detached(self) -> PrefixWeights:
+        """A float32 copy that shares nothing with the adapter (for graph constants and caches)."""
+        copy = [t.detach().float().clone() for t in self.tensors()]
+        return PrefixWeights(*copy)
+
+
+def as_prefix_weights(prefix: torch.Tensor | PrefixWeights) -> PrefixWeights:
+    """A ``(m, D)`` tensor (a shallow prefix) or :class:`PrefixWeights` -> :class:`PrefixWeights`."""
+    return prefix if isinstance(prefix, PrefixWeights) else PrefixWeights(prefix)
+
+
+def clip_text_model_of(model: nn.Module) -> CLIPTextModel:
+    """The ``CLIPTextModel`` inside ``model`` (itself, or ``.text_model`` of the projection variant)."""
+    if isinstance(model, CLIPTextModelWithProjection):
+        text_model: CLIPTextModel = model.text_model
+        return text_model
+    if isinstance(model, CLIPTextModel):
+        return model
+    raise APLAdapterError(
+        f"APL adapts CLIP text encoders (transformers CLIPTextModel or CLIPTextModelWithProjection), "
+        f"got {type(model).__name__}. Pass the pipeline's text_encoder (or text_encoder_2 for SDXL)."
+    )
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (its ``get_base_model()``), or ``model`` itself."""
+    get_base_model: Any = getattr(model, "get_base_model", None)
+    if get_base_model is None:
+        return model
+    base: nn.Module = get_base_model()
+    return base
