@@ -35,13 +35,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         kind, optional = _unwrap_optional(hints[item.name])
         help_text = item.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         options: dict[str, Any] = {"dest": item.name}
-        if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
-            options["required"] = True
+        if item.default is not dataclasses.MISSING:
+            options["default"] = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            options["default"] = item.default_factory()
         else:
-            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-            options["default"] = default
-            if default not in (None, [], False, ""):
-                help_text = f"{help_text} Default: {default}.".strip()
+            options["required"] = True
+        if options.get("default") not in (None, [], False, ""):
+            help_text = f"{help_text} Default: {options['default']}.".strip()
         if kind is bool:
             if options.get("default") is not False:
                 raise TypeError(f"{config_class.__name__}.{item.name}: a flag must default to False")
