@@ -25,9 +25,9 @@ from types import ModuleType
 
 import torch
 
-from .engines import load_tensorrt
 from .errors import ExportError
 from .runtime_base import APLPipelineBase
+from .tensorrt_loader import load_tensorrt
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64,
                  "BOOL": torch.bool}  # fmt: skip

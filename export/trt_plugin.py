@@ -21,7 +21,7 @@ needs a GPU and has not run here.
 
 TensorRT-RTX 1.7's ONNX parser ``dlopen``s ``libtensorrt_rtx.so`` (unversioned) for plugin nodes, and the wheel
 ships only ``libtensorrt_rtx.so.1``: :func:`plugin_process_env` gives the environment (``LD_LIBRARY_PATH`` with a
-symlink) a builder process needs; without it the parser aborts the process.
+symlink) a builder process needs; without it the parser aborts the process (see :mod:`apl_export.tensorrt_loader`).
 
 Example (builds in a child process, as the loader path must be set before TensorRT loads):
 
@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -52,6 +50,8 @@ from apl_adapter.model import PrefixWeights
 
 from .errors import ExportError
 from .modules import BakedPrefixStateGraph
+from .tensorrt_loader import load_tensorrt
+from .tensorrt_loader import plugin_process_env as plugin_process_env  # public here too: how plugin engines build
 
 OP_DOMAIN = "apl"
 OP_NAME = "PrefixAttention"
@@ -170,39 +170,6 @@ def make_fast_text_encoder(
 # ----------------------------------------------------------------------------------------------------------------
 # TensorRT: the plugin (Python plugin API, IPluginV3 / IPluginCreatorV3One)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def tensorrt_rtx_library_dir() -> Path | None:
-    """A folder holding ``libtensorrt_rtx.so`` -> the wheel's ``libtensorrt_rtx.so.1`` (None without the wheel)."""
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("tensorrt_rtx_libs")
-    except ImportError:
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    versioned = Path(next(iter(spec.submodule_search_locations))) / "libtensorrt_rtx.so.1"
-    if not versioned.exists():
-        return None
-    folder = Path(tempfile.gettempdir()) / f"apl-trt-rtx-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
-    link = folder / "libtensorrt_rtx.so"
-    if not (link.is_symlink() and link.resolve() == versioned.resolve()):
-        tmp = folder / f".link-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(versioned)
-        tmp.replace(link)  # atomic: concurrent builders never see a half-made link
-    return folder
-
-
-def plugin_process_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a process that parses ONNX with plugin nodes using TensorRT-RTX (see the module docstring)."""
-    env = dict(os.environ if base is None else base)
-    folder = tensorrt_rtx_library_dir()
-    if folder is not None:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(folder), env.get("LD_LIBRARY_PATH", "")) if p)
-    return env
 
 
 def _tensor_from_pointer(pointer: int, desc, trt: ModuleType) -> torch.Tensor:
@@ -369,10 +336,8 @@ def _check_build(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build a TensorRT engine containing the apl::PrefixAttention plugin")
     parser.add_argument("--check-build", action="store_true", help="build and report (the only action)")
     parser.add_argument("--onnx", type=Path, help="an ONNX file with apl::PrefixAttention nodes (default: one node)")
-    parser.add_argument("--module", default=None, help="TensorRT module (default: as apl_export.engines picks)")
+    parser.add_argument("--module", default=None, help="TensorRT module (default: as apl_export.tensorrt_loader picks)")
     args = parser.parse_args(argv)
-    from .engines import load_tensorrt
-
     trt = load_tensorrt(args.module)
     if args.onnx:
         model = onnx.load(str(args.onnx))

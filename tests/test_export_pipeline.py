@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from apl_export import engines as engines_module
+from apl_export import tensorrt_loader
 from apl_export.errors import ExportError, TensorRTUnavailableError, ValidationError
 from apl_export.exporter import ExportOptions, PeftTextEncoderReference, export_pipeline, load_pipeline
 from apl_export.runtime_ort import ORTAPLPipeline
@@ -243,7 +243,7 @@ def test_triton_pipeline_model_generates_what_the_exported_pipeline_does(baked, 
 
 def test_input_mode_without_trt_builder_keeps_onnx(sources, monkeypatch):
     """Input mode end to end, with no TensorRT builder importable: a clear error, the ONNX published."""
-    monkeypatch.setattr(engines_module, "BUILDER_MODULES", ("apl_no_such_tensorrt_module",))
+    monkeypatch.setattr(tensorrt_loader, "BUILDER_MODULES", ("apl_no_such_tensorrt_module",))
     options = ExportOptions(ranges=RANGES, exporter="torchscript", prefix_mode="input", trt=True)
     out = sources / "input"
     with pytest.raises(TensorRTUnavailableError, match="needs a TensorRT builder"):
