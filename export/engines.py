@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ExportError
 from .tensorrt_loader import builder_name, load_tensorrt, plugin_process_env
-from .trt_plugin import register_plugin
+from .trt_plugin.plugin import register_plugin
 
 ENGINE_DIR = "engines"
 TIMING_CACHE = "timing.cache"

@@ -46,7 +46,8 @@ from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph, make_stan
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
 from .runtime_base import load_scheduler
 from .specs import ModelSpec, ShapeRanges, text_encoder_spec, unet_spec, vae_decoder_spec
-from .trt_plugin import OP_DOMAIN, OP_NAME, make_fast_text_encoder, onnx_reference_ops, onnx_translation_table
+from .trt_plugin.fast_encoder import make_fast_text_encoder
+from .trt_plugin.onnx_op import OP_DOMAIN, OP_NAME, onnx_reference_ops, onnx_translation_table
 from .validate import check_structure, compare_custom_op_graph, compare_with_torch, tolerance
 
 PrefixMode = Literal["baked", "input"]

@@ -120,7 +120,7 @@ class TRTAPLPipeline(APLPipelineBase):
         if self.manifest.get("text_encoder_variant") == "fast" or any(
             info.get("plugins") for info in engines["models"].values()
         ):
-            from .trt_plugin import register_plugin
+            from .trt_plugin.plugin import register_plugin
 
             register_plugin(self.trt)  # the fast text encoder's apl::PrefixAttention nodes: before deserializing
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
