@@ -20,7 +20,8 @@ import pytest
 import torch
 from apl_export import tensorrt_loader
 from apl_export.errors import ExportError, TensorRTUnavailableError, ValidationError
-from apl_export.exporter import ExportOptions, PeftTextEncoderReference, export_pipeline, load_pipeline
+from apl_export.exported_models import PeftTextEncoderReference
+from apl_export.exporter import ExportOptions, export_pipeline, load_pipeline
 from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec
 from apl_export.triton import check_triton_repository, public_models_taking_token_ids, write_triton_repository

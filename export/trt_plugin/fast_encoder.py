@@ -1,8 +1,8 @@
 """The "fast" text encoder graph: a baked APL prefix whose per-layer keys/values are graph constants, and one
 ``apl::PrefixAttention`` node per layer (:mod:`.onnx_op`) instead of plain attention.
 
-``apl-export --text-encoder fast`` exports it as ``text_encoder`` (``TEXT_ENCODER_VARIANTS["fast"]`` in
-:mod:`apl_export.exporter`).
+``apl-export --text-encoder fast`` exports it as ``text_encoder`` (``FastTextEncoder`` in
+:mod:`apl_export.exported_models`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class FastCLIPTextEncoderGraph(BakedPrefixStateGraph):
 def make_fast_text_encoder(
     clip: nn.Module, prefix: torch.Tensor | PrefixWeights | None, prefix_as_input: bool, m: int
 ) -> nn.Module:
-    """Entry for ``apl_export.exporter.TEXT_ENCODER_VARIANTS["fast"]`` (same arguments as the standard graph)."""
+    """The graph of ``apl_export.exported_models.FastTextEncoder`` (same arguments as the standard graph)."""
     if prefix_as_input or prefix is None:
         raise ExportError(
             "The fast text encoder bakes the prefix's keys and values into the graph; it needs a baked prefix "
