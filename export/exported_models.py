@@ -159,6 +159,7 @@ class ExportedModel(ABC):
         return FP16_ATOL if fp16 else self.fp32_atol
 
     def onnx_exporter(self, requested: Exporter) -> Exporter:
+        """The ONNX exporter this model is exported with (``--exporter`` unless the graph needs another)."""
         return requested
 
     def translation_table(self) -> dict | None:
