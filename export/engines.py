@@ -1,9 +1,7 @@
 """TensorRT engines from the exported ONNX files: one profile per engine, strongly typed.
 
-The builder module is chosen at run time: ``tensorrt`` where installed (GPU machines), else the
-TensorRT-RTX wheels (module ``tensorrt_rtx``, or ``tensorrt_rtx_bindings`` as the standalone wheel
-names it), which parse ONNX and build serialized engines on a CPU-only machine. The two must not
-be loaded in one process, so only the first found is imported.
+The builder is whichever TensorRT :func:`.tensorrt_loader.load_tensorrt` finds: ``tensorrt`` on GPU machines, else
+the TensorRT-RTX wheels, which parse ONNX and build serialized engines on a CPU-only machine.
 
 Precision comes from the ONNX file (strongly typed network, as TensorRT demo/Diffusion): export
 with ``--fp16`` for fp16 engines. ``tensorrt`` engines use and update a shared timing cache
@@ -12,8 +10,8 @@ runtime cache), so none is written for it.
 
 Models whose manifest entry lists ``plugins`` (the fast text encoder's ``apl::PrefixAttention`` nodes) are built
 in a child process (``python -m apl_export.engines --plugin-build``) started with
-:func:`apl_export.trt_plugin.plugin_process_env`, which registers the plugin before parsing: TensorRT-RTX's ONNX
-parser needs that loader path before TensorRT loads.
+:func:`apl_export.tensorrt_loader.plugin_process_env` (TensorRT-RTX's ONNX parser needs that loader path before
+TensorRT loads); the child registers the plugin before parsing.
 
 Without a GPU an engine cannot be deserialized, so what is checked here is the parsed network
 (I/O names, dtypes, ranks), the profile that was set, and that the builder returned a plan.
@@ -22,7 +20,6 @@ Without a GPU an engine cannot be deserialized, so what is checked here is the p
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import subprocess
 import sys
@@ -34,33 +31,14 @@ from types import ModuleType
 
 import numpy as np
 
-from .errors import ExportError, TensorRTUnavailableError
+from .errors import ExportError
+from .tensorrt_loader import builder_name, load_tensorrt, plugin_process_env
+from .trt_plugin.plugin import register_plugin
 
 ENGINE_DIR = "engines"
 TIMING_CACHE = "timing.cache"
-BUILDER_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT demo/Diffusion's default: good engines, bounded build time
 _DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
-
-
-def load_tensorrt(prefer: str | None = None) -> ModuleType:
-    """Import the first TensorRT builder available (``prefer`` first, if given)."""
-    names = (prefer, *BUILDER_MODULES) if prefer else BUILDER_MODULES
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "Builder"):  # the `tensorrt` placeholder wheel on PyPI has no Builder
-            return module
-    raise TensorRTUnavailableError(
-        "--trt needs a TensorRT builder, and none is installed: install `tensorrt` on a GPU machine, or the "
-        "TensorRT-RTX wheels anywhere (pip install 'apl-adapter[trt]'). The ONNX export is complete without it."
-    )
-
-
-def builder_name(trt: ModuleType) -> str:
-    return f"{trt.__name__.split('_bindings')[0]} {trt.__version__}"
 
 
 def build_engines(staging: Path, manifest: dict, fp16: bool, progress: Callable[[str], None] = print) -> dict:
@@ -97,9 +75,7 @@ def _build_request(trt: ModuleType, request: dict) -> dict:
 
 def build_in_plugin_process(trt: ModuleType, request: dict) -> dict:
     """Build one engine whose graph holds ``apl::PrefixAttention`` nodes, in a child process with the plugin's
-    environment (:func:`apl_export.trt_plugin.plugin_process_env`); returns what :func:`build_engine` returns."""
-    from .trt_plugin import plugin_process_env
-
+    environment (:func:`apl_export.tensorrt_loader.plugin_process_env`); returns what :func:`build_engine` returns."""
     cmd = [sys.executable, "-m", "apl_export.engines", "--plugin-build", "--module", trt.__name__]
     result = subprocess.run(cmd, input=json.dumps(request), env=plugin_process_env(), capture_output=True, text=True)
     if result.returncode != 0:
@@ -112,8 +88,6 @@ def build_in_plugin_process(trt: ModuleType, request: dict) -> dict:
 
 def _plugin_build_main(argv: list[str] | None = None) -> int:
     """Child-process entry: read a build request (JSON) on stdin, register the plugin, build, print the result."""
-    from .trt_plugin import register_plugin
-
     parser = argparse.ArgumentParser(description="build one TensorRT engine with the apl::PrefixAttention plugin")
     parser.add_argument("--plugin-build", action="store_true", required=True, help="the only action")
     parser.add_argument("--module", default=None, help="TensorRT module the parent process built with")

@@ -4,12 +4,13 @@ The stages, each printed as it runs:
 
 1. load the diffusers folder and the adapter (``PeftModel.from_pretrained``: the reference);
 2. ONNX: ``text_encoder`` (with the APL prefix, baked or as an input), ``negative_text_encoder``
-   (the plain encoder, for the negative / unconditional prompt), ``unet``, ``vae_decoder``;
+   (the plain encoder, for the negative / unconditional prompt), ``unet``, ``vae_decoder``: one object per model
+   (:mod:`.exported_models`: graph, reference, I/O spec and TensorRT profile, feeds, tolerance, config), looped over;
 3. validation of each ONNX file against PyTorch (fatal on failure, see :mod:`.validate`); the ``fast`` text
    encoder (``apl::PrefixAttention`` nodes, which onnxruntime cannot run) is run by onnx's ``ReferenceEvaluator``
    with the node in NumPy, and as the exported PyTorch module, both against the ``PeftModel`` (atol 1e-5);
-4. the optimum-style folder: configs, tokenizer, scheduler, ``model_index.json`` and the
-   ``apl_export.json`` manifest (I/O, profiles, validation results);
+4. the optimum-style folder: each model's config (written with it), tokenizer, scheduler, ``model_index.json``
+   and the ``apl_export.json`` manifest (I/O, profiles, validation results);
 5. optional TensorRT engines (:mod:`.engines`) and Triton repository (:mod:`.triton`).
 
 Everything is written into a temporary folder next to ``out`` and renamed at the end, so a
@@ -33,33 +34,30 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import onnx
 import torch
 
 from apl_adapter.atomic import replace_folder, staging_folder
 from apl_adapter.errors import check_output_folder
-from apl_adapter.tuners.apl.prefix import PrefixWeights
 
 from .errors import ExportError, TensorRTUnavailableError
-from .modules import CLIPTextEncoderGraph, UNetGraph, VAEDecoderGraph, make_standard_text_encoder
+from .exported_models import (
+    FAST_TEXT_ENCODER,
+    NEGATIVE_TEXT_ENCODER,
+    TEXT_ENCODER,
+    UNET,
+    ExportedModel,
+    LoadedPipeline,
+    check_text_encoder_options,
+    pipeline_models,
+)
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
 from .runtime_base import load_scheduler
-from .specs import ModelSpec, ShapeRanges, text_encoder_spec, unet_spec, vae_decoder_spec
-from .trt_plugin import OP_DOMAIN, OP_NAME, make_fast_text_encoder, onnx_reference_ops, onnx_translation_table
-from .validate import check_structure, compare_custom_op_graph, compare_with_torch, tolerance
+from .specs import ShapeRanges
+from .validate import check_structure
 
 PrefixMode = Literal["baked", "input"]
 MANIFEST_NAME = "apl_export.json"
 FORMAT_VERSION = 1
-TEXT_ENCODER, NEGATIVE_TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "negative_text_encoder", "unet", "vae_decoder"
-# Prompts for the "real input" validation feeds: with and without a person, short and truncated.
-VALIDATION_PROMPTS = (
-    "a photo of Ann Lee",
-    "a red cube on a wooden table",
-    "a close-up portrait of Zorblax Quentaro smiling, studio light, " + "very detailed " * 20,
-    "",
-)
 
 
 @dataclass
@@ -71,68 +69,14 @@ class ExportOptions:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     exporter: Exporter = "dynamo"
-    text_encoder: str = "standard"  # a key of TEXT_ENCODER_VARIANTS
+    text_encoder: str = "standard"  # a key of exported_models.TEXT_ENCODER_VARIANTS
     trt: bool = False
     triton: bool = False
     triton_expose_parts: bool = False  # also publish each part (then a client can bypass the prefix)
     overwrite: bool = False
 
 
-@dataclass
-class LoadedPipeline:
-    text_encoder: torch.nn.Module  # the PeftModel: the PyTorch reference with the prefix
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    tokenizer: object
-    scheduler: object
-    prefix: torch.Tensor  # (m, D)
-    apply_to_negative_prompt: bool
-    adapter_dir: Path
-    prefix_weights: PrefixWeights | None = None  # every prefix tensor (a deep prefix's rows too); None = shallow
-
-    def __post_init__(self) -> None:
-        if self.prefix_weights is None:
-            self.prefix_weights = PrefixWeights(self.prefix)
-
-    @property
-    def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        """The image side the pipeline makes by default: ``unet.config.sample_size`` x VAE factor (as diffusers)."""
-        size = self.unet.config.sample_size
-        return int(size if isinstance(size, int) else max(size)) * self.vae_factor
-
-    @property
-    def image_multiple(self) -> int:
-        """Image sides must divide by this: the VAE factor times the UNet's downsampling (64 for SD 1.x)."""
-        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def clip(self):
-        return self.text_encoder.get_base_model()
-
-
 Progress = Callable[[str], None]
-
-# Graph builders for the prefixed text encoder: (clip, baked prefix or None, prefix_as_input, m) -> module.
-# "fast": the prefix's per-layer keys/values are graph constants and each layer's attention is one
-# apl::PrefixAttention node (a TensorRT plugin, apl_export.trt_plugin); onnxruntime cannot run that node.
-TEXT_ENCODER_VARIANTS: dict[str, Callable[..., torch.nn.Module]] = {
-    "standard": make_standard_text_encoder,
-    "fast": make_fast_text_encoder,
-}
-FAST_TEXT_ENCODER = "fast"
-# The fast variant's graph holds custom nodes: the ONNX translation table for torch.onnx.export (dynamo).
-TEXT_ENCODER_TRANSLATIONS: dict[str, Callable[[], dict]] = {FAST_TEXT_ENCODER: onnx_translation_table}
-FAST_FP32_ATOL = 1e-5
-FAST_VALIDATION_NOTE = (
-    f"onnxruntime has no kernel for the custom {OP_DOMAIN}::{OP_NAME} node, so instead of onnxruntime the ONNX file "
-    "was run by onnx.reference.ReferenceEvaluator with a NumPy implementation of that node "
-    "(apl_export.trt_plugin.prefix_attention_numpy), and the exported PyTorch module (FastCLIPTextEncoderGraph) "
-    "was run too; both against the adapter's PeftModel forward. The TensorRT plugin's CUDA enqueue is not run here."
-)
 
 
 def export_pipeline(
@@ -305,115 +249,26 @@ def check_validation_fits(loaded: LoadedPipeline, ranges: ShapeRanges) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch references (what the ONNX files are compared with)
-# ----------------------------------------------------------------------------------------------
-
-
-class PeftTextEncoderReference(torch.nn.Module):
-    """The adapter's own PyTorch forward (``PeftModel``), with the tensor signature of the exported graph.
-
-    ``prefix_as_input``: the given prefix is copied into the adapter before each call, so a new
-    prefix is compared with what PyTorch does with it. ``plain``: the adapter is disabled.
-    """
-
-    def __init__(self, peft_model, output_names: list[str], prefix_as_input: bool = False, plain: bool = False):
-        super().__init__()
-        self.peft_model = peft_model
-        self.output_names = output_names
-        self.prefix_as_input = prefix_as_input
-        self.plain = plain
-
-    def forward(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None):
-        ids = input_ids.to(torch.int64)
-        if self.plain:
-            with self.peft_model.disable_adapter():
-                out = self.peft_model(input_ids=ids)
-        elif self.prefix_as_input:
-            param = self.peft_model.get_base_model().embeddings.apl_prefix["default"]
-            saved = param.detach().clone()
-            with torch.no_grad():
-                param.copy_(prefix)
-            try:
-                out = self.peft_model(input_ids=ids)
-            finally:
-                with torch.no_grad():
-                    param.copy_(saved)
-        else:
-            out = self.peft_model(input_ids=ids)
-        pooled = out.text_embeds if "text_embeds" in self.output_names else out.pooler_output
-        return out.last_hidden_state, pooled
-
-
-# ----------------------------------------------------------------------------------------------
 # ONNX export + validation of each model
 # ----------------------------------------------------------------------------------------------
 
 
 def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOptions, progress: Progress) -> dict:
     """Export and validate every model; returns the manifest (without engines)."""
-    if options.text_encoder not in TEXT_ENCODER_VARIANTS:
-        raise ExportError(
-            f"--text-encoder {options.text_encoder!r} is not available in this build; "
-            f"choose one of {sorted(TEXT_ENCODER_VARIANTS)}."
-        )
-    make_text_encoder = TEXT_ENCODER_VARIANTS[options.text_encoder]
-    fast = options.text_encoder == FAST_TEXT_ENCODER
-    if fast and options.fp16:
-        raise ExportError(
-            "--text-encoder fast is exported and validated in fp32 only (onnxruntime cannot check an fp16 "
-            "conversion of its custom nodes); drop --fp16 or use --text-encoder standard."
-        )
-    if fast and options.triton:
-        raise ExportError(
-            "--triton cannot serve --text-encoder fast: its apl::PrefixAttention node is a Python TensorRT plugin, "
-            "which Triton's TensorRT backend cannot load, and onnxruntime cannot run it; use --text-encoder standard."
-        )
-    clip = loaded.clip
-    width = clip.config.hidden_size
-    m = loaded.prefix.shape[0]
-    ranges = options.ranges
     baked = options.prefix_mode == "baked"
-    if loaded.prefix_weights.is_deep and not baked:
-        raise ExportError(
-            "This adapter is a deep prefix (keys and values at every encoder layer); --prefix-mode input feeds only "
-            "the (m, D) input vectors, so a deep prefix is exported baked. Use --prefix-mode baked (the default)."
-        )
-    models: dict[str, dict] = {}
-
-    graph = make_text_encoder(clip, loaded.prefix_weights if baked else None, not baked, m)
-    # The graph runs CLIP's submodules directly: the PEFT hook must not shift the ids a second time.
-    spec = text_encoder_spec(TEXT_ENCODER, width, graph.output_names[1], width, ranges, prefix_len=0 if baked else m)
-    reference = PeftTextEncoderReference(loaded.text_encoder, spec.output_names, prefix_as_input=not baked)
-    feeds = text_feeds(loaded, spec, with_prefix=not baked)
-    models[TEXT_ENCODER] = _export_and_validate(graph, reference, spec, feeds, staging, options, progress, fast=fast)
-    if not baked:
-        np.save(staging / TEXT_ENCODER / "prefix.npy", loaded.prefix.float().numpy())
-
-    negative_source = TEXT_ENCODER
-    if not loaded.apply_to_negative_prompt:
-        negative_source = NEGATIVE_TEXT_ENCODER
-        graph = CLIPTextEncoderGraph(clip)
-        spec = text_encoder_spec(NEGATIVE_TEXT_ENCODER, width, graph.output_names[1], width, ranges)
-        reference = PeftTextEncoderReference(loaded.text_encoder, spec.output_names, plain=True)
-        feeds = text_feeds(loaded, spec, with_prefix=False)
-        models[NEGATIVE_TEXT_ENCODER] = _export_and_validate(graph, reference, spec, feeds, staging, options, progress)
-
-    graph = UNetGraph(loaded.unet)
-    spec = unet_spec(loaded.unet.config.cross_attention_dim, loaded.vae_factor, ranges, loaded.unet.config.in_channels)
-    models[UNET] = _export_and_validate(graph, graph, spec, unet_feeds(loaded, spec), staging, options, progress)
-
-    graph = VAEDecoderGraph(loaded.vae)
-    spec = vae_decoder_spec(loaded.vae_factor, ranges, loaded.vae.config.latent_channels)
-    models[VAE_DECODER] = _export_and_validate(graph, graph, spec, latent_feeds(spec), staging, options, progress)
-
+    check_text_encoder_options(loaded, options.text_encoder, baked, options.fp16, options.triton)
+    models = pipeline_models(loaded, options.ranges, options.text_encoder, baked)
+    exported = {model.name: export_and_validate(model, staging, options, progress) for model in models}
+    negative_source = NEGATIVE_TEXT_ENCODER if NEGATIVE_TEXT_ENCODER in exported else TEXT_ENCODER
+    ranges = options.ranges
     weights = loaded.adapter_dir / "adapter_model.safetensors"
     return {
         "format_version": FORMAT_VERSION,
         "prefix_mode": options.prefix_mode,
         "prefix_depth": "deep" if loaded.prefix_weights.is_deep else "shallow",
         "text_encoder_variant": options.text_encoder,
-        "num_virtual_tokens": m,
-        "hidden_size": width,
+        "num_virtual_tokens": loaded.prefix.shape[0],
+        "hidden_size": loaded.clip.config.hidden_size,
         "negative_prompt_encoder": negative_source,
         "vae_factor": loaded.vae_factor,
         "image_multiple": loaded.image_multiple,
@@ -423,36 +278,26 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
         "fp16": options.fp16,
         "adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "ranges": {k: list(vars(getattr(ranges, k)).values()) for k in ("batch", "height", "width")},
-        "models": models,
+        "models": exported,
     }
 
 
-def _export_and_validate(
-    graph, reference, spec: ModelSpec, feeds, staging: Path, options, progress, fast: bool = False
-) -> dict:
-    """Export ``graph``; validate it against ``reference``. ``fast``: the graph holds ``apl::PrefixAttention`` nodes
-    (exported with dynamo and the custom translation table; numerics checked on the PyTorch graph, see
-    :data:`FAST_VALIDATION_NOTE`)."""
+def export_and_validate(model: ExportedModel, staging: Path, options: ExportOptions, progress: Progress) -> dict:
+    """Export ``model`` to ``<staging>/<name>/model.onnx``, validate it, write its config; returns its manifest entry
+    (I/O, the TensorRT profile, the validation report)."""
+    spec = model.spec
     path = staging / spec.name / "model.onnx"
+    feeds = model.feeds()
     example = tuple(torch.from_numpy(feeds[0][t.name]) for t in spec.inputs)
-    exporter = "dynamo" if fast else options.exporter
-    translation = TEXT_ENCODER_TRANSLATIONS[FAST_TEXT_ENCODER]() if fast else None
-    export_model(graph, example, spec, path, opset=options.opset, exporter=exporter, fp16=options.fp16,
-                 progress=progress, custom_translation_table=translation)  # fmt: skip
+    exporter = model.onnx_exporter(options.exporter)
+    export_model(model.graph, example, spec, path, opset=options.opset, exporter=exporter, fp16=options.fp16,
+                 progress=progress, custom_translation_table=model.translation_table())  # fmt: skip
     check_structure(path, spec)
-    extra = {}
-    if fast:
-        nodes = sum(n.domain == OP_DOMAIN and n.op_type == OP_NAME for n in onnx.load(str(path)).graph.node)
-        if nodes == 0:
-            raise ExportError(f"{path}: the fast text encoder was exported without {OP_DOMAIN}::{OP_NAME} nodes.")
-        report = compare_custom_op_graph(
-            path, graph, reference, spec, feeds, FAST_FP32_ATOL, onnx_reference_ops(), FAST_VALIDATION_NOTE, progress
-        )
-        extra = {"exporter": exporter, "plugins": {f"{OP_DOMAIN}::{OP_NAME}": nodes}}
-    else:
-        report = compare_with_torch(path, reference, spec, feeds, tolerance(spec.name, options.fp16), progress)
+    extras = model.manifest_extras(path, exporter)
+    report = model.validate(path, feeds, options.fp16, progress)
+    model.save_files(path.parent)
     return {
-        **extra,
+        **extras,
         "path": f"{spec.name}/model.onnx",
         "inputs": [_tensor_json(t) for t in spec.inputs],
         "outputs": [_tensor_json(t) for t in spec.outputs],
@@ -466,80 +311,12 @@ def _tensor_json(tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation feeds: real prompts and random inputs at the profile's shapes
-# ----------------------------------------------------------------------------------------------
-
-
-def _batches(spec: ModelSpec, dim: str) -> list[int]:
-    rng = spec.dim_ranges[dim]
-    return sorted({max(rng.opt, 2), rng.max})  # > 1 first: the exporter must not specialise the batch
-
-
-def text_feeds(loaded: LoadedPipeline, spec: ModelSpec, with_prefix: bool) -> list[dict[str, np.ndarray]]:
-    """Real prompts (incl. one truncated by the prefix) and random token ids, at the opt and max batch."""
-    generator = np.random.default_rng(0)
-    tok = loaded.tokenizer
-    feeds = []
-    for batch in _batches(spec, "batch"):
-        prompts = [VALIDATION_PROMPTS[i % len(VALIDATION_PROMPTS)] for i in range(batch)]
-        real = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
-        random_ids = real.copy()
-        for row in random_ids:
-            n = int(generator.integers(1, 60))
-            row[1 : 1 + n] = generator.integers(0, tok.bos_token_id - 1, n)
-            row[1 + n :] = tok.eos_token_id
-        feeds += [{"input_ids": real.astype(np.int32)}, {"input_ids": random_ids.astype(np.int32)}]
-    if with_prefix:
-        trained = loaded.prefix.float().numpy()
-        other = generator.uniform(0, 1, trained.shape).astype(np.float32)
-        feeds = [{**f, "prefix": p} for f in feeds for p in (trained, other)]
-    return feeds
-
-
-def unet_feeds(loaded: LoadedPipeline, spec: ModelSpec) -> list[dict[str, np.ndarray]]:
-    """Random latents at the opt and min image size; real prompt embeddings and random ones; early/late t."""
-    generator = np.random.default_rng(1)
-    sample_spec, _, text_spec = spec.inputs
-    feeds = []
-    for level, t in (("opt", 999.0), ("min", 1.0)):
-        dims = {k: getattr(r, level) for k, r in spec.dim_ranges.items()}
-        dims["unet_batch"] = max(dims["unet_batch"], 2)
-        sample = generator.standard_normal(sample_spec.shape_for(dims)).astype(np.float32)
-        if level == "opt":
-            ids = loaded.tokenizer(
-                [VALIDATION_PROMPTS[i % 2] for i in range(dims["unet_batch"])],
-                padding="max_length", max_length=77, truncation=True, return_tensors="pt",
-            ).input_ids  # fmt: skip
-            with torch.no_grad():
-                hidden = loaded.text_encoder(input_ids=ids).last_hidden_state.numpy()
-        else:
-            hidden = generator.standard_normal(text_spec.shape_for(dims)).astype(np.float32)
-        feeds.append({"sample": sample, "timestep": np.array([t], np.float32), "encoder_hidden_states": hidden})
-    return feeds
-
-
-def latent_feeds(spec: ModelSpec) -> list[dict[str, np.ndarray]]:
-    generator = np.random.default_rng(2)
-    feeds = []
-    for level in ("opt", "min"):
-        dims = {k: getattr(r, level) for k, r in spec.dim_ranges.items()}
-        dims["batch"] = max(dims["batch"], 2)
-        feeds.append({"latent_sample": generator.standard_normal(spec.inputs[0].shape_for(dims)).astype(np.float32)})
-    return feeds
-
-
-# ----------------------------------------------------------------------------------------------
 # Folder layout (optimum-style)
 # ----------------------------------------------------------------------------------------------
 
 
 def write_layout(loaded: LoadedPipeline, staging: Path, manifest: dict) -> None:
-    """Configs next to each model, tokenizer, scheduler and a diffusers-style ``model_index.json``."""
-    for name in (TEXT_ENCODER, NEGATIVE_TEXT_ENCODER):
-        if name in manifest["models"]:
-            loaded.clip.config.to_json_file(staging / name / "config.json")
-    loaded.unet.save_config(staging / UNET)
-    loaded.vae.save_config(staging / VAE_DECODER)
+    """Tokenizer, scheduler and a diffusers-style ``model_index.json`` (each model's config is next to it already)."""
     loaded.tokenizer.save_pretrained(staging / "tokenizer")
     loaded.scheduler.save_config(staging / "scheduler")
     # optimum's folder layout, but not its pipeline class: the UNet takes a float32 (1,) timestep and

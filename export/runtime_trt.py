@@ -25,9 +25,9 @@ from types import ModuleType
 
 import torch
 
-from .engines import load_tensorrt
 from .errors import ExportError
 from .runtime_base import APLPipelineBase
+from .tensorrt_loader import load_tensorrt
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64,
                  "BOOL": torch.bool}  # fmt: skip
@@ -120,7 +120,7 @@ class TRTAPLPipeline(APLPipelineBase):
         if self.manifest.get("text_encoder_variant") == "fast" or any(
             info.get("plugins") for info in engines["models"].values()
         ):
-            from .trt_plugin import register_plugin
+            from .trt_plugin.plugin import register_plugin
 
             register_plugin(self.trt)  # the fast text encoder's apl::PrefixAttention nodes: before deserializing
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))

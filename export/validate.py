@@ -2,18 +2,8 @@
 
 Values are compared with polygraphy's :class:`Comparator` (one runner for onnxruntime, one for
 the PyTorch module) on several feeds: random and real inputs at the optimization-profile shapes.
-Tolerances are absolute, on the maximum error over every element:
-
-======================  ======  ======
-model                   fp32    fp16
-======================  ======  ======
-text encoder            1e-4    2e-2
-UNet                    1e-3    2e-2
-VAE decoder             3e-4    2e-2
-======================  ======  ======
-
-The fp16 bounds are loose on purpose: fp16 activations carry ~1e-3 relative error per op;
-these bounds catch a wrong graph, not rounding. The PyTorch side always runs in fp32.
+Tolerances are absolute, on the maximum error over every element; each exported model has its own
+(:mod:`.exported_models`). The PyTorch side always runs in fp32.
 """
 
 from __future__ import annotations
@@ -32,13 +22,6 @@ from polygraphy.common import TensorMetadata
 
 from .errors import ValidationError
 from .specs import ModelSpec
-
-FP32_ATOL = {"text_encoder": 1e-4, "negative_text_encoder": 1e-4, "unet": 1e-3, "vae_decoder": 3e-4}
-FP16_ATOL = 2e-2
-
-
-def tolerance(name: str, fp16: bool) -> float:
-    return FP16_ATOL if fp16 else FP32_ATOL[name]
 
 
 class TorchRunner(BaseRunner):

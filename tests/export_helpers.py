@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apl_export import engines as engines_module
+from apl_export import tensorrt_loader
 from apl_export.errors import TensorRTUnavailableError
 from peft import get_peft_model
 
@@ -14,7 +14,7 @@ from apl_adapter.testing import tiny_sd_pipeline
 
 def has_trt_builder() -> bool:
     try:
-        engines_module.load_tensorrt()
+        tensorrt_loader.load_tensorrt()
     except TensorRTUnavailableError:
         return False
     return True

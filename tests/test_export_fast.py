@@ -13,7 +13,8 @@ import pytest
 import torch
 from apl_export.cli import build_parser
 from apl_export.errors import ExportError, ValidationError
-from apl_export.exporter import ExportOptions, PeftTextEncoderReference, export_pipeline, load_pipeline
+from apl_export.exported_models import PeftTextEncoderReference
+from apl_export.exporter import ExportOptions, export_pipeline, load_pipeline
 from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec
 from apl_export.trt_plugin import FastCLIPTextEncoderGraph, onnx_reference_ops, prefix_attention_numpy

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from apl_export.errors import ExportError
-from apl_export.exporter import PeftTextEncoderReference
+from apl_export.exported_models import PeftTextEncoderReference
 from apl_export.modules import CLIPTextEncoderGraph, UNetGraph
 from apl_export.onnx_export import export_model
 from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec, unet_spec

@@ -18,9 +18,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from apl_export import engines as engines_module
+from apl_export import tensorrt_loader
 from apl_export.errors import ExportError, TensorRTUnavailableError, ValidationError
-from apl_export.exporter import ExportOptions, PeftTextEncoderReference, export_pipeline, load_pipeline
+from apl_export.exported_models import PeftTextEncoderReference
+from apl_export.exporter import ExportOptions, export_pipeline, load_pipeline
 from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.specs import ShapeRange, ShapeRanges, text_encoder_spec
 from apl_export.triton import check_triton_repository, public_models_taking_token_ids, write_triton_repository
@@ -243,7 +244,7 @@ def test_triton_pipeline_model_generates_what_the_exported_pipeline_does(baked, 
 
 def test_input_mode_without_trt_builder_keeps_onnx(sources, monkeypatch):
     """Input mode end to end, with no TensorRT builder importable: a clear error, the ONNX published."""
-    monkeypatch.setattr(engines_module, "BUILDER_MODULES", ("apl_no_such_tensorrt_module",))
+    monkeypatch.setattr(tensorrt_loader, "BUILDER_MODULES", ("apl_no_such_tensorrt_module",))
     options = ExportOptions(ranges=RANGES, exporter="torchscript", prefix_mode="input", trt=True)
     out = sources / "input"
     with pytest.raises(TensorRTUnavailableError, match="needs a TensorRT builder"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from apl_export.engines import load_tensorrt
 from apl_export.errors import ExportError, TensorRTUnavailableError
 from apl_export.exporter import ExportOptions, export_pipeline
 from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.runtime_trt import TRTAPLPipeline
 from apl_export.specs import ShapeRange, ShapeRanges
+from apl_export.tensorrt_loader import load_tensorrt
 from peft import get_peft_model
 
 from apl_adapter import APLConfig, save_adapter

@@ -1,5 +1,5 @@
 """The values an APL config may hold, shared by :class:`~apl_adapter.tuners.apl.config.APLConfig` and the checks
-of a saved ``adapter_config.json`` (:mod:`apl_adapter.serialization`).
+of a saved ``adapter_config.json`` (:mod:`apl_adapter.tuners.apl.serialization`).
 
 A leaf: the config checks a saved folder before loading it, so the checks cannot import the config for these.
 """
