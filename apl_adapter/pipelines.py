@@ -23,7 +23,6 @@ import contextlib
 import functools
 import inspect
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
 from .errors import APLAdapterError
+from .hub import looks_like_repo_id
 from .tuners.apl.config import APLConfig
 from .tuners.apl.model import has_apl_layers, strip_apl_layers
 from .tuners.apl.prefix import clip_text_model_of
@@ -134,15 +134,12 @@ def unload_apl(pipe):
     return remove_apl(pipe)
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def resolve_adapter(source: str | os.PathLike | PeftModel, subfolder: str | None = None):
     """A ``PeftModel`` or local folder as is; a Hub repo id -> the local snapshot of its adapter files."""
     if isinstance(source, PeftModel):
         return source
     local = Path(source).expanduser() / (subfolder or "")
-    if local.is_dir() or not _REPO_ID.match(str(source)) or Path(str(source)).exists():
+    if local.is_dir() or not looks_like_repo_id(str(source)) or Path(str(source)).exists():
         return local
     from huggingface_hub import snapshot_download
 

@@ -357,3 +357,24 @@ def test_checkpoint_limit_and_validation_images_without_and_with_the_prefix(base
                         generator=torch.Generator().manual_seed(config.seed + k)).images[0]  # fmt: skip
         assert np.abs(cells[k][0].astype(float) - np.round(expected * 255)).max() <= 1, prompt
     assert np.abs(cells[0][1].astype(float) - cells[0][0].astype(float)).mean() > 1.0
+
+
+def test_push_to_hub_refused_offline_before_training_and_a_failed_upload_keeps_the_adapter(
+    base_folder, data_folder, tmp_path
+):
+    common = ["--base", str(base_folder), "--data", str(data_folder), "--steps", "2", "--batch-size", "2"]
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "apl_adapter.training.cli", *common]
+    done = subprocess.run([*command, "--out", str(tmp_path / "off"), "--push-to-hub", "me/apl"], env=offline,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "HF_HUB_OFFLINE is set" in done.stderr
+    assert not (tmp_path / "off").exists()  # refused before anything was trained or written
+    with pytest.raises(APLAdapterError, match="repo id"):
+        train(TrainConfig(base="b", data="d", out=str(tmp_path / "bad"), push_to_hub="not a repo"))
+    # a Hub that cannot be reached (a closed local port): the adapter is saved, the error says how to upload it later
+    unreachable = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test"}
+    done = subprocess.run([*command, "--out", str(tmp_path / "run"), "--push-to-hub", "me/apl"], env=unreachable,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    adapter = tmp_path / "run" / "adapter"
+    assert done.returncode == 2 and f"huggingface-cli upload me/apl {adapter}" in done.stderr, done.stderr[-2000:]
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "README.md").is_file()

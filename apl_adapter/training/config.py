@@ -16,7 +16,7 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 RESUMABLE_CHANGES = frozenset(
     {
         "out", "steps", "resume", "resume_with_new_settings", "checkpoint_every", "checkpoints_total_limit",
-        "log_every", "gradient_checkpointing", "report_to", "validation_prompts", "validation_every",
+        "log_every", "gradient_checkpointing", "report_to", "validation_prompts", "validation_every", "push_to_hub",
     }
 )  # fmt: skip
 #: run bookkeeping, not part of what made a prefix (``TrainConfig.recipe`` leaves these out)
@@ -201,6 +201,15 @@ class TrainConfig:
     )
     validation_every: int = field(
         default=0, metadata={"help": "Draw the validation prompts every N steps as well as at the end (0 = end only)."}
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "REPO_ID",
+            "help": "After training, upload adapter/ (weights, config, model card) to this Hugging Face Hub repo, e.g. "
+            "'my-org/apl-sd15' (created if missing; needs the network and a token, e.g. from huggingface-cli login). "
+            "The adapter is saved locally first, so a failed upload loses nothing.",
+        },
     )
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from ..errors import APLAdapterError
+from ..hub import check_hub_upload, push_adapter
 from ..progress import batches
 from ..tuners.apl.config import APLConfig
 from ..tuners.apl.model import prefix_parameters
@@ -258,6 +259,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     out = Path(config.out)
     log_with = trackers(config.report_to)  # a missing tracker package is an error before any loading
     accelerator = accelerator or _new_accelerator(config.mixed_precision, log_with, out / "trackers")
+    check_hub_upload(config.push_to_hub)  # offline mode is refused now, not after the training
     check_base_folder(config.base)
     for folder in config.also_through:
         unet_subfolder(folder)
@@ -360,6 +362,8 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     if config.gradient_checkpointing:
         for unet in unets:
             unet.eval()
+    if config.push_to_hub and accelerator.is_main_process:
+        push_adapter(adapter_dir, config.push_to_hub, config.steps)
     return TrainResult(adapter_dir, config.steps, loss_value, time.perf_counter() - started, losses)
 
 
