@@ -218,7 +218,7 @@ def run_tiny_demo(out: Path, seed: int) -> dict:
     from peft import get_peft_model
 
     from .. import APLConfig, save_adapter
-    from ..pipelines import apply_apl, remove_apl
+    from ..pipelines import with_and_without_apl
     from ..testing import tiny_sd_pipeline
 
     _stage("a tiny random Stable Diffusion pipeline (real CLIP tokenizer) + a 10-vector APL prefix")
@@ -229,16 +229,15 @@ def run_tiny_demo(out: Path, seed: int) -> dict:
     save_adapter(model, out / "run" / "adapter")
     model.unload()
     _stage("the same prompts and seed with and without the prefix (prefix on the positive prompt only)")
-    rows, changes = [], []
-    for prompt in TINY_PROMPTS:
-        kwargs = dict(num_inference_steps=PAPER_STEPS, guidance_scale=PAPER_GUIDANCE_SCALE, output_type="np")
-        base = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
-        apply_apl(pipe, out / "run" / "adapter")
-        apl = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
-        remove_apl(pipe)
-        rows.append([base, apl])
-        changes.append({"prompt": prompt, "mean_abs_change": float(np.abs(apl - base).mean())})
-    _grid(rows).save(out / "grid.png")
+    kwargs = dict(num_inference_steps=PAPER_STEPS, guidance_scale=PAPER_GUIDANCE_SCALE, output_type="np")
+
+    def draw(prefixed: bool) -> list[np.ndarray]:
+        return [pipe(p, generator=torch.Generator().manual_seed(seed), **kwargs).images[0] for p in TINY_PROMPTS]
+
+    base, apl = with_and_without_apl(pipe, out / "run" / "adapter", draw)
+    changes = [{"prompt": prompt, "mean_abs_change": float(np.abs(a - b).mean())}
+               for prompt, b, a in zip(TINY_PROMPTS, base, apl)]  # fmt: skip
+    _grid([list(pair) for pair in zip(base, apl)]).save(out / "grid.png")
     _stage("apl-export on a tiny random pipeline (no world weights installed)")
     export = export_and_compare(out / "tiny-sd", out / "run" / "adapter", out, ["a photo of Ann Lee"], seed)
     return {"model": "tiny random pipeline (world weights not installed: run `apl-world build`)", "export": export,
