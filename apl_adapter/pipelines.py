@@ -25,6 +25,7 @@ import inspect
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
@@ -38,6 +39,7 @@ from .tuners.apl.serialization import check_adapter_folder
 
 _STATE = "_apl_state"
 AdapterLike = str | os.PathLike | PeftModel
+T = TypeVar("T")
 
 
 def apply_apl(
@@ -166,6 +168,24 @@ def remove_apl(pipe):
         model.unload()
     setattr(pipe, _STATE, None)
     return pipe
+
+
+def with_and_without_apl(
+    pipe, adapter: AdapterLike, draw: Callable[[bool], T], adapter_2: AdapterLike | None = None
+) -> tuple[T, T]:
+    """``(draw(False), draw(True))``: ``draw`` run on ``pipe`` as it is, then with the APL prefix applied.
+
+    The paired images of apl-bench and apl-eval: ``draw`` makes the same prompts from the same seeds both times (its
+    argument says whether the prefix is on, e.g. for a progress label or a folder), so a difference is the prefix's.
+    ``pipe`` is left without the prefix, also when ``draw`` raises.
+    """
+    plain = draw(False)  # first, so the plain images come from the pipeline untouched by any apply/remove
+    apply_apl(pipe, adapter, adapter_2)
+    try:
+        prefixed = draw(True)
+    finally:
+        remove_apl(pipe)
+    return plain, prefixed
 
 
 def apl_cached_encoders(pipe) -> dict:

@@ -205,7 +205,7 @@ def test_out_that_is_the_current_directory_is_refused(root, capsys, tmp_path, mo
 @pytest.mark.parametrize(
     "module",
     ["apl_adapter.training.cli", "apl_adapter.bench.cli", "apl_adapter.evaluation.cli", "apl_adapter.world.cli",
-     "apl_adapter.cli", "apl_adapter.demo", "apl_export.cli"],
+     "apl_adapter.cli", "apl_adapter.demo.cli", "apl_export.cli"],
 )  # fmt: skip
 def test_every_command_has_help_that_renders(module, capsys):
     """--help exits 0 with text (a '%' in a help string once broke apl-train --help)."""

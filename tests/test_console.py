@@ -21,7 +21,7 @@ COMMANDS = {
     "apl-bench": "apl_adapter.bench.cli",
     "apl-eval": "apl_adapter.evaluation.cli",
     "apl-world": "apl_adapter.world.cli",
-    "apl-demo": "apl_adapter.demo",
+    "apl-demo": "apl_adapter.demo.cli",
     "apl-export": "apl_export.cli",
 }
 

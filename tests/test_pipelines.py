@@ -10,7 +10,7 @@ from peft import get_peft_model
 from PIL import Image
 
 from apl_adapter import APLAdapterError, APLConfig
-from apl_adapter.pipelines import apl_cached_encoders, apl_models, apply_apl, remove_apl
+from apl_adapter.pipelines import apl_cached_encoders, apl_models, apply_apl, remove_apl, with_and_without_apl
 from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a photo of Ann Lee"
@@ -96,6 +96,35 @@ def test_images_change_with_apl_and_come_back_after_removal(sd, adapter_folder):
     after = sd(PROMPT, generator=_gen(), **STEPS).images
     np.testing.assert_array_equal(after, before)
     assert "encode_prompt" not in sd.__dict__
+
+
+def test_with_and_without_apl_draws_the_plain_pipeline_then_the_prefixed_one(sd, adapter_folder):
+    """The pairs of apl-bench, apl-eval and the demo: the plain half is exactly what the pipeline draws alone."""
+    prompts, seeds = [PROMPT, "a red cube on a table"], [0, 1]
+    calls = []
+
+    def draw(prefixed: bool) -> np.ndarray:
+        calls.append(prefixed)
+        return sd(prompts, generator=[_gen(s) for s in seeds], **STEPS).images
+
+    alone = draw(False)  # the plain pipeline, before any prefix was ever applied
+    plain, prefixed = with_and_without_apl(sd, adapter_folder, draw)
+    assert calls == [False, False, True]
+    np.testing.assert_array_equal(plain, alone)
+    apply_apl(sd, adapter_folder)
+    np.testing.assert_array_equal(prefixed, draw(True))
+    remove_apl(sd)
+    assert np.abs(prefixed - plain).max() > 1e-3  # the prefix was on for the second draw
+    np.testing.assert_array_equal(draw(False), alone)  # and is off again
+
+    def failing(prefixed: bool) -> None:
+        if prefixed:
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with_and_without_apl(sd, adapter_folder, failing)
+    assert "encode_prompt" not in sd.__dict__  # removed even so: the next pair can apply it again
+    np.testing.assert_array_equal(with_and_without_apl(sd, adapter_folder, draw)[0], alone)
 
 
 def test_prompt_embeds_passthrough_is_untouched(sd, adapter_folder):

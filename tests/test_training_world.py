@@ -34,9 +34,9 @@ pytestmark = pytest.mark.skipif(WORLD_BASE is None, reason="world weights not bu
 @pytest.mark.slow
 def test_short_training_lowers_seen_identity_accuracy_and_keeps_scenes(tmp_path):
     from apl_adapter.bench.cache import BaseImageCache
-    from apl_adapter.bench.demo import demo_train_config, write_demo_data
     from apl_adapter.bench.protocol import BenchModels, BenchSpec, Person, run_protocol
     from apl_adapter.bench.world import every_scene_case, world_readers
+    from apl_adapter.demo import demo_train_config, write_demo_data
     from apl_adapter.training import train
     from apl_adapter.world.models import SHIPPED_PREFIX, load_world_pipeline
     from apl_adapter.world.spec import WorldSpec

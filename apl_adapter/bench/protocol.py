@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..metrics.base import Recognizer, identity_metrics
-from ..pipelines import apply_apl, remove_apl
+from ..pipelines import with_and_without_apl
 from ..progress import batches
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 from .cache import BaseImageCache
@@ -162,14 +162,15 @@ def generate_plain(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: Ben
 
 
 def generate_pair(pipe, adapter, prompts, seeds, spec: BenchSpec, desc: str) -> tuple[list, list]:
-    """``(without APL, with APL)`` images of the same prompts and seeds."""
-    plain = generate_plain(pipe, prompts, seeds, spec, f"{desc} base")
-    apply_apl(pipe, adapter)
-    try:
-        anonymized = generate(pipe, prompts, seeds, spec, f"{desc} APL")
-    finally:
-        remove_apl(pipe)
-    return plain, anonymized
+    """``(without APL, with APL)`` images of the same prompts and seeds (the images without it may come from the
+    cache)."""
+
+    def draw(prefixed: bool) -> list[Image.Image]:
+        if prefixed:
+            return generate(pipe, prompts, seeds, spec, f"{desc} APL")
+        return generate_plain(pipe, prompts, seeds, spec, f"{desc} base")
+
+    return with_and_without_apl(pipe, adapter, draw)
 
 
 def pixel_change(first: Sequence[Image.Image], second: Sequence[Image.Image]) -> float:

@@ -297,7 +297,7 @@ def make_grid(sections: dict, per_section: int = 3, cell: int = GRID_CELL) -> Im
         draw.text((4, top + side // 2 - 6), title[:36], fill="black")
         is_person = not title.startswith("scenes")
         for column, (image, verdict) in enumerate(zip(images, read)):
-            grid.paste(image.resize((side, side), Image.NEAREST), (label_width + column * side, top))
+            grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (label_width + column * side, top))
             kept = verdict == expected
             color = "black" if column == 0 else ("darkred" if kept == is_person else "darkgreen")
             draw.text((label_width + column * side + 4, top + side + 2), verdict[:30], fill=color)

@@ -185,29 +185,7 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
             "Nothing to evaluate: no identity has a usable reference face and the prompts file has no prompt "
             f"without a person. Skipped: {'; '.join(skipped)}"
         )
-
-    from ..pipelines import apply_apl, remove_apl
-
-    pipe = load_pipeline(settings.base, settings.device, settings.dtype)
-    try:  # the adapter must fit this pipeline's text encoder; find out before generating anything
-        remove_apl(apply_apl(pipe, settings.adapter, settings.adapter_2))
-    except (APLAdapterError, RuntimeError, ValueError) as error:
-        raise EvalInputError(f"--adapter {settings.adapter} does not fit the pipeline in --base: {error}") from error
-    generation = GenerationSettings(
-        seeds=settings.seeds,
-        steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        height=settings.height,
-        width=settings.width,
-        negative_prompt=settings.negative_prompt,
-    )
-    base_paths = generate(pipe, jobs, generation, work / "images" / "base", "base images", settings.device)
-    apply_apl(pipe, settings.adapter, settings.adapter_2)
-    try:
-        apl_paths = generate(pipe, jobs, generation, work / "images" / "apl", "APL images", settings.device)
-    finally:
-        remove_apl(pipe)
-    del pipe
+    base_paths, apl_paths = _draw_images(settings, jobs, work)
 
     records = [
         {
@@ -235,6 +213,34 @@ def _run(settings: EvalSettings, identities: list[Identity], prompts: PromptSet,
         "images": records,
     }
     return _jsonable(report)
+
+
+def _draw_images(
+    settings: EvalSettings, jobs: list[Job], work: Path
+) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Every job's images without and with the prefix (same seeds) under ``work/images/{base,apl}``; the pipeline
+    is dropped on return, before the measuring models load."""
+    from ..pipelines import apply_apl, remove_apl, with_and_without_apl
+
+    pipe = load_pipeline(settings.base, settings.device, settings.dtype)
+    try:  # the adapter must fit this pipeline's text encoder; find out before generating anything
+        remove_apl(apply_apl(pipe, settings.adapter, settings.adapter_2))
+    except (APLAdapterError, RuntimeError, ValueError) as error:
+        raise EvalInputError(f"--adapter {settings.adapter} does not fit the pipeline in --base: {error}") from error
+    generation = GenerationSettings(
+        seeds=settings.seeds,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        negative_prompt=settings.negative_prompt,
+    )
+
+    def draw(prefixed: bool) -> dict[str, list[Path]]:
+        folder, desc = ("apl", "APL images") if prefixed else ("base", "base images")
+        return generate(pipe, jobs, generation, work / "images" / folder, desc, settings.device)
+
+    return with_and_without_apl(pipe, settings.adapter, draw, settings.adapter_2)
 
 
 def measure_identity(recognizer, embedder: FaceEmbedder, records: list[dict], work: Path, warnings: list[str]) -> dict:

@@ -29,7 +29,7 @@ from peft import PeftModel
 def name_share(residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Per row ``<residual, direction> / ||direction||^2`` (rows flattened): the share of ``direction`` in
     ``residual``. With ``residual = eps([AP] + c1) - eps(c2)`` and ``direction = eps(c1) - eps(c2)`` it is how much of
-    the name's own direction a prefixed prediction keeps (the diagnostics' "name share kept").
+    the name's own direction a prefixed prediction keeps ("name share kept" of experiments/eps_gap_diagnostics.py).
 
     >>> name_share(torch.tensor([[2.0, 1.0]]), torch.tensor([[4.0, 0.0]]))
     tensor([0.5000])

@@ -75,7 +75,7 @@ def validation_grid(
                 generator = torch.Generator(device="cpu").manual_seed(seed + k)
                 cells.append(pipe(prompt, generator=generator, **settings).images[0])
     scale = max(1, -(-MIN_CELL // cells[0].width))
-    cells = [cell.resize((cell.width * scale, cell.height * scale), Image.NEAREST) for cell in cells]
+    cells = [cell.resize((cell.width * scale, cell.height * scale), Image.Resampling.NEAREST) for cell in cells]
     return make_image_grid(cells, rows=len(prompts), cols=2)
 
 

@@ -58,7 +58,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rows = (len(images) + cols - 1) // cols
     blanks = [Image.new("RGB", images[0].size)] * (rows * cols - len(images))  # make_image_grid fills every cell
     grid = make_image_grid(images + blanks, rows, cols)
-    grid = grid.resize((grid.width * args.zoom, grid.height * args.zoom), Image.NEAREST)
+    grid = grid.resize((grid.width * args.zoom, grid.height * args.zoom), Image.Resampling.NEAREST)
     out = Path(args.out)
     tmp = out.with_name(out.stem + ".tmp" + out.suffix)
     grid.save(tmp)

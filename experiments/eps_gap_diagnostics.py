@@ -14,12 +14,12 @@ the gap with only the prefix's own output states added (the prompt's states as w
 and with only the prompt's states as the prefix changed them (the prefix's own states left out).
 CLIP is causal, so the prefix's states are the same for every prompt; the UNet reads both.
 
-    python -m apl_adapter.training.diagnostics --base world-base/ --data apl-data/ --adapter runs/apl/adapter
+    python experiments/eps_gap_diagnostics.py --base world-base/ --data apl-data/ --adapter runs/apl/adapter
 
 Example:
 
 ```python
->>> from apl_adapter.training.diagnostics import eps_gap_by_timestep
+>>> from experiments.eps_gap_diagnostics import eps_gap_by_timestep
 >>> from apl_adapter.world import model_path
 >>> # the shipped world's base, the demo's data and a 1,200-step m = 10 prefix (docs/experiments/2026-12-02-world.md)
 >>> rows = eps_gap_by_timestep(model_path("base"), "demo-out/data", "runs/apl/adapter")  # doctest: +SKIP
@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import APLAdapterError
-from .base_model import load_frozen_parts
-from .data import read_metadata
-from .loop import encode_data
-from .objective import name_share
+from apl_adapter.errors import APLAdapterError
+from apl_adapter.training.base_model import load_frozen_parts
+from apl_adapter.training.data import read_metadata
+from apl_adapter.training.loop import encode_data
+from apl_adapter.training.objective import name_share  # the loss's own formula, so the two cannot drift apart
 
 
 @dataclass
@@ -207,7 +207,7 @@ def format_rows(rows: list[GapRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m apl_adapter.training.diagnostics",
+        prog="python experiments/eps_gap_diagnostics.py",
         description=__doc__.split("Example:")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""Step bands: the prefix applied at some sampler steps only, through diffusers' own step callback.
+"""experiments/step_bands.py: the prefix applied at some sampler steps only, through diffusers' own step callback.
 
 The two ends must be the pipelines they claim to be - no band is the base pipeline, every step is
 the pipeline with the prefix applied - and a band in between must differ from both; the measured
@@ -15,7 +15,10 @@ from peft import get_peft_model
 
 from apl_adapter import APLConfig, save_adapter
 from apl_adapter.bench.protocol import BenchSpec, Person, SceneCase, generate, generate_pair
-from apl_adapter.bench.step_bands import (
+from apl_adapter.errors import APLAdapterError
+from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline
+from apl_adapter.world.spec import WorldSpec
+from experiments.step_bands import (
     encode_contexts,
     generate_with_prefix_steps,
     main,
@@ -23,9 +26,6 @@ from apl_adapter.bench.step_bands import (
     parse_bands,
     to_markdown,
 )
-from apl_adapter.errors import APLAdapterError
-from apl_adapter.testing import tiny_clip_text_model, tiny_sd_pipeline
-from apl_adapter.world.spec import WorldSpec
 
 from .test_bench_protocol import random_world_readers
 from .test_training_loop import _one_thread  # noqa: F401 - autouse: one torch thread on the shared CPU

@@ -10,12 +10,12 @@ loss weighted by timestep could keep one and drop the other.
 The switch is diffusers' own ``callback_on_step_end``: the pipeline is the real one, only its
 ``prompt_embeds`` change between steps (the negative prompt stays plain, as in the paper).
 
-    python -m apl_adapter.bench.step_bands --adapter runs/apl/adapter --seeds 500,501
+    python experiments/step_bands.py --adapter runs/apl/adapter --seeds 500,501
 
 Example:
 
 ```python
->>> from apl_adapter.bench.step_bands import run_step_bands
+>>> from experiments.step_bands import run_step_bands
 >>> # the demo's prefix (docs/experiments/2026-12-02-world.md, "Where the change lives");
 >>> # the first row is the base model without it
 >>> rows = run_step_bands("demo-out/run/adapter", seeds=[500, 501], bands=[(0, 20), (10, 20)])  # doctest: +SKIP
@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from ..console import seed_list
-from ..errors import APLAdapterError
-from ..metrics.base import identity_metrics
-from ..pipelines import apply_apl, remove_apl
-from ..progress import batches
-from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
-from .protocol import BenchReaders, BenchSpec, paired_change
+from apl_adapter.bench.protocol import BenchReaders, BenchSpec, paired_change
+from apl_adapter.console import seed_list
+from apl_adapter.errors import APLAdapterError
+from apl_adapter.metrics.base import identity_metrics
+from apl_adapter.pipelines import apply_apl, remove_apl
+from apl_adapter.progress import batches
+from apl_adapter.sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
 
 #: Bands of a 20-step sampler: large t, middle, small t (the last half), and every step.
 DEFAULT_BANDS = ((0, 20), (0, 5), (5, 10), (10, 20))
@@ -189,8 +189,8 @@ def run_step_bands(
 ) -> list[dict]:
     """:func:`measure_step_bands` on the shipped world's base model: seen names in every person template,
     every scene in every caption template (``all_scene_templates``; else the bench's 96 scene prompts)."""
-    from ..world.spec import WorldSpec
-    from .world import every_scene_case, world_bench_inputs
+    from apl_adapter.bench.world import every_scene_case, world_bench_inputs
+    from apl_adapter.world.spec import WorldSpec
 
     spec, models, readers = world_bench_inputs(seeds=list(seeds), assets=assets, transfer=False, late=False)
     if all_scene_templates:
@@ -211,10 +211,10 @@ def parse_bands(text: str) -> list[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m apl_adapter.bench.step_bands",
+        prog="python experiments/step_bands.py",
         description=__doc__.split("\n\n")[0] + " Prints one Markdown row per band (the first: no prefix).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example: python -m apl_adapter.bench.step_bands --adapter demo-out/run/adapter --seeds 500,501",
+        epilog="Example: python experiments/step_bands.py --adapter demo-out/run/adapter --seeds 500,501",
     )
     parser.add_argument("--adapter", required=True, help="Trained APL adapter folder (e.g. demo-out/run/adapter).")
     parser.add_argument(
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except (APLAdapterError, FileNotFoundError, ValueError) as err:
         print(f"step bands: error: {err}", file=sys.stderr)
         return 2
-    from ..world.models import world_scheduler
+    from apl_adapter.world.models import world_scheduler
 
     scheduler = world_scheduler()
     scheduler.set_timesteps(20)

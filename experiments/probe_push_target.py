@@ -9,7 +9,7 @@ moves away from) or the name followed by its description (``named_description``,
 name_and_description``); ``plain`` samples the name prompt as it is. Prints, per setting, top-1 of the name, face
 presence and the share of faces keeping all four attributes (and each one).
 
-    python tools/probe_push_target.py --seeds 0,1,2,3 plain:0 name:0 name:0.3 named_description:0.3
+    python experiments/probe_push_target.py --seeds 0,1,2,3 plain:0 name:0 name:0.3 named_description:0.3
 
 Used in docs/experiments/2026-12-03-attributes-mechanism.md.
 """
@@ -53,13 +53,13 @@ def sample_target(pipe, person, seeds: list[int], source: str, eta: float, steps
     return pipe.image_processor.postprocess(images, output_type="pil")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="+", help="SOURCE:ETA, SOURCE one of plain, name, named_description")
     parser.add_argument("--model", default="base", choices=("base", "sibling", "dreambooth"))
     parser.add_argument("--split", default="seen", choices=("seen", "unseen", "late"))
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     pipe, readers = load_world_pipeline(args.model), world_readers()
     persons = [p for p in WorldSpec.from_seed(0).identities if p.split == args.split]
     for setting in args.settings:

@@ -1,4 +1,5 @@
-"""The per-timestep gap diagnostic on the tiny real pipeline: what it measures, checked against the loss itself."""
+"""experiments/eps_gap_diagnostics.py, the per-timestep gap diagnostic, on the tiny real pipeline: what it measures,
+checked against the loss itself."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 
 from apl_adapter.training import TrainConfig, train
-from apl_adapter.training.diagnostics import eps_gap_by_timestep, format_rows, main
+from experiments.eps_gap_diagnostics import eps_gap_by_timestep, format_rows, main
 
 from .test_training_loop import _one_thread, base_folder, data_folder  # noqa: F401 - fixtures
 
@@ -61,7 +62,7 @@ def test_split_takes_each_position_from_the_right_encoding():
     import torch
 
     from apl_adapter.errors import APLAdapterError
-    from apl_adapter.training.diagnostics import split_prefixed_states
+    from experiments.eps_gap_diagnostics import split_prefixed_states
 
     prefixed, plain = torch.randn(2, 12, 3), torch.randn(2, 12, 3)
     halves = split_prefixed_states(prefixed, plain, 4)

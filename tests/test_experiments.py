@@ -1,0 +1,47 @@
+"""experiments/: research scripts that run as files, are documented, and stay out of the library."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "experiments").glob("*.py") if p.name != "__init__.py")
+
+
+def test_there_are_experiments():
+    assert SCRIPTS == ["eps_gap_diagnostics.py", "probe_push_target.py", "step_bands.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_as_a_file_and_teaches(script):
+    # run the way the docs say, from the repository root; PYTHONPATH makes this checkout's apl_adapter the one imported
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, f"experiments/{script}", "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    usage = done.stdout.splitlines()[0]
+    assert usage.startswith("usage:") and script in usage, done.stdout
+
+
+def test_readme_names_every_script_and_a_dated_file_for_each():
+    readme = (ROOT / "experiments" / "README.md").read_text()
+    for script in SCRIPTS:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{script}` |")), None)
+        assert row is not None, f"experiments/README.md has no row for {script}"
+        for dated in re.findall(r"docs/experiments/([\w.-]+\.md)", row):
+            assert (ROOT / "docs" / "experiments" / dated).is_file(), dated
+        assert "docs/experiments/" in row, f"{script}: which dated file used it?"
+
+
+def test_the_library_does_not_import_experiments():
+    for folder in ("apl_adapter", "export"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert not re.search(r"^\s*(from|import) experiments\b", path.read_text(), re.M), path
