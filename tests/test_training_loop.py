@@ -184,6 +184,16 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
         loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, direction=0.2).detach()
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
     assert abs(share) > 1e-2  # the term is not vanishing in this check
+    # guidance_relative=lambda: + lambda * ||prefixed - target||^2 / ||eps(c2) - eps('')||^2 on the identity row only
+    pushed = target.clone()
+    pushed[0] = target[0] - 0.3 * (plain[0] - target[0])
+    relative = (prefixed[0] - pushed[0]).square().sum() / (target[0] - unconditional[0]).square().sum()
+    expected = (prefixed - pushed).square().mean() + 0.05 * relative
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, guidance_relative=0.05, empty_ids=empty).detach()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+    assert relative > 1e-2  # the term is not vanishing in this check
+    with pytest.raises(ValueError, match="empty_ids"):
+        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, guidance_relative=0.05)
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):

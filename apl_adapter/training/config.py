@@ -125,6 +125,18 @@ class TrainConfig:
             "(experiments 2026-12-03-training-variance)."
         },
     )
+    guidance_relative: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda >= 0: also penalize the whole identity error relative to the description's own guidance, "
+            "lambda * mean ||eps([AP]+c1) - target||^2 / ||eps(c2) - eps('')||^2 over identity rows (0 = the paper). "
+            "--name-direction holds the error along the name's direction only; across it the shipped prefix's "
+            "error is 0.5-0.9 of the description's guidance at every t. Measured with the shipped recipe (seed 0; "
+            "seen / unseen / late / transfer falls, attributes): without 20/15/8/11x, 51%; 0.01: 14/12/8/8.8x, 53%; "
+            "0.03: 16/12/8/10x, 53%: the error across shrank about 15% and the name share kept rose, no gain "
+            "(experiments 2026-12-04-attributes-ceiling)."
+        },
+    )
     also_through: list[str] = field(
         default_factory=list,
         metadata={
@@ -261,6 +273,7 @@ class TrainConfig:
             (self.attribute_boost >= 0, f"attribute_boost must be >= 0, got {self.attribute_boost}"),
             (self.text_match >= 0, f"text_match must be >= 0, got {self.text_match}"),
             (self.name_direction >= 0, f"name_direction must be >= 0, got {self.name_direction}"),
+            (self.guidance_relative >= 0, f"guidance_relative must be >= 0, got {self.guidance_relative}"),
             (
                 not (self.text_match and self.c2 == "empty"),
                 "text_match needs c2='attribute' (an empty target has no description to encode like)",

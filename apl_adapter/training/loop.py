@@ -329,6 +329,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                     loss_space=config.loss_space, alphas_cumprod=parts.noise_scheduler.alphas_cumprod,
                     push=config.identity_push, push_ids=push_ids, boost=config.attribute_boost, empty_ids=empty_ids,
                     text_match=config.text_match, direction=config.name_direction,
+                    guidance_relative=config.guidance_relative,
                 )
                 for unet in unets
             ) / len(unets)  # fmt: skip

@@ -59,6 +59,7 @@ def apl_loss(
     empty_ids: torch.Tensor | None = None,
     text_match: float = 0.0,
     direction: float = 0.0,
+    guidance_relative: float = 0.0,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -87,6 +88,11 @@ def apl_loss(
             share its target keeps. Per row it is a ratio, so a step at large t (small ``d``) counts as much as one at
             small t: the eps loss lets the prefix keep most of ``d`` there, and CFG then multiplies it (beyond the
             paper).
+        guidance_relative: ``lambda`` of a term on the whole identity error measured against the description's own
+            guidance, ``lambda * mean ||eps([AP] + c1) - target||^2 / ||eps(c2) - eps('')||^2`` over the identity rows
+            (0 = the paper; needs ``empty_ids``). ``direction`` holds only the error *along* ``d``; across it the
+            error stays about half as large as the description's guidance at every t, and CFG multiplies it into
+            another coarse look. A ratio per row, so large t counts as much as small t (beyond the paper).
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -113,8 +119,8 @@ def apl_loss(
         target_states = text_encoder(c2_ids)[0]
         target = unet(noisy, timesteps, encoder_hidden_states=target_states).sample
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
-        name_direction = None
-        if (push or boost or direction) and bool(identity.any()):
+        name_direction = guidance = None
+        if (push or boost or direction or guidance_relative) and bool(identity.any()):
             noisy_id, t_id, described = noisy[identity], timesteps[identity], target[identity]
             moved = described.clone()
             if push or direction:
@@ -123,12 +129,13 @@ def apl_loss(
                 name_direction = plain - described
             if push:
                 moved -= push * (plain - described)
-            if boost:
+            if boost or guidance_relative:
                 if empty_ids is None:
-                    raise ValueError("boost needs empty_ids, the token ids of the empty prompt")
+                    raise ValueError("boost and guidance_relative need empty_ids, the token ids of the empty prompt")
                 empty_states = text_encoder(empty_ids.to(c1_ids.device))[0].expand(len(t_id), -1, -1)
                 unconditional = unet(noisy_id, t_id, encoder_hidden_states=empty_states).sample
-                moved += boost * (described - unconditional)
+                guidance = described - unconditional
+                moved += boost * guidance
             target[identity] = moved
     prefixed_states = (encode or text_encoder)(c1_ids)[0]
     prediction = unet(noisy, timesteps, encoder_hidden_states=prefixed_states).sample
@@ -147,4 +154,8 @@ def apl_loss(
         # target = described - push * d, so the target's share of d is -push
         excess = name_share(prediction[identity] - target[identity], name_direction)  # r - r*
         loss = loss + direction * excess.square().mean()
+    if guidance_relative and guidance is not None:
+        error = (prediction[identity] - target[identity]).float().flatten(1).square().sum(dim=1)
+        scale = guidance.float().flatten(1).square().sum(dim=1).clamp_min(1e-12)
+        loss = loss + guidance_relative * (error / scale).mean()
     return loss
