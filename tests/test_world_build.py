@@ -156,3 +156,43 @@ def test_a_later_stage_runs_alone_on_a_built_world(toy_build):
     card = build_world(_toy_config(("auxiliary",)), root / "out", root / "fresh-work", log=lambda _: None)
     assert not (root / "fresh-work" / "vae").exists() and "auxiliary" in card["timings_s"]
     assert isinstance(load_world_pipeline("auxiliary", root / "out"), StableDiffusionPipeline)
+
+
+def test_the_cli_offers_the_stage_table_in_run_order(capsys, monkeypatch):
+    """build_world and `apl-world build --stages` read one table: the CLI's default is the table's default rows,
+    its help lists every row in run order, and a stage needs only stages that run before it."""
+    from apl_adapter.world.build import DEFAULT_STAGES, STAGE_TABLE, STAGES
+    from apl_adapter.world.cli import build_parser
+
+    assert tuple(stage.name for stage in STAGE_TABLE) == STAGES
+    assert build_parser().parse_args(["build"]).stages == ",".join(s.name for s in STAGE_TABLE if s.default)
+    assert BuildConfig().stages == DEFAULT_STAGES
+    monkeypatch.setenv("COLUMNS", "200")  # argparse would otherwise break the long comma-separated list
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    assert f"subset of {','.join(STAGES)}" in " ".join(capsys.readouterr().out.split())
+    for i, stage in enumerate(STAGE_TABLE):
+        assert set(stage.needs) <= set(STAGES[:i]), f"{stage.name} runs before a stage it needs"
+
+
+def test_fine_tunes_average_with_finetune_ema_decay_not_the_bases(toy_build):
+    """The fine-tunes' EMA decays at BuildConfig.finetune_ema_decay; the base's ema_decay does not reach them."""
+    from dataclasses import replace
+
+    from apl_adapter.world.build import LatentSet, encode_latents, finetune_unet, mix_groups, render_bank
+    from apl_adapter.world.spec import WorldSpec
+
+    root, _, _ = toy_build
+    out = root / "out"
+    world = WorldSpec.from_seed(0)
+    bank = render_bank(world, world.seen[:2], 2, 2, 2, seed=5)
+    groups = mix_groups(LatentSet(*encode_latents(load_world_pipeline("base", out).vae, bank.images), bank), (1, 1, 1))
+
+    def tuned(**changes) -> bytes:
+        config = replace(_toy_config(()), **changes)
+        finetune_unet(config, world, out, "auxiliary", groups, steps=2, lr=1e-3, seed=0, sampler_seed=0)
+        return (out / "auxiliary" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    default = tuned()
+    assert tuned(ema_decay=0.0) == default
+    assert tuned(finetune_ema_decay=0.0) != default  # no averaging: the last step's weights

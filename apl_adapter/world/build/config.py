@@ -1,0 +1,76 @@
+"""What a build does: :class:`BuildConfig`, the base model's training legs and the shipped recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .stages import DEFAULT_STAGES
+
+MIX = (0.6, 0.2, 0.2)  # sampling fractions of named faces, strangers (attribute prompts), scenes
+
+
+@dataclass(frozen=True)
+class BasePhase:
+    """One leg of the base model's training.
+
+    Each leg starts from the previous leg's EMA weights *as stored* (UNet and text encoder in float16), with a fresh
+    AdamW, warm-up and cosine schedule: a warm restart. Seeds are offsets added to ``BuildConfig.seed``.
+    """
+
+    steps: int
+    lr: float
+    mix: tuple[float, float, float] = MIX
+    seed: int = 0
+    sampler_seed: int = 31
+    #: strength of "offset noise" (see :func:`.diffusion.train_diffusion`); 0 = plain Gaussian noise
+    offset_noise: float = 0.0
+
+
+#: The leg that produced the shipped base model: one cosine schedule with 45% of the batch on
+#: scene captions and offset noise from the start (the first world needed five warm-restarted legs
+#: and 7,000 steps to get there). `apl-world build` replays the legs in this order.
+SHIPPED_BASE_PHASES = (BasePhase(4500, 1.5e-3, mix=(0.45, 0.10, 0.45), offset_noise=0.1),)
+
+
+@dataclass
+class BuildConfig:
+    """Knobs of ``apl-world build``; the defaults produced the shipped assets."""
+
+    seed: int = 0
+    faces_per_person: int = 160
+    strangers: int = 3000
+    scenes: int = 3000
+    late_faces_per_person: int = 40
+    vae_steps: int = 300
+    #: the first world's scene head (freely turned shapes) needed 4,800; upright shapes learn faster, and 3,600
+    #: sufficed without look-alikes; with them 5,400 (3,600 gave 98.1% / 96.3% identity top-1 at seeds 1234 /
+    #: 4321, 5,400 97.5% / 96.6%: the misses are people called strangers, hence the margin below)
+    recognizer_steps: int = 5400
+    #: look-alike strangers per person in the recognizer's data: the person's coarse attributes, fine features
+    #: 2-3 apart (see render_lookalikes). Without them a stranger with X's attributes is called X 5.5-7.5% of the
+    #: time, and attribute prompts read as the person they describe 16-19%: a floor under any anonymization.
+    lookalikes_per_person: int = 60
+    #: the stranger class must beat the best name by this much log-probability (2026-12-03, recognizer only):
+    #: 0 -> identity top-1 97.5% / 96.6%, floor 6/160; 1 -> 98.8% / 98.4%, floor 7/160; 2 -> 99.4% / 99.4%, 8/160
+    stranger_margin: float = 1.0
+    base_phases: tuple[BasePhase, ...] = SHIPPED_BASE_PHASES
+    sibling_steps: int = 120
+    dreambooth_steps: int = 1000
+    batch_size: int = 32
+    finetune_lr: float = 5e-4
+    #: DreamBooth learns new people, not a new style: it needs a larger step than the sibling
+    dreambooth_lr: float = 1e-3
+    prompt_dropout: float = 0.1
+    #: the base text encoder sees half its prompts moved right by 1..N positions (see train_diffusion)
+    position_jitter: int = 24
+    ema_decay: float = 0.995
+    #: EMA of the fine-tunes (sibling, auxiliary, DreamBooth): 120-1,000 steps want a shorter average than the base
+    finetune_ema_decay: float = 0.99
+    #: offset noise of the fine-tunes (sibling, DreamBooth), as the base's last leg
+    offset_noise: float = 0.1
+    #: sampling fractions of the fine-tunes' base-style data: named faces, strangers, scenes
+    mix: tuple[float, float, float] = MIX
+    #: names from the stage table (:mod:`.stages`); they run in the table's order, not this one's
+    stages: tuple[str, ...] = field(default=DEFAULT_STAGES)
+    #: which models the ``evaluate`` stage samples
+    eval_models: tuple[str, ...] = ("base", "sibling", "dreambooth")

@@ -1,0 +1,33 @@
+"""The build's random streams, each a named offset from ``BuildConfig.seed``.
+
+Kept apart from :mod:`.config`: the stage modules draw from these streams, and :mod:`.config` imports the stage
+table (for ``BuildConfig.stages``), which imports the stage modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SeedOffsets:
+    """What each random stream of a build adds to ``BuildConfig.seed``: distinct, so no two stages draw the same
+    numbers, and fixed, so a stage re-run alone draws what it drew in the full build."""
+
+    base_renders: int = 11
+    late_renders: int = 12
+    sibling_renders: int = 13
+    auxiliary_renders: int = 14
+    recognizer_renders: int = 21
+    recognizer_sibling_renders: int = 22
+    lookalikes: int = 23
+    lookalikes_sibling: int = 24
+    sibling_training: int = 1
+    sibling_sampler: int = 41
+    dreambooth_training: int = 2
+    dreambooth_sampler: int = 51
+    auxiliary_training: int = 3
+    auxiliary_sampler: int = 61
+
+
+SEEDS = SeedOffsets()
