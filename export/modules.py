@@ -23,9 +23,13 @@ from apl_adapter.tuners.apl.prefix import (
     insert_prefix_ids,
     splice_prefix,
 )
-from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder, PrefixState
+from apl_adapter.tuners.apl.prefixed_encoder import PrefixedCLIPEncoder, PrefixState
 
 from .errors import ExportError
+
+
+def _output_names(encoder: PrefixedCLIPEncoder) -> list[str]:
+    return ["last_hidden_state", "pooler_output" if encoder.text_projection is None else "text_embeds"]
 
 
 class CLIPTextEncoderGraph(nn.Module):
@@ -107,8 +111,8 @@ class BakedPrefixStateGraph(nn.Module):
     """CLIP text encoder whose prefix is baked as its per-layer keys / values; int32 ``input_ids`` ``(B, 77)``.
 
     The prefix positions ``0..m`` are computed once, here, by
-    :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` (deep rows included); the graph runs only
-    positions ``m+1..76``, attending to the constant prefix K/V.
+    :meth:`~apl_adapter.tuners.apl.prefixed_encoder.PrefixedCLIPEncoder.prefix_state` (deep rows included); the
+    graph runs only positions ``m+1..76``, attending to the constant prefix K/V.
     ``use_kernel=False`` writes that attention as plain SDPA (onnxruntime and stock TensorRT run it): the graph
     of a *deep* prefix, whose per-layer rows the input-splicing :class:`CLIPTextEncoderGraph` cannot express.
     ``use_kernel=True`` is the fast variant (one ``apl::PrefixAttention`` node per layer, see ``trt_plugin``).
@@ -131,7 +135,7 @@ class BakedPrefixStateGraph(nn.Module):
                 f"The deep prefix has rows for {weights.keys.shape[0]} layers but this text encoder has "
                 f"{clip.config.num_hidden_layers}; export it with the encoder it was trained for."
             )
-        self.encoder = CachedPrefixEncoder(text_encoder, weights, use_kernel=use_kernel)
+        self.encoder = PrefixedCLIPEncoder(text_encoder, use_kernel=use_kernel)
         with torch.no_grad():
             state = self.encoder.prefix_state(weights)
         self.num_layers = len(state.keys)
@@ -139,20 +143,18 @@ class BakedPrefixStateGraph(nn.Module):
             self.register_buffer(f"prefix_key_{i}", k.detach().clone(), persistent=False)
             self.register_buffer(f"prefix_value_{i}", v.detach().clone(), persistent=False)
         self.register_buffer("prefix_hidden", state.hidden_states[-1].detach().clone(), persistent=False)
-        self.has_projection = hasattr(text_encoder, "text_projection")
 
     @property
     def output_names(self) -> list[str]:
-        return ["last_hidden_state", "text_embeds" if self.has_projection else "pooler_output"]
+        return _output_names(self.encoder)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = [getattr(self, f"prefix_key_{i}") for i in range(self.num_layers)]
         values = [getattr(self, f"prefix_value_{i}") for i in range(self.num_layers)]
         # Only the last layer's prefix hidden state is read (final layer norm); the others stay out of the graph.
-        state = PrefixState(keys, values, [self.prefix_hidden], version=None)
-        out = self.encoder.encode_with_state(input_ids.to(torch.int64), state)
-        pooled = out.text_embeds if self.has_projection else out.pooler_output
-        return out.last_hidden_state, pooled
+        state = PrefixState(keys, values, [self.prefix_hidden])
+        out = self.encoder.encode_with_state(input_ids, state)
+        return out.last_hidden_state, out.pooled
 
 
 def make_standard_text_encoder(
