@@ -3,10 +3,10 @@
 Each wrapper calls the diffusers / transformers submodules directly, so the traced graph holds no
 hooks, no dataclass outputs and no Python control flow that depends on data.
 
-The prefixed text encoder rebuilds CLIP's forward from its parts (token embedding, position
-embedding, causal encoder, final layer norm, EOS pooling) with an explicit additive causal mask,
-and inserts the APL prefix exactly as :mod:`apl_adapter.tuners.apl` does: the ids are shifted by
-:func:`insert_prefix_ids` and the prefix replaces the token embeddings at positions ``1..m``.
+The text encoder graphs run :class:`~apl_adapter.tuners.apl.prefixed_encoder.PrefixedCLIPEncoder`, the
+re-implementation of CLIP's forward that the prefix K/V cache runs too: it lays the APL prefix out exactly as
+:mod:`apl_adapter.tuners.apl` does (ids shifted by :func:`insert_prefix_ids`, the prefix at positions ``1..m``,
+pooling at the shifted EOS).
 """
 
 from __future__ import annotations
@@ -15,14 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from apl_adapter.tuners.apl.prefix import (
-    PrefixWeights,
-    as_prefix_weights,
-    clip_eos_token_id,
-    clip_text_model_of,
-    insert_prefix_ids,
-    splice_prefix,
-)
+from apl_adapter.tuners.apl.prefix import PrefixWeights, as_prefix_weights, clip_text_model_of
 from apl_adapter.tuners.apl.prefixed_encoder import PrefixedCLIPEncoder, PrefixState
 
 from .errors import ExportError
@@ -43,7 +36,8 @@ class CLIPTextEncoderGraph(nn.Module):
           fixes ``m`` (a new prefix of the same ``m`` needs no rebuild).
 
     Outputs: ``last_hidden_state`` ``(B, 77, D)`` and ``pooler_output`` ``(B, D)`` (``text_embeds``
-    ``(B, P)`` instead for ``CLIPTextModelWithProjection``), pooled at the (shifted) EOS.
+    ``(B, P)`` instead for ``CLIPTextModelWithProjection``), pooled at the (shifted) EOS. All 77 positions run in
+    one causal pass (:meth:`PrefixedCLIPEncoder.encode`): plain attention, which onnxruntime and TensorRT run.
     """
 
     def __init__(
@@ -58,15 +52,8 @@ class CLIPTextEncoderGraph(nn.Module):
             raise ExportError("Give either a baked prefix or prefix_as_input=True, not both.")
         if prefix_as_input and not num_virtual_tokens:
             raise ExportError("prefix_as_input=True needs num_virtual_tokens (the m of the prefix input).")
-        clip = clip_text_model_of(text_encoder)
-        # With an APL adapter attached, `embeddings` is the APLEmbedding wrapper: take the CLIP module inside.
-        self.embeddings = getattr(clip.embeddings, "base_layer", clip.embeddings)
-        self.encoder = clip.encoder
-        self.final_layer_norm = clip.final_layer_norm
-        self.text_projection = getattr(text_encoder, "text_projection", None)
-        self.eos_token_id = clip_eos_token_id(clip.config)
-        self.seq_len = clip.config.max_position_embeddings
-        self.hidden_size = clip.config.hidden_size
+        self.encoder = PrefixedCLIPEncoder(text_encoder)
+        self.hidden_size = self.encoder.config.hidden_size
         self.prefix_as_input = prefix_as_input
         if prefix is not None:
             if prefix.ndim != 2 or prefix.shape[1] != self.hidden_size:
@@ -79,32 +66,14 @@ class CLIPTextEncoderGraph(nn.Module):
         else:
             self.prefix = None
             self.num_virtual_tokens = num_virtual_tokens or 0
-        # Additive causal mask, built once: position i attends to positions <= i.
-        causal = torch.full((self.seq_len, self.seq_len), torch.finfo(torch.float32).min).triu(1)
-        self.register_buffer("causal_mask", causal[None, None], persistent=False)
 
     @property
     def output_names(self) -> list[str]:
-        return ["last_hidden_state", "text_embeds" if self.text_projection is not None else "pooler_output"]
+        return _output_names(self.encoder)
 
     def forward(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = input_ids.to(torch.int64)
-        prefix = prefix if self.prefix_as_input else self.prefix
-        if prefix is not None:
-            ids = insert_prefix_ids(ids, self.num_virtual_tokens, self.eos_token_id, max_positions=self.seq_len)
-        token_embeds = self.embeddings.token_embedding(ids)
-        if prefix is not None:
-            token_embeds = splice_prefix(token_embeds, prefix)
-        hidden = self.embeddings(inputs_embeds=token_embeds)
-        mask = self.causal_mask.to(hidden.dtype)
-        hidden = self.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
-        hidden = self.final_layer_norm(hidden)
-        # Pool at the first EOS of the (shifted) ids, as CLIPTextModel does.
-        eos_index = (ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index]
-        if self.text_projection is not None:
-            pooled = self.text_projection(pooled)
-        return hidden, pooled
+        out = self.encoder.encode(input_ids, prefix if self.prefix_as_input else self.prefix)
+        return out.last_hidden_state, out.pooled
 
 
 class BakedPrefixStateGraph(nn.Module):

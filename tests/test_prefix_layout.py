@@ -72,3 +72,13 @@ def test_a_legacy_config_pools_at_the_highest_id_as_transformers_does():
     assert pool_index(ids, model.config).tolist() == [3, 0, 2]
     assert torch.equal(pool_index(ids, model.config), transformers_pool_index(model, ids))
 
+
+def test_the_exported_graph_pools_where_the_model_does_with_a_legacy_config():
+    from apl_export.modules import CLIPTextEncoderGraph
+
+    model = clip(eos_token_id=2, vocab_size=EOS + 3)
+    ids = torch.tensor([row([320, 1125]), row([320, 49408, 539])])
+    with torch.no_grad():
+        _, pooled = CLIPTextEncoderGraph(model)(ids.to(torch.int32))
+        want = model(input_ids=ids).pooler_output
+    torch.testing.assert_close(pooled, want, atol=1e-5, rtol=0)
