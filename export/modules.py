@@ -3,10 +3,10 @@
 Each wrapper calls the diffusers / transformers submodules directly, so the traced graph holds no
 hooks, no dataclass outputs and no Python control flow that depends on data.
 
-The prefixed text encoder rebuilds CLIP's forward from its parts (token embedding, position
-embedding, causal encoder, final layer norm, EOS pooling) with an explicit additive causal mask,
-and inserts the APL prefix exactly as :mod:`apl_adapter.tuners.apl` does: the ids are shifted by
-:func:`insert_prefix_ids` and the prefix replaces the token embeddings at positions ``1..m``.
+The text encoder graphs run :class:`~apl_adapter.tuners.apl.prefixed_encoder.PrefixedCLIPEncoder`, the
+re-implementation of CLIP's forward that the prefix K/V cache runs too: it lays the APL prefix out exactly as
+:mod:`apl_adapter.tuners.apl` does (ids shifted by :func:`insert_prefix_ids`, the prefix at positions ``1..m``,
+pooling at the shifted EOS).
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from apl_adapter.tuners.apl.prefix import (
-    PrefixWeights,
-    as_prefix_weights,
-    clip_eos_token_id,
-    clip_text_model_of,
-    insert_prefix_ids,
-    splice_prefix,
-)
-from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder, PrefixState
+from apl_adapter.tuners.apl.prefix import PrefixWeights, as_prefix_weights, clip_text_model_of
+from apl_adapter.tuners.apl.prefixed_encoder import PrefixedCLIPEncoder, PrefixState
 
 from .errors import ExportError
+
+
+def _output_names(encoder: PrefixedCLIPEncoder) -> list[str]:
+    return ["last_hidden_state", "pooler_output" if encoder.text_projection is None else "text_embeds"]
 
 
 class CLIPTextEncoderGraph(nn.Module):
@@ -39,7 +36,8 @@ class CLIPTextEncoderGraph(nn.Module):
           fixes ``m`` (a new prefix of the same ``m`` needs no rebuild).
 
     Outputs: ``last_hidden_state`` ``(B, 77, D)`` and ``pooler_output`` ``(B, D)`` (``text_embeds``
-    ``(B, P)`` instead for ``CLIPTextModelWithProjection``), pooled at the (shifted) EOS.
+    ``(B, P)`` instead for ``CLIPTextModelWithProjection``), pooled at the (shifted) EOS. All 77 positions run in
+    one causal pass (:meth:`PrefixedCLIPEncoder.encode`): plain attention, which onnxruntime and TensorRT run.
     """
 
     def __init__(
@@ -54,15 +52,8 @@ class CLIPTextEncoderGraph(nn.Module):
             raise ExportError("Give either a baked prefix or prefix_as_input=True, not both.")
         if prefix_as_input and not num_virtual_tokens:
             raise ExportError("prefix_as_input=True needs num_virtual_tokens (the m of the prefix input).")
-        clip = clip_text_model_of(text_encoder)
-        # With an APL adapter attached, `embeddings` is the APLEmbedding wrapper: take the CLIP module inside.
-        self.embeddings = getattr(clip.embeddings, "base_layer", clip.embeddings)
-        self.encoder = clip.encoder
-        self.final_layer_norm = clip.final_layer_norm
-        self.text_projection = getattr(text_encoder, "text_projection", None)
-        self.eos_token_id = clip_eos_token_id(clip.config)
-        self.seq_len = clip.config.max_position_embeddings
-        self.hidden_size = clip.config.hidden_size
+        self.encoder = PrefixedCLIPEncoder(text_encoder)
+        self.hidden_size = self.encoder.config.hidden_size
         self.prefix_as_input = prefix_as_input
         if prefix is not None:
             if prefix.ndim != 2 or prefix.shape[1] != self.hidden_size:
@@ -75,40 +66,22 @@ class CLIPTextEncoderGraph(nn.Module):
         else:
             self.prefix = None
             self.num_virtual_tokens = num_virtual_tokens or 0
-        # Additive causal mask, built once: position i attends to positions <= i.
-        causal = torch.full((self.seq_len, self.seq_len), torch.finfo(torch.float32).min).triu(1)
-        self.register_buffer("causal_mask", causal[None, None], persistent=False)
 
     @property
     def output_names(self) -> list[str]:
-        return ["last_hidden_state", "text_embeds" if self.text_projection is not None else "pooler_output"]
+        return _output_names(self.encoder)
 
     def forward(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = input_ids.to(torch.int64)
-        prefix = prefix if self.prefix_as_input else self.prefix
-        if prefix is not None:
-            ids = insert_prefix_ids(ids, self.num_virtual_tokens, self.eos_token_id, max_positions=self.seq_len)
-        token_embeds = self.embeddings.token_embedding(ids)
-        if prefix is not None:
-            token_embeds = splice_prefix(token_embeds, prefix)
-        hidden = self.embeddings(inputs_embeds=token_embeds)
-        mask = self.causal_mask.to(hidden.dtype)
-        hidden = self.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
-        hidden = self.final_layer_norm(hidden)
-        # Pool at the first EOS of the (shifted) ids, as CLIPTextModel does.
-        eos_index = (ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index]
-        if self.text_projection is not None:
-            pooled = self.text_projection(pooled)
-        return hidden, pooled
+        out = self.encoder.encode(input_ids, prefix if self.prefix_as_input else self.prefix)
+        return out.last_hidden_state, out.pooled
 
 
 class BakedPrefixStateGraph(nn.Module):
     """CLIP text encoder whose prefix is baked as its per-layer keys / values; int32 ``input_ids`` ``(B, 77)``.
 
     The prefix positions ``0..m`` are computed once, here, by
-    :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` (deep rows included); the graph runs only
-    positions ``m+1..76``, attending to the constant prefix K/V.
+    :meth:`~apl_adapter.tuners.apl.prefixed_encoder.PrefixedCLIPEncoder.prefix_state` (deep rows included); the
+    graph runs only positions ``m+1..76``, attending to the constant prefix K/V.
     ``use_kernel=False`` writes that attention as plain SDPA (onnxruntime and stock TensorRT run it): the graph
     of a *deep* prefix, whose per-layer rows the input-splicing :class:`CLIPTextEncoderGraph` cannot express.
     ``use_kernel=True`` is the fast variant (one ``apl::PrefixAttention`` node per layer, see ``trt_plugin``).
@@ -131,7 +104,7 @@ class BakedPrefixStateGraph(nn.Module):
                 f"The deep prefix has rows for {weights.keys.shape[0]} layers but this text encoder has "
                 f"{clip.config.num_hidden_layers}; export it with the encoder it was trained for."
             )
-        self.encoder = CachedPrefixEncoder(text_encoder, weights, use_kernel=use_kernel)
+        self.encoder = PrefixedCLIPEncoder(text_encoder, use_kernel=use_kernel)
         with torch.no_grad():
             state = self.encoder.prefix_state(weights)
         self.num_layers = len(state.keys)
@@ -139,20 +112,18 @@ class BakedPrefixStateGraph(nn.Module):
             self.register_buffer(f"prefix_key_{i}", k.detach().clone(), persistent=False)
             self.register_buffer(f"prefix_value_{i}", v.detach().clone(), persistent=False)
         self.register_buffer("prefix_hidden", state.hidden_states[-1].detach().clone(), persistent=False)
-        self.has_projection = hasattr(text_encoder, "text_projection")
 
     @property
     def output_names(self) -> list[str]:
-        return ["last_hidden_state", "text_embeds" if self.has_projection else "pooler_output"]
+        return _output_names(self.encoder)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = [getattr(self, f"prefix_key_{i}") for i in range(self.num_layers)]
         values = [getattr(self, f"prefix_value_{i}") for i in range(self.num_layers)]
         # Only the last layer's prefix hidden state is read (final layer norm); the others stay out of the graph.
-        state = PrefixState(keys, values, [self.prefix_hidden], version=None)
-        out = self.encoder.encode_with_state(input_ids.to(torch.int64), state)
-        pooled = out.text_embeds if self.has_projection else out.pooler_output
-        return out.last_hidden_state, pooled
+        state = PrefixState(keys, values, [self.prefix_hidden])
+        out = self.encoder.encode_with_state(input_ids, state)
+        return out.last_hidden_state, out.pooled
 
 
 def make_standard_text_encoder(

@@ -1,8 +1,9 @@
 """The fused prefix attention in exported graphs: the ONNX custom node ``apl::PrefixAttention`` and its TensorRT plugin.
 
 The "fast" text encoder (:class:`FastCLIPTextEncoderGraph`) bakes the APL prefix as per-layer keys/values computed
-once (:class:`apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder`) and runs only the prompt positions; each layer's
-attention is one ``torch.ops.apl.prefix_attention`` call, exported as an ``apl::PrefixAttention`` node.
+once (:class:`apl_adapter.tuners.apl.prefixed_encoder.PrefixedCLIPEncoder`, which the prefix cache runs too) and runs
+only the prompt positions; each layer's attention is one ``torch.ops.apl.prefix_attention`` call, exported as an
+``apl::PrefixAttention`` node.
 
 One module per idea:
 

@@ -7,8 +7,8 @@
 Pooling finds EOS in the *prefixed* ids, so ``pooler_output`` / ``text_embeds`` are taken at the shifted EOS.
 
 A deep prefix (``APLConfig(prefix_depth="deep")``, prefix-tuning / P-tuning v2 style) starts from the keys and
-values the shallow prefix itself produces (:func:`~apl_adapter.tuners.apl.prefix_cache.prefix_layer_kv`), so a deep
-adapter's first forward equals the shallow one's; training then moves each layer's rows freely.
+values the shallow prefix itself produces (:func:`~apl_adapter.tuners.apl.prefixed_encoder.prefix_layer_kv`), so a
+deep adapter's first forward equals the shallow one's; training then moves each layer's rows freely.
 
 Because the change is made in place (as LoRA does), a diffusers pipeline holding the text encoder applies the
 prefix without any change to the pipeline.
@@ -38,7 +38,7 @@ from .prefix import (
     insert_prefix_mask,
     warn_if_prompt_truncated,
 )
-from .prefix_cache import prefix_layer_kv
+from .prefixed_encoder import prefix_layer_kv
 
 # ----------------------------------------------------------------------------------------------
 # The starting weights of a new adapter

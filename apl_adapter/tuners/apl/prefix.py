@@ -1,9 +1,9 @@
-"""The APL prefix as plain tensor functions: where it goes in the ids, the mask and the embeddings.
+"""The APL prefix as plain tensor functions: where it goes in the ids, the mask and the embeddings, and where EOS is.
 
 Layout (the paper's, and the authors' code): the ``m`` prefix vectors replace the token embeddings at positions
 ``1..m``, right after BOS; the prompt shifts right by ``m`` and the sequence is cut back to the encoder's 77
-positions, keeping EOS. No modules here: the tuner layers, the prefix K/V cache and the exported graphs all call
-these, so each of them inserts the prefix the same way.
+positions, keeping EOS. Pooling reads the EOS of those shifted ids (:func:`pool_index`). No modules here: the tuner
+layers, the prefix K/V cache and the exported graphs all call these, so each of them lays the prefix out the same way.
 """
 
 from __future__ import annotations
@@ -93,6 +93,20 @@ def splice_prefix(token_embeds: torch.Tensor, prefix: torch.Tensor) -> torch.Ten
     m = prefix.shape[0]
     prefix = prefix.to(token_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
     return torch.cat([token_embeds[:, :1], prefix, token_embeds[:, 1 + m :]], dim=1)
+
+
+def pool_index(input_ids: torch.Tensor, config: CLIPTextConfig) -> torch.Tensor:
+    """The position CLIP pools at, per row of ``input_ids`` ``(B, L)`` -> ``(B,)``.
+
+    Give it the ids the encoder runs (after :func:`insert_prefix_ids`): EOS is then already shifted by ``m``.
+    transformers' ``CLIPTextModel`` rule, so every re-implementation pools where the adapter's forward does: configs
+    older than PR #24773 (``eos_token_id=2``) take the highest id (CLIP's EOS, unless tokens were added to the
+    vocabulary); newer ones the first EOS (the padding may be EOS too).
+    """
+    ids = input_ids.to(torch.int)  # ONNX ArgMax (opset 14) takes no int64
+    if config.eos_token_id == 2:
+        return ids.argmax(dim=-1)
+    return (ids == clip_eos_token_id(config)).int().argmax(dim=-1)
 
 
 def warn_if_prompt_truncated(
