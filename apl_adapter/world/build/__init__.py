@@ -40,11 +40,12 @@ from .context import BuildContext
 from .diffusion import LatentSet, PromptEncoder, make_sampler, mix_groups, train_diffusion
 from .driver import build_world
 from .finetunes import finetune_unet
+from .latents import encode_latents, roundtrip
 from .recognizer import recognizer_loss, train_recognizer
 from .seeds import SEEDS, SeedOffsets
 from .stages import DEFAULT_STAGES, STAGE_TABLE, STAGES, Stage
 from .storage import LEG_STAMP, save_world_pipeline, save_world_unet, store_weights_half
-from .vae import encode_latents, roundtrip, train_vae
+from .vae import train_vae
 
 __all__ = [
     "DEFAULT_STAGES",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .stages import DEFAULT_STAGES
+#: what a build runs unless told, in the stage table's names (:mod:`.stages`, which checks them against its rows): the
+#: shipped world has no auxiliary model; ``--stages auxiliary`` makes it. Kept here so the config imports no stage.
+DEFAULT_STAGES: tuple[str, ...] = ("vae", "recognizer", "base", "sibling", "dreambooth", "evaluate")
 
 MIX = (0.6, 0.2, 0.2)  # sampling fractions of named faces, strangers (attribute prompts), scenes
 
@@ -71,6 +73,6 @@ class BuildConfig:
     #: sampling fractions of the fine-tunes' base-style data: named faces, strangers, scenes
     mix: tuple[float, float, float] = MIX
     #: names from the stage table (:mod:`.stages`); they run in the table's order, not this one's
-    stages: tuple[str, ...] = field(default=DEFAULT_STAGES)
+    stages: tuple[str, ...] = DEFAULT_STAGES
     #: which models the ``evaluate`` stage samples
     eval_models: tuple[str, ...] = ("base", "sibling", "dreambooth")

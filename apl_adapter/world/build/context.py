@@ -6,17 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diffusers import AutoencoderKL
 
 from ..spec import WorldSpec
 from .banks import Bank, TrainingBanks
+from .config import BuildConfig
 from .diffusion import LatentSet
-from .vae import encode_latents
-
-if TYPE_CHECKING:  # config imports the stage table, which imports this module
-    from .config import BuildConfig
+from .latents import encode_latents
 
 
 @dataclass

@@ -13,9 +13,9 @@ from ...atomic import atomic_folder
 from ..recognizers import SCENE_VALUES, WorldRecognizerNet, save_recognizer
 from ..spec import ATTRIBUTE_VALUES
 from .banks import KIND_NAMED, KIND_SCENE, KIND_STRANGER, Bank, concat_banks, render_bank, render_lookalikes
+from .latents import roundtrip
 from .schedule import _cosine_lr
 from .seeds import SEEDS
-from .vae import roundtrip
 
 if TYPE_CHECKING:
     from .context import BuildContext

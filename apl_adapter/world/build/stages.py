@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 from .base import run_base
 from .card import run_evaluate
+from .config import DEFAULT_STAGES, BuildConfig
 from .finetunes import run_auxiliary, run_dreambooth, run_sibling
 from .recognizer import run_recognizer
 from .vae import run_vae
 
 if TYPE_CHECKING:
-    from .config import BuildConfig
     from .context import BuildContext
 
 
@@ -29,8 +29,6 @@ class Stage:
     #: what it writes, relative to --out or --work
     writes: tuple[str, ...]
     run: Callable[[BuildContext], None]
-    #: whether a build runs it unless ``--stages`` says otherwise
-    default: bool = True
 
     def timing_key(self, config: BuildConfig) -> str:
         """Its entry in the world card's ``timings_s``: an evaluation is keyed by the models it sampled."""
@@ -50,7 +48,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     # the base UNet on the sibling style
     Stage("sibling", needs=("vae", "base"), writes=("out/sibling",), run=run_sibling),
     # not in the shipped world: training through it measured no gain (docs/experiments/2026-12-03-training-variance.md)
-    Stage("auxiliary", needs=("vae", "base"), writes=("out/auxiliary",), run=run_auxiliary, default=False),
+    Stage("auxiliary", needs=("vae", "base"), writes=("out/auxiliary",), run=run_auxiliary),
     # the base UNet on the late people, with the base data as prior preservation
     Stage("dreambooth", needs=("vae", "base"), writes=("out/dreambooth",), run=run_dreambooth),
     # samples the eval models and measures the world's bars with the recognizer
@@ -63,5 +61,5 @@ STAGE_TABLE: tuple[Stage, ...] = (
 )
 
 STAGES = tuple(stage.name for stage in STAGE_TABLE)
-#: what a build runs unless told: the shipped world has no auxiliary model; ``--stages auxiliary`` makes it
-DEFAULT_STAGES = tuple(stage.name for stage in STAGE_TABLE if stage.default)
+if tuple(name for name in STAGES if name in DEFAULT_STAGES) != DEFAULT_STAGES:
+    raise RuntimeError(f"BuildConfig's default stages {DEFAULT_STAGES} are not stages of the table, in its order")

@@ -44,24 +44,6 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int) -> A
     return vae
 
 
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image (scaled), so training samples latents without the encoder."""
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        post = vae.encode(images[i : i + batch]).latent_dist
-        means.append(post.mean * vae.config.scaling_factor)
-        stds.append(post.std * vae.config.scaling_factor)
-    return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
-def roundtrip(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat(
-        [vae.decode(vae.encode(images[i : i + batch]).latent_dist.mean).sample for i in range(0, len(images), batch)]
-    ).clamp(-1, 1)
-
-
 def run_vae(ctx: BuildContext) -> None:
     """Train on every training render, both styles, into ``work/vae``."""
     banks, config = ctx.banks, ctx.config
