@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from transformers import CLIPTextModel
 
 from apl_adapter import APLConfig, load_clip_tokenizer
 from apl_adapter.errors import APLAdapterError
@@ -208,3 +209,19 @@ def test_stands_in_for_the_text_encoder_in_diffusers_encode_prompt():
         prompt_embeds, _ = pipe.encode_prompt("a photo of Ann Lee", "cpu", 1, False)
         reference = peft_model(input_ids=tokenized(["a photo of Ann Lee"])).last_hidden_state
     torch.testing.assert_close(prompt_embeds, reference, atol=ATOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::apl_adapter.PromptTruncationWarning")
+@pytest.mark.parametrize("depth", ["shallow", "deep"])
+def test_legacy_config_ids_start_the_prefix_state_at_clip_bos(depth):
+    """Text-encoder configs saved before transformers #24773 (Stable Diffusion 1.x among them) say bos_token_id=0 and
+    eos_token_id=2; the tokenizer still writes BOS 49406. The prefix state must start from that BOS, not from id 0."""
+    torch.manual_seed(0)
+    config = sd15_text_config()
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1})
+    config.update({"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1})
+    model = CLIPTextModel(config).eval()
+    peft_model = get_peft_model(model, APLConfig(num_virtual_tokens=4, prefix_depth=depth))
+    ids = tokenized(PROMPTS)
+    with torch.no_grad():
+        assert_same_outputs(peft_model(input_ids=ids), CachedPrefixEncoder.from_adapter(peft_model)(ids))

@@ -33,6 +33,16 @@ def clip_eos_token_id(config: CLIPTextConfig) -> int:
     return int(eos)
 
 
+def clip_bos_token_id(config: CLIPTextConfig) -> int:
+    """The BOS id the prefix state starts from. The same legacy configs (``eos_token_id=2``) also say
+    ``bos_token_id=0``, which is ``!`` in CLIP's vocabulary; their real BOS is ``vocab_size - 2`` (49406), the
+    id the tokenizer writes first."""
+    eos, bos = getattr(config, "eos_token_id", None), getattr(config, "bos_token_id", None)
+    if bos is None or eos is None or eos == 2:
+        return int(config.vocab_size) - 2
+    return int(bos)
+
+
 def prefixed_length(seq_len: int, num_virtual_tokens: int, max_positions: int = MAX_CLIP_POSITIONS) -> int:
     """Sequence length after inserting ``num_virtual_tokens`` after BOS, capped at ``max_positions``."""
     return min(seq_len + num_virtual_tokens, max_positions)

@@ -25,9 +25,16 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextEmbeddings
 
-from ...errors import APLAdapterError
 from ...ops import prefix_attention, prefix_attention_reference
-from .prefix import PrefixWeights, clip_eos_token_id, clip_text_model_of, insert_prefix_ids, pool_index, splice_prefix
+from .prefix import (
+    PrefixWeights,
+    clip_bos_token_id,
+    clip_eos_token_id,
+    clip_text_model_of,
+    insert_prefix_ids,
+    pool_index,
+    splice_prefix,
+)
 
 __all__ = ["EncodedText", "PrefixState", "PrefixedCLIPEncoder", "Version", "prefix_layer_kv"]
 
@@ -118,10 +125,7 @@ class PrefixedCLIPEncoder(nn.Module):
         """Run ``[BOS][P1..Pm]`` alone (it never sees the prompt: the encoder is causal)."""
         m = prefix.num_virtual_tokens
         weight = self.embeddings.token_embedding.weight
-        bos = self.config.bos_token_id
-        if bos is None:
-            raise APLAdapterError("The prefix state starts at BOS, but this text encoder's config has no bos_token_id.")
-        ids = torch.full((1, 1 + m), bos, dtype=torch.long, device=weight.device)
+        ids = torch.full((1, 1 + m), clip_bos_token_id(self.config), dtype=torch.long, device=weight.device)
         hidden = self._embed(ids, start=0, prefix=prefix.embeds.to(weight.device))
         keys, values, states = [], [], [hidden]
         for index, layer in enumerate(self.layers):
