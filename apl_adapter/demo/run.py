@@ -143,9 +143,12 @@ def _stage(text: str) -> None:
 
 
 def _grid(rows: list[list[np.ndarray]], scale: int = 4) -> Image.Image:
-    tiles = [np.concatenate(row, axis=1) for row in rows]
-    image = Image.fromarray((np.concatenate(tiles, axis=0) * 255).round().astype("uint8"))
-    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    """Images in [0, 1], ``(H, W, 3)``, one grid row per list, each cell enlarged ``scale`` times (nearest)."""
+    from diffusers.utils import make_image_grid
+
+    cells = [Image.fromarray((cell * 255).round().astype("uint8")) for row in rows for cell in row]
+    cells = [cell.resize((cell.width * scale, cell.height * scale), Image.Resampling.NEAREST) for cell in cells]
+    return make_image_grid(cells, rows=len(rows), cols=len(rows[0]))
 
 
 def world_available() -> bool:
