@@ -105,7 +105,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build import DEFAULT_STAGES, STAGES
+    from .build import DEFAULT_STAGES, STAGES, BuildConfig
     from .models import ASSETS, MODEL_KINDS
 
     parser = argparse.ArgumentParser(
@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         "faces_per_person",
     ):
         b.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=int, default=None, help="override the BuildConfig default"
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=int,
+            default=None,
+            help=f"override BuildConfig.{name} (default: {getattr(BuildConfig, name)}, the shipped world's)",
         )
     add_common_options(b, version=False)
     return parser
