@@ -21,7 +21,7 @@ from apl_adapter import APLConfig
 from apl_adapter.errors import APLAdapterError
 from apl_adapter.testing import tiny_sd_pipeline, tiny_unet
 from apl_adapter.training import TrainConfig, apl_loss, train
-from apl_adapter.training.data import write_data_folder
+from apl_adapter.training.data import DataFormatError, read_metadata, write_data_folder
 from apl_adapter.training.loop import lr_scheduler, tokenize
 from apl_adapter.training.objective import noisy_latents
 
@@ -194,6 +194,22 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     assert relative > 1e-2  # the term is not vanishing in this check
     with pytest.raises(ValueError, match="empty_ids"):
         apl_loss(pipe.unet, encoder, z_t, t, c1, c2, guidance_relative=0.05)
+    # attribute_hold=lambda: + lambda * mean_k s_k^2 on the identity row, s_k = <prefixed - eps(c2), a_k> / ||a_k||^2,
+    # a_k = eps(c2) - mean of eps(c2 with attribute k changed); the preservation row's contrasts are padding (-1)
+    changed = ["a photo of a woman", "a photo of a tall man", "a photo of a short man"]
+    contrast_ids = torch.stack([tokenize(tokenizer, changed), tokenize(tokenizer, ["a red star on white"] * 3)])
+    contrast_groups = torch.tensor([[0, 1, 1], [-1, -1, -1]])
+    with torch.no_grad(), encoder.disable_adapter():
+        eps_changed = pipe.unet(z_t[:1].expand(3, -1, -1, -1), t[:1].expand(3), encoder(input_ids=contrast_ids[0])[0])
+    pulls = [target[0] - eps_changed.sample[0], target[0] - eps_changed.sample[1:].mean(dim=0)]
+    shares = torch.stack([((prefixed[0] - target[0]) * a).sum() / a.square().sum() for a in pulls])
+    expected = (prefixed - target).square().mean() + 0.5 * shares.square().mean()
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, attribute_hold=0.5, contrast_ids=contrast_ids,
+                    contrast_groups=contrast_groups).detach()  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+    assert shares.abs().min() > 1e-3  # the term is not vanishing in this check
+    with pytest.raises(ValueError, match="contrast_ids"):
+        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, attribute_hold=0.5)
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):
@@ -388,3 +404,26 @@ def test_push_to_hub_refused_offline_before_training_and_a_failed_upload_keeps_t
     adapter = tmp_path / "run" / "adapter"
     assert done.returncode == 2 and f"huggingface-cli upload me/apl {adapter}" in done.stderr, done.stderr[-2000:]
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "README.md").is_file()
+
+
+def test_attribute_hold_reads_the_data_contrasts_and_refuses_data_without_them(base_folder, data_folder, tmp_path):
+    rows = toy_rows()
+    for _, fields in rows:
+        if fields["kind"] == "identity":
+            fields["c2_contrasts"] = {"sex": ["a photo of a woman"], "height": ["a photo of a tall man"]}
+    contrasted = write_data_folder(tmp_path / "contrasted", rows)
+    examples = read_metadata(contrasted)
+    assert examples[1].c2_contrasts == {"sex": ("a photo of a woman",), "height": ("a photo of a tall man",)}
+    common = {"base": str(base_folder), "batch_size": 4, "lr": 1e-2, "steps": 2, "identity_fraction": 0.5}
+    plain = train(TrainConfig(data=str(contrasted), out=str(tmp_path / "plain"), **common), show_progress=False)
+    held = train(TrainConfig(data=str(contrasted), out=str(tmp_path / "held"), attribute_hold=5.0, **common),
+                 show_progress=False)  # fmt: skip
+    assert not torch.allclose(_prefix(held.adapter_dir), _prefix(plain.adapter_dir))  # the term reached the prefix
+    with pytest.raises(DataFormatError, match="c2_contrasts"):
+        train(TrainConfig(data=str(data_folder), out=str(tmp_path / "none"), attribute_hold=1.0, **common))
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(APLAdapterError, match="--c2 attribute"):
+        TrainConfig(base="b", data="d", out="o", attribute_hold=1.0, c2="empty")
+    bad = write_data_folder(tmp_path / "bad", [(rows[1][0], {**rows[1][1], "c2_contrasts": {"sex": []}})])
+    with pytest.raises(DataFormatError, match="non-empty list"):
+        read_metadata(bad)

@@ -13,6 +13,7 @@ from apl_adapter.errors import APLAdapterError
 from apl_adapter.world import ASSETS, WorldSpec
 from apl_adapter.world.cli import main
 from apl_adapter.world.data import write_apl_dataset
+from apl_adapter.world.spec import ATTRIBUTE_VALUES
 
 
 def test_help_teaches_every_command():
@@ -76,6 +77,11 @@ def test_data_writes_the_training_format(tmp_path):
         assert r["c1"] in {world.identity_prompt(person.name, k) for k in (0, 1)}
         assert r["c2"] in {world.attribute_prompt(person.name, k) for k in (0, 1)}
         assert Image.open(out / r["file_name"]).size == (32, 32)
+        # c2 with one attribute changed at a time, to each other value, in c2's own template (--attribute-hold)
+        template = [world.attribute_prompt(person.name, k) for k in (0, 1)].index(r["c2"])
+        for key, values in ATTRIBUTE_VALUES.items():
+            expected = [world.attribute_prompt({**person.attributes, key: v}, template) for v in values]
+            assert r["c2_contrasts"][key] == [text for text in expected if text != r["c2"]]
     scenes = [r for r in rows if r["kind"] == "preservation"]
     assert len(scenes) == 3 and all(r["c1"] == r["c2"] for r in scenes)
 

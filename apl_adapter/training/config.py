@@ -137,6 +137,17 @@ class TrainConfig:
             "(experiments 2026-12-04-attributes-ceiling)."
         },
     )
+    attribute_hold: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda >= 0: keep each stated attribute's pull in the prefixed prediction, lambda * mean_k s_k^2 "
+            "over identity rows (0 = the paper): a_k = eps(c2) - mean eps(c2 with attribute k changed), s_k = "
+            "<eps([AP]+c1) - eps(c2), a_k> / ||a_k||^2 (0 = kept). Needs c2_contrasts in the data (apl-world data "
+            "writes them) and --c2 attribute; adds a UNet pass per contrast prompt of each identity row. On the "
+            "world the shipped prefix loses 16-46% of each attribute's pull at t >= 667 (experiments "
+            "2026-12-04-attributes-ceiling)."
+        },
+    )
     also_through: list[str] = field(
         default_factory=list,
         metadata={
@@ -274,6 +285,11 @@ class TrainConfig:
             (self.text_match >= 0, f"text_match must be >= 0, got {self.text_match}"),
             (self.name_direction >= 0, f"name_direction must be >= 0, got {self.name_direction}"),
             (self.guidance_relative >= 0, f"guidance_relative must be >= 0, got {self.guidance_relative}"),
+            (self.attribute_hold >= 0, f"attribute_hold must be >= 0, got {self.attribute_hold}"),
+            (
+                not (self.attribute_hold and self.c2 == "empty"),
+                "attribute_hold keeps the attributes c2 states, so it needs --c2 attribute",
+            ),
             (
                 not (self.text_match and self.c2 == "empty"),
                 "text_match needs c2='attribute' (an empty target has no description to encode like)",

@@ -19,6 +19,9 @@ Layout::
   name prompt), ``c1`` the prompt naming the person (the prefix is added to it during training),
   ``c2`` the anonymous attribute description the prefixed prompt is pulled toward. ``identity`` is
   the name (used for reports only).
+  Optionally ``c2_contrasts``, ``{"<attribute>": ["<c2 with that attribute changed>", ...], ...}``: the
+  description with one stated attribute changed at a time, e.g. ``{"hair": ["a photo of a woman, short blond
+  hair"]}``; ``apl-train --attribute-hold`` measures each attribute's pull from them (``apl-world data`` writes them).
 - ``kind="preservation"``: an image without a person and its caption; ``c1`` and ``c2`` are the
   caption (the prefix must be a no-op here). ``c2`` may be left out and defaults to ``c1``.
 
@@ -57,6 +60,8 @@ class Example:
     c1: str
     c2: str
     identity: str | None = None
+    #: identity rows: attribute -> the description with that attribute changed (one prompt per other value)
+    c2_contrasts: dict[str, tuple[str, ...]] | None = None
 
 
 def name_and_description(c1: str, c2: str) -> str:
@@ -155,7 +160,23 @@ def _parse_row(line: str, line_no: int, folder: Path, metadata: Path, c2_mode: C
         )
     if not image_path.is_file():
         raise DataFormatError(f"{where}: image {image_path} does not exist; copy it there or remove the row.")
-    return Example(image_path, kind, row["c1"], c2, row.get("identity"))
+    return Example(image_path, kind, row["c1"], c2, row.get("identity"), _contrasts(row, kind, where))
+
+
+def _contrasts(row: dict, kind: str, where: str) -> dict[str, tuple[str, ...]] | None:
+    contrasts = row.get("c2_contrasts")
+    if contrasts is None:
+        return None
+    well_formed = isinstance(contrasts, dict) and all(
+        isinstance(key, str) and isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)
+        for key, texts in contrasts.items()
+    )
+    if kind != "identity" or not well_formed or not contrasts:
+        raise DataFormatError(
+            f"{where}: c2_contrasts belongs to identity rows and maps each attribute to a non-empty list of "
+            'descriptions with that attribute changed, e.g. {"hair": ["a photo of a woman, red hair"]}.'
+        )
+    return {key: tuple(texts) for key, texts in contrasts.items()}
 
 
 def load_images(

@@ -64,6 +64,28 @@ class EncodedData:
     push_ids: torch.Tensor
     identity_rows: torch.Tensor
     preservation_rows: torch.Tensor
+    #: ``(N, J, 77)`` ids of each row's ``c2_contrasts`` (padded with its own ``c2``), ``(N, J)`` their attribute's
+    #: index (-1 = padding); ``J = 0`` when the data has none
+    contrast_ids: torch.Tensor | None = None
+    contrast_groups: torch.Tensor | None = None
+
+
+def contrast_tensors(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, J, 77)`` ids and ``(N, J)`` attribute indices of the rows' ``c2_contrasts`` (see :class:`EncodedData`)."""
+    keys = sorted({key for e in examples for key in (e.c2_contrasts or {})})
+    per_row = [
+        [(keys.index(k), text) for k, texts in (e.c2_contrasts or {}).items() for text in texts] for e in examples
+    ]
+    width = max((len(row) for row in per_row), default=0)
+    groups = torch.full((len(examples), width), -1, dtype=torch.long)
+    texts = [[e.c2] * width for e in examples]
+    for n, row in enumerate(per_row):
+        for j, (group, text) in enumerate(row):
+            groups[n, j], texts[n][j] = group, text
+    flat = [text for row in texts for text in row]
+    length = tokenizer.model_max_length
+    ids = tokenize(tokenizer, flat) if flat else torch.zeros((0, length), dtype=torch.long)
+    return ids.view(len(examples), width, length), groups
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -109,14 +131,15 @@ def encode_data(
         push_ids=push_ids,
         identity_rows=kinds.nonzero().flatten(),
         preservation_rows=(~kinds).nonzero().flatten(),
+        **dict(zip(("contrast_ids", "contrast_groups"), contrast_tensors(parts.tokenizer, examples), strict=True)),
     )
 
 
 def draw_batch(
     data: EncodedData, config: TrainConfig, step: int, process: int, num_train_timesteps: int
 ) -> tuple[torch.Tensor, ...]:
-    """The batch of one step: ``(z0, noise, t, c1_ids, c2_ids, push_ids)``, a pure function of
-    ``(seed, step, process)``."""
+    """The batch of one step: ``(z0, noise, t, c1_ids, c2_ids, push_ids, contrast_ids, contrast_groups)``, a pure
+    function of ``(seed, step, process)``."""
     generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + process)
     batch = config.batch_size
     is_identity = torch.rand(batch, generator=generator) < config.identity_fraction
@@ -131,7 +154,13 @@ def draw_batch(
     latents = data.latent_mean[rows]
     if config.latent_mode == "sample":
         latents = latents + data.latent_std[rows] * torch.randn(latents.shape, generator=generator)
-    return latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows], data.push_ids[rows]
+    contrast_ids, contrast_groups = data.contrast_ids, data.contrast_groups
+    if contrast_ids is None or contrast_groups is None:
+        rows_total, length = data.c1_ids.shape
+        contrast_ids = torch.zeros((rows_total, 0, length), dtype=torch.long)
+        contrast_groups = torch.zeros((rows_total, 0), dtype=torch.long)
+    return (latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows], data.push_ids[rows],
+            contrast_ids[rows], contrast_groups[rows])  # fmt: skip
 
 
 def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, start_step: int = 0):
@@ -159,6 +188,18 @@ def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
         raise DataFormatError(
             f"identity_fraction={config.identity_fraction} but {config.data} has no kind='preservation' rows; add "
             "captioned images without people or set --identity-fraction 1 (then nothing keeps other prompts intact)."
+        )
+
+
+def _check_contrasts(data: EncodedData, config: TrainConfig) -> None:
+    if config.attribute_hold <= 0:
+        return
+    groups = data.contrast_groups
+    if groups is None or groups.shape[1] == 0 or bool((groups[data.identity_rows] < 0).all(dim=1).any()):
+        raise DataFormatError(
+            f"attribute_hold={config.attribute_hold} needs c2_contrasts on every identity row of {config.data} (the "
+            "description with one attribute changed at a time; `apl-world data` writes them); add them or set "
+            "--attribute-hold 0."
         )
 
 
@@ -268,6 +309,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     parts = load_frozen_parts(config.base)
     data = encode_data(parts, examples, config.resolution, accelerator.device, push_from=config.push_from)
     _check_mixture(data, config)
+    _check_contrasts(data, config)
 
     text_encoder = get_peft_model(
         parts.text_encoder,
@@ -317,7 +359,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     )
     loss_value = math.nan
     for step in progress:
-        latents, noise, timesteps, c1_ids, c2_ids, push_ids = (
+        latents, noise, timesteps, c1_ids, c2_ids, push_ids, contrast_ids, contrast_groups = (
             tensor.to(accelerator.device)
             for tensor in draw_batch(data, config, step, accelerator.process_index, num_train_timesteps)
         )
@@ -329,7 +371,8 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                     loss_space=config.loss_space, alphas_cumprod=parts.noise_scheduler.alphas_cumprod,
                     push=config.identity_push, push_ids=push_ids, boost=config.attribute_boost, empty_ids=empty_ids,
                     text_match=config.text_match, direction=config.name_direction,
-                    guidance_relative=config.guidance_relative,
+                    guidance_relative=config.guidance_relative, attribute_hold=config.attribute_hold,
+                    contrast_ids=contrast_ids, contrast_groups=contrast_groups,
                 )
                 for unet in unets
             ) / len(unets)  # fmt: skip

@@ -38,6 +38,41 @@ def name_share(residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return (residual * direction).sum(dim=1) / direction.square().sum(dim=1).clamp_min(1e-12)
 
 
+def attribute_shares(
+    unet,
+    text_encoder: PeftModel,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    prediction: torch.Tensor,
+    described: torch.Tensor,
+    contrast_ids: torch.Tensor,
+    contrast_groups: torch.Tensor,
+) -> torch.Tensor:
+    """``s_k`` of :func:`apl_loss`'s ``attribute_hold`` for every row and attribute present, flattened.
+
+    Args:
+        noisy, timesteps: ``(n, 4, h, w)`` and ``(n,)`` of the identity rows.
+        prediction: ``(n, 4, h, w)`` their prefixed ``eps`` (with its gradient); described: their ``eps(c2)``.
+        contrast_ids: ``(n, J, 77)``; contrast_groups: ``(n, J)`` attribute indices, -1 = padding.
+    """
+    n, width = contrast_groups.shape
+    with torch.no_grad(), text_encoder.disable_adapter():
+        states = text_encoder(contrast_ids.flatten(0, 1))[0]
+        changed = unet(
+            noisy.repeat_interleave(width, dim=0), timesteps.repeat_interleave(width), encoder_hidden_states=states
+        ).sample
+    changed = changed.float().view(n, width, -1)
+    described, lost = described.float().flatten(1), (prediction.float() - described.float()).flatten(1)
+    shares = []
+    for group in contrast_groups[contrast_groups >= 0].unique().tolist():
+        members = (contrast_groups == group).float()  # (n, J)
+        present = members.sum(dim=1) > 0
+        mean_changed = (members[..., None] * changed).sum(dim=1) / members.sum(dim=1, keepdim=True).clamp_min(1)
+        pull = (described - mean_changed)[present]
+        shares.append((lost[present] * pull).sum(dim=1) / pull.square().sum(dim=1).clamp_min(1e-12))
+    return torch.cat(shares)
+
+
 def noisy_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``z_t`` ``(B, C, h, w)`` from ``z0`` ``(B, C, h, w)``, noise of the same shape and ``t`` ``(B,)``."""
     return scheduler.add_noise(latents, noise, timesteps)
@@ -60,6 +95,9 @@ def apl_loss(
     text_match: float = 0.0,
     direction: float = 0.0,
     guidance_relative: float = 0.0,
+    attribute_hold: float = 0.0,
+    contrast_ids: torch.Tensor | None = None,
+    contrast_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -93,6 +131,12 @@ def apl_loss(
             (0 = the paper; needs ``empty_ids``). ``direction`` holds only the error *along* ``d``; across it the
             error stays about half as large as the description's guidance at every t, and CFG multiplies it into
             another coarse look. A ratio per row, so large t counts as much as small t (beyond the paper).
+        attribute_hold: ``lambda`` of a term that keeps each stated attribute's pull, ``lambda * mean_k s_k^2`` over
+            the identity rows and their attributes (0 = the paper): ``a_k = eps(c2) - mean eps(c2 with attribute k
+            changed)`` is attribute k's own pull and ``s_k = <eps([AP] + c1) - eps(c2), a_k> / ||a_k||^2`` the part
+            of it the prefixed prediction loses (0 = all kept). Needs ``contrast_ids`` ``(B, J, 77)``, the
+            descriptions with one attribute changed, and ``contrast_groups`` ``(B, J)``, their attribute's index (-1 =
+            padding); beyond the paper.
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -120,8 +164,9 @@ def apl_loss(
         target = unet(noisy, timesteps, encoder_hidden_states=target_states).sample
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
         name_direction = guidance = None
+        described = target[identity]  # eps(c2) of the identity rows, before any push (a copy)
         if (push or boost or direction or guidance_relative) and bool(identity.any()):
-            noisy_id, t_id, described = noisy[identity], timesteps[identity], target[identity]
+            noisy_id, t_id = noisy[identity], timesteps[identity]
             moved = described.clone()
             if push or direction:
                 source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
@@ -154,6 +199,14 @@ def apl_loss(
         # target = described - push * d, so the target's share of d is -push
         excess = name_share(prediction[identity] - target[identity], name_direction)  # r - r*
         loss = loss + direction * excess.square().mean()
+    if attribute_hold and bool(identity.any()):
+        if contrast_ids is None or contrast_groups is None or contrast_ids.shape[1] == 0:
+            raise ValueError("attribute_hold needs contrast_ids and contrast_groups (the data's c2_contrasts)")
+        shares = attribute_shares(
+            unet, text_encoder, noisy[identity], timesteps[identity], prediction[identity], described,
+            contrast_ids[identity].to(c1_ids.device), contrast_groups[identity].to(c1_ids.device),
+        )  # fmt: skip
+        loss = loss + attribute_hold * shares.square().mean()
     if guidance_relative and guidance is not None:
         error = (prediction[identity] - target[identity]).float().flatten(1).square().sum(dim=1)
         scale = guidance.float().flatten(1).square().sum(dim=1).clamp_min(1e-12)

@@ -82,10 +82,11 @@ def write_apl_dataset(
             c1s = [world.identity_prompt(p.name, t) for p, t in chunk]
             c2s = [world.attribute_prompt(p.attributes, t) for p, t in chunk]
             drawn = c1s if images_from == "name" else c2s
-            for (person, _), c1, c2, image in zip(chunk, c1s, c2s, sample_images(pipe, drawn, seed + start)):
+            for (person, template), c1, c2, image in zip(chunk, c1s, c2s, sample_images(pipe, drawn, seed + start)):
                 name = f"images/{len(rows):06d}.png"
                 image.save(tmp / name)
-                rows.append({"file_name": name, "kind": "identity", "c1": c1, "c2": c2, "identity": person.name})
+                rows.append({"file_name": name, "kind": "identity", "c1": c1, "c2": c2, "identity": person.name,
+                             "c2_contrasts": world.attribute_contrasts(person.attributes, template)})  # fmt: skip
         for _ in tqdm(range(num_scenes), desc="scene images", unit="image"):
             scene = rng.choice(world.scenes)
             caption = scene.caption(rng.choice(scene_templates))

@@ -193,6 +193,18 @@ class WorldSpec:
         )
         return self.person_templates[template % len(self.person_templates)].format(describe(attrs))
 
+    def attribute_contrasts(self, attributes: dict[str, str], template: int = 0) -> dict[str, list[str]]:
+        """The attribute prompt with one attribute changed at a time, to each of its other values (training data's
+        ``c2_contrasts``: what ``apl-train --attribute-hold`` measures each attribute's pull from)."""
+        return {
+            key: [
+                self.attribute_prompt({**attributes, key: value}, template)
+                for value in values
+                if value != attributes[key]
+            ]
+            for key, values in ATTRIBUTE_VALUES.items()
+        }
+
     def to_json(self) -> dict:
         return {
             "seed": self.seed,
