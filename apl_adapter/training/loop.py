@@ -191,11 +191,8 @@ def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
         )
 
 
-def _check_contrasts(data: EncodedData, config: TrainConfig) -> None:
-    if config.attribute_hold <= 0:
-        return
-    groups = data.contrast_groups
-    if groups is None or groups.shape[1] == 0 or bool((groups[data.identity_rows] < 0).all(dim=1).any()):
+def _check_contrasts(examples: list[Example], config: TrainConfig) -> None:
+    if config.attribute_hold > 0 and any(e.kind == "identity" and not e.c2_contrasts for e in examples):
         raise DataFormatError(
             f"attribute_hold={config.attribute_hold} needs c2_contrasts on every identity row of {config.data} (the "
             "description with one attribute changed at a time; `apl-world data` writes them); add them or set "
@@ -306,10 +303,10 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
         unet_subfolder(folder)
     check_run_folder(config, out)
     examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
+    _check_contrasts(examples, config)
     parts = load_frozen_parts(config.base)
     data = encode_data(parts, examples, config.resolution, accelerator.device, push_from=config.push_from)
     _check_mixture(data, config)
-    _check_contrasts(data, config)
 
     text_encoder = get_peft_model(
         parts.text_encoder,
