@@ -167,6 +167,7 @@ def test_the_cli_offers_the_stage_table_in_run_order(capsys, monkeypatch):
     assert tuple(stage.name for stage in STAGE_TABLE) == STAGES
     assert build_parser().parse_args(["build"]).stages == ",".join(DEFAULT_STAGES)
     assert BuildConfig().stages == DEFAULT_STAGES
+    assert tuple(name for name in STAGES if name in DEFAULT_STAGES) == DEFAULT_STAGES  # table stages, in its order
     monkeypatch.setenv("COLUMNS", "200")  # argparse would otherwise break the long comma-separated list
     with pytest.raises(SystemExit):
         main(["build", "--help"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -356,8 +356,3 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def help_texts(cls) -> dict[str, str]:
-        """Field name -> help text (the CLI builds its options from these)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -64,28 +64,31 @@ class EncodedData:
     push_ids: torch.Tensor
     identity_rows: torch.Tensor
     preservation_rows: torch.Tensor
-    #: ``(N, J, 77)`` ids of each row's ``c2_contrasts`` (padded with its own ``c2``), ``(N, J)`` their attribute's
-    #: index (-1 = padding); ``J = 0`` when the data has none
-    contrast_ids: torch.Tensor | None = None
-    contrast_groups: torch.Tensor | None = None
+    #: ``(N, J, 77)`` ids of each row's ``c2_contrasts`` and ``(N, J)`` their attribute's index (-1 = padding, whose
+    #: ids are zeros); ``J = 0`` when the data has none
+    contrast_ids: torch.Tensor
+    contrast_groups: torch.Tensor
 
 
 def contrast_tensors(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, J, 77)`` ids and ``(N, J)`` attribute indices of the rows' ``c2_contrasts`` (see :class:`EncodedData`)."""
+    """``(N, J, 77)`` ids and ``(N, J)`` attribute indices of the rows' ``c2_contrasts`` (see :class:`EncodedData`).
+
+    Each distinct contrast is tokenized once (rows of one person share theirs).
+    """
     keys = sorted({key for e in examples for key in (e.c2_contrasts or {})})
     per_row = [
         [(keys.index(k), text) for k, texts in (e.c2_contrasts or {}).items() for text in texts] for e in examples
     ]
-    width = max((len(row) for row in per_row), default=0)
+    width, length = max((len(row) for row in per_row), default=0), tokenizer.model_max_length
     groups = torch.full((len(examples), width), -1, dtype=torch.long)
-    texts = [[e.c2] * width for e in examples]
-    for n, row in enumerate(per_row):
-        for j, (group, text) in enumerate(row):
-            groups[n, j], texts[n][j] = group, text
-    flat = [text for row in texts for text in row]
-    length = tokenizer.model_max_length
-    ids = tokenize(tokenizer, flat) if flat else torch.zeros((0, length), dtype=torch.long)
-    return ids.view(len(examples), width, length), groups
+    ids = torch.zeros((len(examples), width, length), dtype=torch.long)
+    distinct = sorted({text for row in per_row for _, text in row})
+    if distinct:
+        tokens = dict(zip(distinct, tokenize(tokenizer, distinct), strict=True))
+        for n, row in enumerate(per_row):
+            for j, (group, text) in enumerate(row):
+                groups[n, j], ids[n, j] = group, tokens[text]
+    return ids, groups
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -123,6 +126,7 @@ def encode_data(
         )
     else:
         push_ids = c1_ids
+    contrast_ids, contrast_groups = contrast_tensors(parts.tokenizer, examples)
     return EncodedData(
         latent_mean=torch.cat(means),
         latent_std=torch.cat(stds),
@@ -131,7 +135,8 @@ def encode_data(
         push_ids=push_ids,
         identity_rows=kinds.nonzero().flatten(),
         preservation_rows=(~kinds).nonzero().flatten(),
-        **dict(zip(("contrast_ids", "contrast_groups"), contrast_tensors(parts.tokenizer, examples), strict=True)),
+        contrast_ids=contrast_ids,
+        contrast_groups=contrast_groups,
     )
 
 
@@ -154,13 +159,8 @@ def draw_batch(
     latents = data.latent_mean[rows]
     if config.latent_mode == "sample":
         latents = latents + data.latent_std[rows] * torch.randn(latents.shape, generator=generator)
-    contrast_ids, contrast_groups = data.contrast_ids, data.contrast_groups
-    if contrast_ids is None or contrast_groups is None:
-        rows_total, length = data.c1_ids.shape
-        contrast_ids = torch.zeros((rows_total, 0, length), dtype=torch.long)
-        contrast_groups = torch.zeros((rows_total, 0), dtype=torch.long)
     return (latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows], data.push_ids[rows],
-            contrast_ids[rows], contrast_groups[rows])  # fmt: skip
+            data.contrast_ids[rows], data.contrast_groups[rows])  # fmt: skip
 
 
 def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, start_step: int = 0):

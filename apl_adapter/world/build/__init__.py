@@ -35,7 +35,7 @@ from .banks import (
     style_bank,
 )
 from .base import leg_stamp, train_base
-from .config import MIX, SHIPPED_BASE_PHASES, BasePhase, BuildConfig
+from .config import DEFAULT_STAGES, MIX, SHIPPED_BASE_PHASES, BasePhase, BuildConfig
 from .context import BuildContext
 from .diffusion import LatentSet, PromptEncoder, make_sampler, mix_groups, train_diffusion
 from .driver import build_world
@@ -43,7 +43,7 @@ from .finetunes import finetune_unet
 from .latents import encode_latents, roundtrip
 from .recognizer import recognizer_loss, train_recognizer
 from .seeds import SEEDS, SeedOffsets
-from .stages import DEFAULT_STAGES, STAGE_TABLE, STAGES, Stage
+from .stages import STAGE_TABLE, STAGES, Stage
 from .storage import LEG_STAMP, save_world_pipeline, save_world_unet, store_weights_half
 from .vae import train_vae
 

@@ -1,8 +1,4 @@
-"""The build's random streams, each a named offset from ``BuildConfig.seed``.
-
-Kept apart from :mod:`.config`: the stage modules draw from these streams, and :mod:`.config` imports the stage
-table (for ``BuildConfig.stages``), which imports the stage modules.
-"""
+"""The build's random streams, each a named offset from ``BuildConfig.seed`` (the stage modules draw from them)."""
 
 from __future__ import annotations
 
