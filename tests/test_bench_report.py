@@ -16,6 +16,7 @@ from apl_adapter.bench.protocol import (
     Person,
     attribute_agreement,
     fall_ratio,
+    named_by_attributes_kept,
     paired_change,
     paired_difference_interval,
     pixel_change,
@@ -41,6 +42,22 @@ def test_fall_ratio():
     assert math.isinf(fall_ratio(0.5, 0.0))
     assert fall_ratio(0.0, 0.0) == 1.0
     assert fall_ratio(0.2, 0.4) == pytest.approx(0.5)  # a rise shows as a factor below 1
+
+
+def test_identity_is_split_by_whether_the_face_kept_the_attributes():
+    from apl_adapter.metrics.base import FaceObservation
+
+    ann = {"hair": "red", "skin": "tan"}
+    observations = [
+        FaceObservation(True, 0.9, "Ann"),  # kept, named
+        FaceObservation(True, 0.9, None),  # kept, a stranger
+        FaceObservation(True, 0.9, "Ann"),  # skin changed, still named
+        FaceObservation(True, 0.9, None),  # hair changed, a stranger
+        FaceObservation(False, 0.1),  # no face: neither kept nor named, whatever was read
+    ]
+    read = [ann, ann, {"hair": "red", "skin": "light"}, {"hair": "black", "skin": "tan"}, ann]
+    split = named_by_attributes_kept(observations, read, ["Ann"] * 5, [ann] * 5)
+    assert split == {"kept": 2, "named_when_kept": 1, "changed": 3, "named_when_changed": 1}
 
 
 def test_pixel_change():
@@ -110,6 +127,12 @@ def test_goals_are_judged_on_the_measured_numbers(tmp_path):
     assert "**no**" in markdown and "not measured" in markdown
     assert "= +5.0 points; 1 lost, 0 gained, McNemar p = 1, APL minus base 95% CI -69.9 to +28.1" in markdown
     assert "APL 90.0% (base minus APL +5.0 points; 1 lost" in markdown  # the section says which way it runs
+    assert "named when kept" not in markdown  # sections measured before the split carry none: no table
+    sections["seen"]["apl"]["by_attributes_kept"] = {"kept": 6, "named_when_kept": 1, "changed": 4,
+                                                     "named_when_changed": 0}  # fmt: skip
+    sections["seen"]["fall_when_attributes_kept"] = fall_ratio(0.9, 1 / 6)
+    markdown = to_markdown({**report, "sections": strip_images(sections)})
+    assert "| seen | 6 | 1 (16.7%) | 5.4x | 4 | 0 |" in markdown
     old_mask = os.umask(0o022)
     try:
         write_report(report, sections, tmp_path / "out")
@@ -311,3 +334,18 @@ def test_compared_reports_give_the_scene_change_with_its_sign_and_interval():
     table = compare_markdown(reports)
     row = next(line for line in table.splitlines() if line.startswith("| scenes, base model"))
     assert "| +0.0 pts [-1.4, +1.4] yes | -3.5 pts [-5.8, -1.2] **no** |" in row  # no drop is not "-0.0"
+
+
+def test_compared_reports_give_the_falls_among_faces_that_keep_their_attributes():
+    def person(fall: float, kept_fall: float | None) -> dict:
+        apl = {"top1_accuracy": 0.9 / fall, "face_presence_rate": 1.0, "attributes": {"all_match_rate": 0.7}}
+        section = {"num_images": 10, "accuracy_fall": fall, "base": {"top1_accuracy": 0.9}, "apl": apl}
+        if kept_fall is not None:
+            section["fall_when_attributes_kept"] = kept_fall
+        return section
+
+    split = {"seen": person(18.0, 11.3), "late": person(9.0, float("inf")), "transfer": person(4.0, None)}
+    old = {"seen": person(18.0, None)}  # a report written before the split
+    table = compare_markdown({"new": {"sections": split}, "old": {"sections": old}})
+    row = next(line for line in table.splitlines() if line.startswith("| the same falls among faces"))
+    assert row.endswith("| 11.3x / inf x (to 0) / - (seen / late / transfer) | - |"), row

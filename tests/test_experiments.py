@@ -15,7 +15,7 @@ SCRIPTS = sorted(p.name for p in (ROOT / "experiments").glob("*.py") if p.name !
 
 
 def test_there_are_experiments():
-    assert SCRIPTS == ["eps_gap_diagnostics.py", "probe_push_target.py", "step_bands.py"]
+    assert SCRIPTS == ["eps_gap_diagnostics.py", "probe_push_target.py", "recognizer_gate.py", "step_bands.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -45,3 +45,14 @@ def test_the_library_does_not_import_experiments():
     for folder in ("apl_adapter", "export"):
         for path in (ROOT / folder).rglob("*.py"):
             assert not re.search(r"^\s*(from|import) experiments\b", path.read_text(), re.M), path
+
+
+def test_the_shipped_recognizer_names_a_person_less_when_an_attribute_changes():
+    """The gate the bench's "fall when kept" measures around (docs/experiments/2026-12-04-recognizer-gate.md)."""
+    from apl_adapter.world import WorldSpec
+    from apl_adapter.world.recognizers import WorldIdentityRecognizer
+    from experiments.recognizer_gate import gate_rates
+
+    rates = gate_rates(WorldIdentityRecognizer.from_pretrained(), WorldSpec.from_seed(0), per_person=3, seed=7)
+    assert rates["own"] >= 0.95  # fresh renders of the person are named (world card: 98.75%)
+    assert rates["skin"] < 0.5 * rates["own"]  # a changed skin tone is mostly "a stranger" (7% at 10 renders)

@@ -197,6 +197,34 @@ def attribute_agreement(read: Sequence[dict[str, str]], expected: Sequence[dict[
     }
 
 
+def named_by_attributes_kept(
+    observations: Sequence, read: Sequence[dict[str, str]], targets: Sequence[str], expected: Sequence[dict[str, str]]
+) -> dict:
+    """Identity split by whether the face kept all the named person's attributes.
+
+    The world's recognizer almost never names a face whose coarse attributes differ from the person's (one attribute
+    changed, fine features kept: 7-47% still named, `experiments/recognizer_gate.py`), so a prefix that changes an
+    attribute scores as anonymizing whatever it does to the identity. ``named_when_kept / kept`` is the top-1 rate
+    among faces that keep all of them: the anonymization a change of attributes cannot buy.
+
+    >>> from apl_adapter.metrics.base import FaceObservation
+    >>> seen = [FaceObservation(True, 1.0, "Ann"), FaceObservation(True, 1.0, None), FaceObservation(True, 1.0, None)]
+    >>> read = [{"hair": "red"}, {"hair": "red"}, {"hair": "black"}]
+    >>> named_by_attributes_kept(seen, read, ["Ann"] * 3, [{"hair": "red"}] * 3)
+    {'kept': 2, 'named_when_kept': 1, 'changed': 1, 'named_when_changed': 0}
+    """
+    kept = [
+        obs.face_present and all(r.get(k) == v for k, v in e.items()) for obs, r, e in zip(observations, read, expected)
+    ]
+    named = [obs.face_present and obs.top1 == target for obs, target in zip(observations, targets)]
+    return {
+        "kept": sum(kept),
+        "named_when_kept": sum(n and k for n, k in zip(named, kept)),
+        "changed": len(kept) - sum(kept),
+        "named_when_changed": sum(n and not k for n, k in zip(named, kept)),
+    }
+
+
 def paired_change(before: Sequence[bool], after: Sequence[bool]) -> dict:
     """What a change did to same-seed pairs: images it broke, images it fixed, the exact McNemar p-value, and a
     95% interval of the accuracy change.
@@ -293,6 +321,9 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
             for attrs, obs in zip(readers.attributes.read_attributes(images), observations)
         ]
         metrics["attributes"] = attribute_agreement(read, [person.attributes for person, *_ in cases])
+        metrics["by_attributes_kept"] = named_by_attributes_kept(
+            observations, read, targets, [person.attributes for person, *_ in cases]
+        )
         metrics["per_template"] = {
             spec.person_templates[index]: identity_metrics(
                 [obs for obs, case in zip(observations, cases) if case[1] == index],
@@ -307,6 +338,10 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
             }
         result[label] = metrics
     result["accuracy_fall"] = fall_ratio(result["base"]["top1_accuracy"], result["apl"]["top1_accuracy"])
+    kept = result["apl"]["by_attributes_kept"]
+    if kept["kept"]:  # the fall among APL faces that keep the person's attributes (see named_by_attributes_kept)
+        rate = kept["named_when_kept"] / kept["kept"]
+        result["fall_when_attributes_kept"] = fall_ratio(result["base"]["top1_accuracy"], rate)
     if spec.template_families:
         result["fall_per_family"] = {
             family: fall_ratio(result["base"]["per_family"][family], result["apl"]["per_family"][family])
