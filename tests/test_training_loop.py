@@ -210,6 +210,20 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     assert shares.abs().min() > 1e-3  # the term is not vanishing in this check
     with pytest.raises(ValueError, match="contrast_ids"):
         apl_loss(pipe.unet, encoder, z_t, t, c1, c2, attribute_hold=0.5)
+    # push_without_attributes: the push direction loses its least-squares part in the span of the pulls a_k,
+    # d' = d - A^T (A A^T)^-1 A d, and the target is eps(c2) - eta d'; the preservation row's target stays eps(c2)
+    d = (plain[0] - target[0]).flatten()
+    basis = torch.stack([a.flatten() for a in pulls])  # (2, D)
+    projected = d - basis.T @ torch.linalg.solve(basis @ basis.T, basis @ d)
+    assert (basis @ projected).abs().max() < 1e-4 * d.norm()  # no part of it along any pull
+    assert (projected - d).norm() > 1e-3 * d.norm()  # and the projection changed something in this check
+    pushed = target.clone()
+    pushed[0] = target[0] - 0.3 * projected.view_as(target[0])
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, push_without_attributes=True,
+                    contrast_ids=contrast_ids, contrast_groups=contrast_groups).detach()  # fmt: skip
+    torch.testing.assert_close(loss, (prefixed - pushed).square().mean(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="contrast_ids"):
+        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, push_without_attributes=True)
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):
@@ -424,6 +438,16 @@ def test_attribute_hold_reads_the_data_contrasts_and_refuses_data_without_them(b
     assert not (tmp_path / "none").exists()
     with pytest.raises(APLAdapterError, match="--c2 attribute"):
         TrainConfig(base="b", data="d", out="o", attribute_hold=1.0, c2="empty")
+    # push_without_attributes reads the same contrasts: end to end it trains another prefix than the plain push
+    push = {**common, "identity_push": 0.5}
+    pushed = train(TrainConfig(data=str(contrasted), out=str(tmp_path / "push"), **push), show_progress=False)
+    shaped = train(TrainConfig(data=str(contrasted), out=str(tmp_path / "shaped"), push_without_attributes=True,
+                               **push), show_progress=False)  # fmt: skip
+    assert not torch.allclose(_prefix(shaped.adapter_dir), _prefix(pushed.adapter_dir))
+    with pytest.raises(DataFormatError, match="push_without_attributes needs c2_contrasts"):
+        train(TrainConfig(data=str(data_folder), out=str(tmp_path / "none"), push_without_attributes=True, **push))
+    with pytest.raises(APLAdapterError, match="needs --identity-push > 0"):
+        TrainConfig(base="b", data="d", out="o", push_without_attributes=True)
     bad = write_data_folder(tmp_path / "bad", [(rows[1][0], {**rows[1][1], "c2_contrasts": {"sex": []}})])
     with pytest.raises(DataFormatError, match="non-empty list"):
         read_metadata(bad)

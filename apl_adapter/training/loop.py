@@ -192,11 +192,14 @@ def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
 
 
 def _check_contrasts(examples: list[Example], config: TrainConfig) -> None:
-    if config.attribute_hold > 0 and any(e.kind == "identity" and not e.c2_contrasts for e in examples):
+    option = (
+        f"attribute_hold={config.attribute_hold}" if config.attribute_hold > 0
+        else "push_without_attributes" if config.push_without_attributes else None
+    )  # fmt: skip
+    if option and any(e.kind == "identity" and not e.c2_contrasts for e in examples):
         raise DataFormatError(
-            f"attribute_hold={config.attribute_hold} needs c2_contrasts on every identity row of {config.data} (the "
-            "description with one attribute changed at a time; `apl-world data` writes them); add them or set "
-            "--attribute-hold 0."
+            f"{option} needs c2_contrasts on every identity row of {config.data} (the description with one attribute "
+            "changed at a time; `apl-world data` writes them); add them or leave the option out."
         )
 
 
@@ -369,6 +372,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                     push=config.identity_push, push_ids=push_ids, boost=config.attribute_boost, empty_ids=empty_ids,
                     text_match=config.text_match, direction=config.name_direction,
                     guidance_relative=config.guidance_relative, attribute_hold=config.attribute_hold,
+                    push_without_attributes=config.push_without_attributes,
                     contrast_ids=contrast_ids, contrast_groups=contrast_groups,
                 )
                 for unet in unets

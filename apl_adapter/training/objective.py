@@ -38,22 +38,24 @@ def name_share(residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return (residual * direction).sum(dim=1) / direction.square().sum(dim=1).clamp_min(1e-12)
 
 
-def attribute_shares(
+def attribute_pulls(
     unet,
     text_encoder: PeftModel,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
-    prediction: torch.Tensor,
     described: torch.Tensor,
     contrast_ids: torch.Tensor,
     contrast_groups: torch.Tensor,
-) -> torch.Tensor:
-    """``s_k`` of :func:`apl_loss`'s ``attribute_hold`` for every row and attribute present, flattened.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each stated attribute's own pull ``a_k = eps(c2) - mean eps(c2 with attribute k changed)``, no gradient.
 
     Args:
-        noisy, timesteps: ``(n, 4, h, w)`` and ``(n,)`` of the identity rows.
-        prediction: ``(n, 4, h, w)`` their prefixed ``eps`` (with its gradient); described: their ``eps(c2)``.
+        noisy, timesteps: ``(n, 4, h, w)`` and ``(n,)`` of the identity rows; described: their ``eps(c2)``.
         contrast_ids: ``(n, J, 77)``; contrast_groups: ``(n, J)`` attribute indices, -1 = padding.
+
+    Returns:
+        ``(n, K, 4 * h * w)`` float pulls, one per attribute index in the batch (zeros where a row has none of that
+        attribute's contrasts), and the ``(n, K)`` mask of the rows that have them.
     """
     n, width = contrast_groups.shape
     with torch.no_grad(), text_encoder.disable_adapter():
@@ -62,15 +64,40 @@ def attribute_shares(
             noisy.repeat_interleave(width, dim=0), timesteps.repeat_interleave(width), encoder_hidden_states=states
         ).sample
     changed = changed.float().view(n, width, -1)
-    described, lost = described.float().flatten(1), (prediction.float() - described.float()).flatten(1)
-    shares = []
+    described = described.float().flatten(1)
+    pulls, present = [], []
     for group in contrast_groups[contrast_groups >= 0].unique().tolist():
         members = (contrast_groups == group).float()  # (n, J)
-        present = members.sum(dim=1) > 0
         mean_changed = (members[..., None] * changed).sum(dim=1) / members.sum(dim=1, keepdim=True).clamp_min(1)
-        pull = (described - mean_changed)[present]
-        shares.append((lost[present] * pull).sum(dim=1) / pull.square().sum(dim=1).clamp_min(1e-12))
-    return torch.cat(shares)
+        has = members.sum(dim=1) > 0
+        pulls.append((described - mean_changed) * has[:, None])
+        present.append(has)
+    return torch.stack(pulls, dim=1), torch.stack(present, dim=1)
+
+
+def attribute_shares(prediction: torch.Tensor, described: torch.Tensor, pulls: torch.Tensor, present: torch.Tensor):
+    """``s_k`` of :func:`apl_loss`'s ``attribute_hold`` for every row and attribute present, flattened: the share
+    ``<prediction - described, a_k> / ||a_k||^2`` of each pull (from :func:`attribute_pulls`) that the prefixed
+    prediction ``(n, 4, h, w)`` loses against ``eps(c2)``."""
+    lost = (prediction.float() - described.float()).flatten(1)
+    shares = (pulls * lost[:, None]).sum(dim=-1) / pulls.square().sum(dim=-1).clamp_min(1e-12)  # (n, K)
+    return shares.T[present.T]  # attribute by attribute, as the loss has always averaged them
+
+
+def without_pulls(direction: torch.Tensor, pulls: torch.Tensor) -> torch.Tensor:
+    """``direction`` ``(n, 4, h, w)`` minus its least-squares part in the span of each row's attribute pulls
+    ``(n, K, 4 * h * w)``: the part of the name's direction that changes no stated attribute (to first order).
+
+    >>> d = torch.tensor([[[[3.0, 4.0]]]])                     # (1, 1, 1, 2)
+    >>> without_pulls(d, torch.tensor([[[1.0, 0.0]]])).round(decimals=4)  # the first coordinate is a pull: it goes
+    tensor([[[[0., 4.]]]])
+    """
+    flat = direction.float().flatten(1)[..., None]  # (n, D, 1)
+    gram = pulls @ pulls.transpose(1, 2)  # (n, K, K); an absent attribute's zero pull gets a zero coefficient
+    ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)[:, None, None]
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    coefficients = torch.linalg.solve(gram + ridge * eye, pulls @ flat)  # (n, K, 1)
+    return (flat - pulls.transpose(1, 2) @ coefficients).view_as(direction).to(direction.dtype)
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -96,6 +123,7 @@ def apl_loss(
     direction: float = 0.0,
     guidance_relative: float = 0.0,
     attribute_hold: float = 0.0,
+    push_without_attributes: bool = False,
     contrast_ids: torch.Tensor | None = None,
     contrast_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -137,6 +165,10 @@ def apl_loss(
             of it the prefixed prediction loses (0 = all kept). Needs ``contrast_ids`` ``(B, J, 77)``, the
             descriptions with one attribute changed, and ``contrast_groups`` ``(B, J)``, their attribute's index (-1 =
             padding); beyond the paper.
+        push_without_attributes: push (and ``direction``) along the name's direction with each stated attribute's
+            pull ``a_k`` projected out, ``d' = d - sum_k c_k a_k`` (least squares), so the target moves away from the
+            name without moving its attributes. Needs ``contrast_ids`` / ``contrast_groups`` as ``attribute_hold``
+            does; beyond the paper.
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -163,8 +195,18 @@ def apl_loss(
         target_states = text_encoder(c2_ids)[0]
         target = unet(noisy, timesteps, encoder_hidden_states=target_states).sample
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
-        name_direction = guidance = None
+        name_direction = guidance = pulls = None
         described = target[identity]  # eps(c2) of the identity rows, before any push (a copy)
+        if (attribute_hold or push_without_attributes) and bool(identity.any()):
+            if contrast_ids is None or contrast_groups is None or contrast_ids.shape[1] == 0:
+                raise ValueError(
+                    "attribute_hold and push_without_attributes need contrast_ids and contrast_groups (the data's "
+                    "c2_contrasts)"
+                )
+            pulls = attribute_pulls(
+                unet, text_encoder, noisy[identity], timesteps[identity], described,
+                contrast_ids[identity].to(c1_ids.device), contrast_groups[identity].to(c1_ids.device),
+            )  # fmt: skip
         if (push or boost or direction or guidance_relative) and bool(identity.any()):
             noisy_id, t_id = noisy[identity], timesteps[identity]
             moved = described.clone()
@@ -172,8 +214,10 @@ def apl_loss(
                 source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
                 plain = unet(noisy_id, t_id, encoder_hidden_states=text_encoder(source)[0]).sample
                 name_direction = plain - described
-            if push:
-                moved -= push * (plain - described)
+                if push_without_attributes and pulls is not None:
+                    name_direction = without_pulls(name_direction, pulls[0])
+            if push and name_direction is not None:
+                moved -= push * name_direction
             if boost or guidance_relative:
                 if empty_ids is None:
                     raise ValueError("boost and guidance_relative need empty_ids, the token ids of the empty prompt")
@@ -199,13 +243,8 @@ def apl_loss(
         # target = described - push * d, so the target's share of d is -push
         excess = name_share(prediction[identity] - target[identity], name_direction)  # r - r*
         loss = loss + direction * excess.square().mean()
-    if attribute_hold and bool(identity.any()):
-        if contrast_ids is None or contrast_groups is None or contrast_ids.shape[1] == 0:
-            raise ValueError("attribute_hold needs contrast_ids and contrast_groups (the data's c2_contrasts)")
-        shares = attribute_shares(
-            unet, text_encoder, noisy[identity], timesteps[identity], prediction[identity], described,
-            contrast_ids[identity].to(c1_ids.device), contrast_groups[identity].to(c1_ids.device),
-        )  # fmt: skip
+    if attribute_hold and pulls is not None:
+        shares = attribute_shares(prediction[identity], described, *pulls)
         loss = loss + attribute_hold * shares.square().mean()
     if guidance_relative and guidance is not None:
         error = (prediction[identity] - target[identity]).float().flatten(1).square().sum(dim=1)
