@@ -145,3 +145,60 @@ def tiny_sdxl_pipeline(seed: int = 0):
         unet=unet,
         scheduler=ddim_scheduler(),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# T5 (SD3 / FLUX): a tiny encoder and its tokenizer, built offline
+# ----------------------------------------------------------------------------------------------------------------
+
+#: the words the tiny T5 tokenizer keeps whole (any other word falls back to its characters)
+T5_TRAINING_TEXT = (
+    "a an the of on in with at and by to from photo picture portrait painting drawing close up close-up person "
+    "man woman child people smiling laughing looking standing sitting walking running red blue green yellow black "
+    "white cube sphere table chair house street city garden beach mountain forest river sky sunset night morning "
+    "light dark young old face hair eyes glasses beard hat shirt dress coat dog cat bird car tree flower window "
+    "door book cup Ann Lee Zorblax Quentaro blurry sharp bright soft cinematic detailed studio outdoor indoor"
+)
+T5_VOCAB_SIZE = 256  # the tiny encoder's table; the tokenizer has fewer pieces than this
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer (``T5TokenizerFast``: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then Unigram pieces), built offline.
+
+    Like T5's: SentencePiece-style ``▁`` word starts, no BOS, EOS appended, padding after. Its Unigram vocabulary is
+    written here rather than trained - ``tokenizers``' Unigram trainer is multi-threaded and gives different pieces
+    from run to run - : every word of :data:`T5_TRAINING_TEXT` whole (``▁word``), and every character of them, so any
+    other word of those letters splits into characters (other characters are ``<unk>``).
+    """
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(T5_TRAINING_TEXT.split()))
+    chars = sorted({c for word in words for c in word})
+    # Unigram keeps the split with the highest summed score: a whole word (-4) beats any two pieces (<= -8).
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -4.0)]
+    pieces += [("\u2581" + word, -4.0) for word in words] + [(c, -5.0) for c in chars]
+    if len(pieces) > T5_VOCAB_SIZE:
+        raise ValueError(f"the tiny T5 tokenizer has {len(pieces)} pieces; the tiny encoder has {T5_VOCAB_SIZE}")
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def tiny_t5_encoder(d_model: int = 32, seed: int = 0, layers: int = 2, heads: int = 4):
+    """A seeded tiny ``T5EncoderModel`` in eval mode, shaped like T5 v1.1 (gated-GELU feed-forward, relative
+    position buckets 32 / distance 128, as SD3's and FLUX's T5-XXL) but ``d_model`` wide."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=T5_VOCAB_SIZE,
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=d_model * 2,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
