@@ -169,7 +169,7 @@ def _is_per_encoder_folder(adapter: object) -> bool:
 
 def load_apl(
     pipe,
-    pretrained_model_name_or_path: str | os.PathLike | PeftModel,
+    pretrained_model_name_or_path: str | os.PathLike | PeftModel | None = None,
     *,
     subfolder: str | None = None,
     adapter_2: str | os.PathLike | PeftModel | None = None,
@@ -195,7 +195,8 @@ def load_apl(
 
     ```
     """
-    source = resolve_adapter(pretrained_model_name_or_path, subfolder)
+    first = pretrained_model_name_or_path
+    source = resolve_adapter(first, subfolder) if first is not None else None
     second = resolve_adapter(adapter_2, subfolder) if adapter_2 is not None else None
     third = resolve_adapter(adapter_3, subfolder) if adapter_3 is not None else None
     return apply_apl(pipe, source, second, third, **kwargs)

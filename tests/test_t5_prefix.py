@@ -149,3 +149,12 @@ def test_vocab_init_and_training_gradient_reach_the_prefix_only(t5_inputs):
     assert trainable == ["base_model.model.encoder.embed_tokens.apl_prefix.default"]
     model(input_ids=t5_inputs.input_ids[:2]).last_hidden_state.square().mean().backward()
     assert prefix.grad is not None and prefix.grad.abs().sum() > 0
+
+
+def test_saved_t5_adapter_card_says_where_it_goes(tmp_path):
+    from apl_adapter import save_adapter
+
+    save_adapter(get_peft_model(tiny_t5_encoder(), APLConfig(num_virtual_tokens=3)), tmp_path / "t5")
+    card = (tmp_path / "t5" / "README.md").read_text()
+    assert "T5 text encoder" in card and "load_apl(pipe, adapter_3=" in card and "CLIP" not in card
+    assert "apl-export <sd folder>" not in card, "T5 prefixes are not exportable yet; the card must not say so"
