@@ -3,13 +3,12 @@
 A leaf (it imports only :mod:`apl_adapter.errors`): :mod:`apl_adapter.pipelines` applies prefixes by family, and
 ``apl-train`` / ``apl-export`` read a folder's ``model_index.json`` to refuse the families they do not handle yet.
 
-==============  ==========================================  =================  ==========================
-family          text encoders (pipeline attributes)         negative branch    given embeds repeated
-==============  ==========================================  =================  ==========================
-``sd``          CLIP ``text_encoder`` (+ ``text_encoder_2``)  in encode_prompt  yes (per image)
-``sd3``         CLIP, CLIP, T5 ``text_encoder_3``             in encode_prompt  no (already per image)
-``flux``        CLIP (pooled only), T5 ``text_encoder_2``     none (distilled)  no
-==============  ==========================================  =================  ==========================
+- ``sd``: CLIP ``text_encoder`` (+ CLIP ``text_encoder_2`` for XL); the negative prompt is encoded inside
+  ``encode_prompt``, which repeats given ``prompt_embeds`` per image.
+- ``sd3``: CLIP ``text_encoder``, CLIP ``text_encoder_2``, T5 ``text_encoder_3``; the negative prompt is encoded
+  inside ``encode_prompt``, which takes given ``prompt_embeds`` as already repeated per image.
+- ``flux``: CLIP ``text_encoder`` (pooled output only), T5 ``text_encoder_2``; no negative branch in
+  ``encode_prompt`` (guidance-distilled models), given embeds taken as they are.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def apply_apl(
     if getattr(pipe, _STATE, None) is not None:
         raise APLAdapterError("This pipeline already has an APL prefix; call remove_apl(pipe) first.")
     family = family_of(pipe)
-    pairs = list(_adapter_sources(pipe, family, adapter, adapter_2, adapter_3).items())
+    pairs = list(_adapter_sources(family, adapter, adapter_2, adapter_3).items())
     if not pairs:
         raise APLAdapterError(
             "No adapter given: pass a saved adapter folder or a PeftModel (adapter, adapter_2, adapter_3), a "
@@ -128,7 +128,6 @@ def apply_apl(
 
 
 def _adapter_sources(
-    pipe,
     family: PipelineFamily,
     adapter: AdapterLike | Mapping[str, AdapterLike] | None,
     adapter_2: AdapterLike | None,

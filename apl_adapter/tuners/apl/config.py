@@ -89,7 +89,10 @@ class APLConfig(PeftConfig):
     init_seed: int = field(default=0, metadata={"help": "Seed of the random initialisations (random_uniform, vocab)."})
     prefix_position: Literal["after_bos"] = field(
         default="after_bos",
-        metadata={"help": "Where the prefix goes. 'after_bos' is the paper's layout (positions 1..m)."},
+        metadata={
+            "help": "Where the prefix goes. 'after_bos' is the paper's layout: positions 1..m after CLIP's BOS; T5 "
+            "has no BOS, so there the prefix takes positions 0..m-1, in front of the prompt."
+        },
     )
     prefix_depth: PrefixDepth = field(
         default="shallow",

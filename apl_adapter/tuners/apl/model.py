@@ -263,7 +263,7 @@ def _apl_config(config: PeftConfig) -> APLConfig:
 
 
 class APLModel(BaseTuner):
-    """PEFT tuner that installs an APL prefix into a CLIP text encoder.
+    """PEFT tuner that installs an APL prefix into a CLIP text encoder (or a T5 encoder: shallow prefixes only).
 
     Built by ``peft.get_peft_model(text_encoder, APLConfig())`` after ``import apl_adapter``.
 
