@@ -20,6 +20,8 @@ def _inspect(folder: str) -> dict:
     return {
         "folder": folder,
         "peft_type": config.get("peft_type"),
+        # adapters saved before the field existed are CLIP prefixes
+        "text_encoder_type": config.get("text_encoder_type") or "clip",
         "num_virtual_tokens": config.get("num_virtual_tokens"),
         "token_dim": config.get("token_dim"),
         "prefix_init": config.get("prefix_init"),
@@ -59,7 +61,7 @@ def _print_inspection(folder: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"APL adapter at {info['folder']}")
+    print(f"APL adapter at {info['folder']}, for a {info['text_encoder_type'].upper()} text encoder")
     print(
         f"  prefix: {info['num_virtual_tokens']} vectors x {info['token_dim']}, {info['prefix_depth']} "
         f"(init: {info['prefix_init']})"

@@ -20,8 +20,8 @@ _TEMPLATE = """---
 
 # APL prefix: {title}
 
-An **Anonymization Prompt Learning** prefix (Shi, Zhang and Shan, IJCV 2026) for the CLIP text encoder of
-{base_line}: {m} learned vectors inserted after BOS ({depth}). Prompts that name a real person give an anonymous
+An **Anonymization Prompt Learning** prefix (Shi, Zhang and Shan, IJCV 2026) for the {encoder} of
+{base_line}: {m} learned vectors {placement} ({depth}). Prompts that name a real person give an anonymous
 face; prompts without a person come out as before. The prefix goes on the positive prompt only.
 
 It is not a face filter on the output, and it does not remove what the base model knows: a pipeline without the
@@ -29,16 +29,7 @@ prefix still draws the person.
 
 ## Use
 
-```python
-from diffusers import StableDiffusionPipeline
-from apl_adapter.pipelines import load_apl
-
-pipe = StableDiffusionPipeline.from_pretrained("{base_id}")
-load_apl(pipe, "path/or/hub-id/of/this/adapter")
-image = pipe("a photo of <Name>", num_inference_steps=20, guidance_scale=7).images[0]
-```
-
-Export with the prefix baked into the text encoder: `apl-export <sd folder> --adapter <this folder> --out out/`.
+{use}
 
 ## Prefix
 
@@ -50,6 +41,29 @@ Export with the prefix baked into the text encoder: `apl-export <sd folder> --ad
 | initialisation | {init} |
 | negative prompt prefixed | {negative} |
 {recipe}{bench}"""
+
+
+_USE_CLIP = """```python
+from diffusers import StableDiffusionPipeline
+from apl_adapter.pipelines import load_apl
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_id}")
+load_apl(pipe, "path/or/hub-id/of/this/adapter")
+image = pipe("a photo of <Name>", num_inference_steps=20, guidance_scale=7).images[0]
+```
+
+Export with the prefix baked into the text encoder: `apl-export <sd folder> --adapter <this folder> --out out/`."""
+
+_USE_T5 = """```python
+from diffusers import StableDiffusion3Pipeline
+from apl_adapter.pipelines import load_apl
+
+pipe = StableDiffusion3Pipeline.from_pretrained("{base_id}")
+load_apl(pipe, adapter_3="path/or/hub-id/of/this/adapter")  # FluxPipeline: adapter_2=... (its T5)
+image = pipe("a photo of <Name>", num_inference_steps=28).images[0]
+```
+
+Export of T5 prefixes (`apl-export`) is not implemented yet (apl-adapter's docs/sd3_flux.md)."""
 
 
 def public_model_id(name_or_path: str | os.PathLike | None) -> str | None:
@@ -66,7 +80,7 @@ def pipeline_of(text_encoder_name_or_path: str | None) -> str | None:
     if not text_encoder_name_or_path:
         return None
     path = Path(str(text_encoder_name_or_path))
-    return str(path.parent) if path.name in ("text_encoder", "text_encoder_2") else str(path)
+    return str(path.parent) if path.name in ("text_encoder", "text_encoder_2", "text_encoder_3") else str(path)
 
 
 def render_model_card(
@@ -84,11 +98,15 @@ def render_model_card(
         rows = "\n".join(f"| {k} | {v} |" for k, v in recipe.items())
         recipe_lines = f"\n## Training recipe\n\n| setting | value |\n|---|---|\n{rows}\n"
     bench = f"\n## Measured\n\n{bench_markdown.strip()}\n" if bench_markdown else ""
+    t5 = getattr(config, "text_encoder_type", None) == "t5"
+    use = _USE_T5 if t5 else _USE_CLIP
     text = _TEMPLATE.format(
         card_data=data.to_yaml(),
-        title=base_id or "CLIP text encoder",
+        encoder="T5 text encoder (SD3's `text_encoder_3`, FLUX's `text_encoder_2`)" if t5 else "CLIP text encoder",
+        placement="in front of the prompt (positions 0..m-1)" if t5 else "inserted after BOS",
+        use=use.format(base_id=base_id or ("path/to/stable-diffusion-3" if t5 else "path/to/stable-diffusion")),
+        title=base_id or ("T5 text encoder" if t5 else "CLIP text encoder"),
         base_line=f"`{base_id}`" if base_id else "a Stable Diffusion model",
-        base_id=base_id or "path/to/stable-diffusion",
         m=config.num_virtual_tokens,
         width=config.token_dim,
         depth="deep: keys and values at every encoder layer too" if config.prefix_depth == "deep" else "shallow",

@@ -38,6 +38,7 @@ import torch
 
 from apl_adapter.atomic import replace_folder, staging_folder
 from apl_adapter.errors import check_output_folder
+from apl_adapter.families import not_yet_supported
 
 from .errors import ExportError, TensorRTUnavailableError
 from .exported_models import (
@@ -172,6 +173,13 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
             f"{model_dir} is not a diffusers pipeline folder (no model_index.json); pass the folder written by "
             "pipe.save_pretrained()."
         )
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{model_dir}/model_index.json is not valid JSON ({err}); re-save the pipeline.") from err
+    unsupported = not_yet_supported("apl-export", index if isinstance(index, dict) else {}, model_dir)
+    if unsupported is not None:
+        raise ExportError(str(unsupported))
     for part in (TEXT_ENCODER, UNET, "vae", "tokenizer", "scheduler"):
         if not (model_dir / part).is_dir():
             raise ExportError(f"{model_dir} has no {part}/ folder; apl-export needs a Stable Diffusion 1.x/2.x folder.")

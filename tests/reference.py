@@ -92,3 +92,47 @@ def reference_encode(
     x = _ln(text_model.final_layer_norm, x)
     pooled = torch.stack([x[b, row.index(EOS, 1 + m)] for b, row in enumerate(rows)])
     return x, pooled, hidden
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# T5 (SD3's text_encoder_3, FLUX's text_encoder_2): the prefix at positions 0..m-1, the window's length kept
+# ----------------------------------------------------------------------------------------------------------------
+
+T5_EOS = 1
+
+
+def t5_prefixed_rows(input_ids: torch.Tensor, m: int) -> list[list[int | None]]:
+    """Per row: m prefix slots (None), then the prompt shifted right, cut to the row's length; EOS kept if cut."""
+    rows = []
+    for row in input_ids.tolist():
+        new = ([None] * m + row)[: len(row)]
+        if T5_EOS not in new[m:]:
+            new[-1] = T5_EOS
+        rows.append(new)
+    return rows
+
+
+def t5_prefixed_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Per row: m ones for the prefix, then the mask shifted right and cut; a moved EOS attends."""
+    rows = []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        new = ([1] * m + mask)[: len(mask)]
+        if T5_EOS not in ids[: len(ids) - m]:
+            new[-1] = 1
+        rows.append(new)
+    return torch.tensor(rows, dtype=attention_mask.dtype)
+
+
+@torch.no_grad()
+def reference_t5_encode(
+    plain_t5, input_ids: torch.Tensor, prefix: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """last_hidden_state ``(B, L, D)`` of a plain ``T5EncoderModel`` (no adapter) on the prefixed input built by hand:
+    the prefix ``(m, D)`` concatenated before the token embeddings of the shifted prompt, the mask extended with
+    ones for it, the plain T5 stack run on those embeddings (its relative position bias sees m more positions)."""
+    m = prefix.shape[0]
+    table = plain_t5.shared.weight
+    rows = t5_prefixed_rows(input_ids, m)
+    embeds = torch.stack([torch.cat([prefix, table[torch.tensor(row[m:])]]) for row in rows])
+    mask = None if attention_mask is None else t5_prefixed_mask(input_ids, attention_mask, m)
+    return plain_t5(inputs_embeds=embeds, attention_mask=mask).last_hidden_state

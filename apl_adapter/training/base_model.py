@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import APLAdapterError
+from ..families import not_yet_supported
 
 
 @dataclass
@@ -46,6 +47,9 @@ def check_base_folder(base: str | Path) -> Path:
             "checkpoint with diffusers' convert scripts, or pass the folder that holds model_index.json."
         )
     components = json.loads(index.read_text())
+    unsupported = not_yet_supported("apl-train", components, base)
+    if unsupported is not None:
+        raise unsupported
     missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if name not in components]
     if missing:
         raise APLAdapterError(f"{base} lacks the component(s) {missing}; APL needs a Stable Diffusion 1.x/2.x folder.")

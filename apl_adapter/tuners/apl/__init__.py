@@ -5,8 +5,9 @@ The folder follows ``peft/tuners/<method>/``:
 - :mod:`.peft_type`: the ``PeftType.APL`` member (a leaf: the one PEFT internal we touch);
 - :mod:`.constants`: the values an APL config may hold (a leaf);
 - :mod:`.config`: :class:`APLConfig`;
-- :mod:`.prefix`: where the prefix goes in the ids, the mask and the embeddings (plain tensor functions);
-- :mod:`.layer`: the tuner layers PEFT wraps into CLIP's text encoder;
+- :mod:`.prefix`: where the prefix goes in the ids, the mask and the embeddings, for CLIP and for T5 (plain tensor
+  functions);
+- :mod:`.layer`: the tuner layers PEFT wraps into CLIP's text encoder or T5's encoder;
 - :mod:`.prefix_cache`: the encoder that computes the prefix once and then runs only the prompt positions;
 - :mod:`.model`: :class:`APLModel`, the tuner that installs the layers;
 - :mod:`.serialization`: safe reading and atomic writing of adapter folders.
@@ -23,7 +24,7 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .config import APLConfig
-from .layer import APLEmbedding, APLPrefixProjection
+from .layer import APLEmbedding, APLPrefixProjection, APLT5Embedding
 from .model import APLModel, prefix_parameters
 from .peft_type import APL_PEFT_TYPE, PEFT_TYPE_NAME, peft_hooks_missing
 from .prefix import PrefixWeights, PromptTruncationWarning, insert_prefix_ids
@@ -40,6 +41,7 @@ __all__ = [
     "APLEmbedding",
     "APLModel",
     "APLPrefixProjection",
+    "APLT5Embedding",
     "CachedPrefixEncoder",
     "PrefixWeights",
     "PromptTruncationWarning",

@@ -9,23 +9,44 @@ from typing import Any, Literal
 from peft import PeftConfig
 
 from ...errors import APLAdapterError
-from .constants import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS, InitMethod, PrefixDepth
+from .constants import (
+    INIT_METHODS,
+    PREFIX_DEPTHS,
+    TEXT_ENCODER_TYPES,
+    InitMethod,
+    PrefixDepth,
+    TextEncoderType,
+    max_virtual_tokens,
+)
 from .peft_type import APL_PEFT_TYPE
 from .serialization import check_adapter_folder
 
 
-def apl_target_modules(prefix_depth: str) -> list[str]:
-    """The module names an APL prefix wraps: the embeddings, plus each layer's key/value projections when deep."""
+def apl_target_modules(prefix_depth: str, text_encoder_type: str | None = None) -> list[str]:
+    """The module names an APL prefix wraps: CLIP's embeddings (plus each layer's key/value projections when deep),
+    or T5's ``encoder.embed_tokens`` (the full name: PEFT would take a bare ``embed_tokens`` for a vocabulary it must
+    save whole)."""
+    if text_encoder_type == "t5":
+        return ["encoder.embed_tokens"]
     return ["embeddings", "k_proj", "v_proj"] if prefix_depth == "deep" else ["embeddings"]
+
+
+T5_DEEP_UNSUPPORTED = (
+    "A deep prefix (prefix_depth='deep') is not supported for T5 encoders yet: T5 attends both ways, so the keys and "
+    "values a prefix gives at deeper layers depend on the prompt and the deep prefix has no shallow-equal start. "
+    "Use prefix_depth='shallow' for T5 (docs/sd3_flux.md)."
+)
 
 
 @dataclass
 class APLConfig(PeftConfig):
-    """Configuration of an APL prefix: ``m`` learnable vectors inserted after BOS in CLIP's text encoder.
+    """Configuration of an APL prefix: ``m`` learnable vectors in front of the prompt in a text encoder.
 
-    The prefix ``[AP]`` sits at positions ``1..m`` (``[BOS][P1..Pm][prompt][EOS][pad]``); the
-    prompt shifts right by ``m`` and the sequence is cut back to 77 positions, keeping EOS. Only
-    the prefix is trained; the text encoder, UNet and VAE stay frozen.
+    CLIP (SD 1.x / 2.x / XL, SD3's and FLUX's CLIP encoders): the prefix ``[AP]`` sits at positions ``1..m``
+    (``[BOS][P1..Pm][prompt][EOS][pad]``); the prompt shifts right by ``m`` and the sequence is cut back to 77
+    positions, keeping EOS. T5 (SD3, FLUX): T5 has no BOS, so the prefix takes positions ``0..m-1``
+    (``[P1..Pm][prompt][</s>][pad]``) and the sequence keeps the pipeline's window (docs/sd3_flux.md). Only the
+    prefix is trained; the text encoder and the denoiser stay frozen.
 
     Example:
 
@@ -68,7 +89,10 @@ class APLConfig(PeftConfig):
     init_seed: int = field(default=0, metadata={"help": "Seed of the random initialisations (random_uniform, vocab)."})
     prefix_position: Literal["after_bos"] = field(
         default="after_bos",
-        metadata={"help": "Where the prefix goes. 'after_bos' is the paper's layout (positions 1..m)."},
+        metadata={
+            "help": "Where the prefix goes. 'after_bos' is the paper's layout: positions 1..m after CLIP's BOS; T5 "
+            "has no BOS, so there the prefix takes positions 0..m-1, in front of the prompt."
+        },
     )
     prefix_depth: PrefixDepth = field(
         default="shallow",
@@ -85,11 +109,19 @@ class APLConfig(PeftConfig):
             "positive prompt only."
         },
     )
+    text_encoder_type: TextEncoderType | None = field(
+        default=None,
+        metadata={
+            "help": "Which text encoder the prefix is for: 'clip' (CLIPTextModel / CLIPTextModelWithProjection) or "
+            "'t5' (T5EncoderModel, SD3's text_encoder_3 and FLUX's text_encoder_2). Filled from the model class when "
+            "unset; a prefix only loads into an encoder of its type."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Set automatically: APL wraps the text encoder's `embeddings` module (and, for a deep prefix, "
-            "every layer's `k_proj` and `v_proj`)."
+            "help": "Set automatically: APL wraps CLIP's `embeddings` module (and, for a deep prefix, every "
+            "layer's `k_proj` and `v_proj`), or T5's `encoder.embed_tokens`."
         },
     )
 
@@ -100,11 +132,21 @@ class APLConfig(PeftConfig):
             raise APLAdapterError(f"num_virtual_tokens must be an int, got {self.num_virtual_tokens!r}")
         if self.num_virtual_tokens <= 0:
             raise APLAdapterError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}. The paper uses 10.")
-        if self.num_virtual_tokens > MAX_CLIP_POSITIONS - 2:
-            raise APLAdapterError(
-                f"num_virtual_tokens={self.num_virtual_tokens} leaves no room in CLIP's {MAX_CLIP_POSITIONS} "
-                f"positions for BOS and EOS; use at most {MAX_CLIP_POSITIONS - 2} (the paper uses 10)."
+        if self.text_encoder_type is not None and self.text_encoder_type not in TEXT_ENCODER_TYPES:
+            raise APLAdapterError(f"text_encoder_type must be 'clip', 't5' or None, got {self.text_encoder_type!r}")
+        limit = max_virtual_tokens(self.text_encoder_type)
+        if self.num_virtual_tokens > limit:
+            where = (
+                "T5's smallest pipeline window (256) for EOS"
+                if self.text_encoder_type == "t5"
+                else "CLIP's 77 positions for BOS and EOS (a prefix for a T5 encoder: set text_encoder_type='t5')"
             )
+            raise APLAdapterError(
+                f"num_virtual_tokens={self.num_virtual_tokens} leaves no room in {where}; use at most {limit} "
+                "(the paper uses 10)."
+            )
+        if self.text_encoder_type == "t5" and self.prefix_depth == "deep":
+            raise APLAdapterError(T5_DEEP_UNSUPPORTED)
         if self.prefix_init not in INIT_METHODS:
             raise APLAdapterError(f"prefix_init must be 'random_uniform', 'text' or 'vocab', got {self.prefix_init!r}")
         if self.prefix_init == "text" and not self.prefix_init_text:
@@ -113,7 +155,7 @@ class APLConfig(PeftConfig):
             raise APLAdapterError(f"prefix_depth must be 'shallow' or 'deep', got {self.prefix_depth!r}")
         if self.prefix_position != "after_bos":
             raise APLAdapterError(f"prefix_position {self.prefix_position!r} is not supported; use 'after_bos'")
-        self.target_modules = apl_target_modules(self.prefix_depth)
+        self.target_modules = apl_target_modules(self.prefix_depth, self.text_encoder_type)
 
     @property
     def is_deep(self) -> bool:

@@ -1,7 +1,9 @@
-"""The APL tuner layers: what PEFT wraps inside CLIP's text encoder.
+"""The APL tuner layers: what PEFT wraps inside a text encoder.
 
 - :class:`APLEmbedding` wraps ``CLIPTextEmbeddings``: it owns every prefix tensor (one set per adapter name) and
   splices the active prefix in after BOS;
+- :class:`APLT5Embedding` wraps T5's ``encoder.embed_tokens`` the same way, with the prefix at positions ``0..m-1``
+  (T5 has no BOS; shallow prefixes only);
 - :class:`APLPrefixProjection` wraps a layer's ``k_proj`` / ``v_proj`` for a deep prefix and replaces the rows at
   positions ``1..m`` of its output.
 
@@ -19,7 +21,7 @@ from torch import nn
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 from ...errors import APLAdapterError
-from .prefix import PrefixWeights, splice_prefix
+from .prefix import PrefixWeights, prepend_prefix, splice_prefix
 
 
 class APLEmbedding(nn.Module, BaseTunerLayer):
@@ -31,7 +33,9 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("apl_prefix", "apl_deep_keys", "apl_deep_values")
     other_param_names = ("num_virtual_tokens",)
 
-    def __init__(self, base_layer: CLIPTextEmbeddings, adapter_name: str, weights: PrefixWeights) -> None:
+    def __init__(
+        self, base_layer: CLIPTextEmbeddings | nn.Embedding, adapter_name: str, weights: PrefixWeights
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.apl_prefix = nn.ParameterDict()
@@ -62,11 +66,17 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
     # (``CLIPTextModel.get_input_embeddings()`` returns ``embeddings.token_embedding``).
     @property
     def token_embedding(self) -> nn.Embedding:
-        return self.base_layer.token_embedding
+        return self._clip_embeddings().token_embedding
 
     @property
     def position_embedding(self) -> nn.Embedding:
-        return self.base_layer.position_embedding
+        return self._clip_embeddings().position_embedding
+
+    def _clip_embeddings(self) -> CLIPTextEmbeddings:
+        layer = self.base_layer
+        if not isinstance(layer, CLIPTextEmbeddings):
+            raise APLAdapterError(f"APLEmbedding wraps CLIPTextEmbeddings, got {type(layer).__name__}")
+        return layer
 
     @property
     def active_prefix(self) -> torch.Tensor | None:
@@ -111,7 +121,7 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
             out = self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
             return out
         if inputs_embeds is None:
-            inputs_embeds = self.base_layer.token_embedding(input_ids)
+            inputs_embeds = self.token_embedding(input_ids)
         out = self.base_layer(position_ids=position_ids, inputs_embeds=splice_prefix(inputs_embeds, prefix))
         return out
 
@@ -153,3 +163,28 @@ class APLPrefixProjection(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return f"apl.prefix_{self.kind}[{self.layer_index}](" + repr(self.base_layer) + ")"
+
+
+class APLT5Embedding(APLEmbedding):
+    """T5's ``encoder.embed_tokens`` with learnable prefixes (one per adapter name) at positions ``0..m-1``.
+
+    Expects ids already shifted by :func:`~apl_adapter.tuners.apl.prefix.insert_t5_prefix_ids` (the placeholders'
+    embeddings are replaced). Shallow prefixes only: a deep T5 prefix is refused by the config.
+    """
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        layer = self.base_layer
+        if not isinstance(layer, nn.Embedding):
+            raise APLAdapterError(f"APLT5Embedding wraps T5's nn.Embedding, got {type(layer).__name__}")
+        return layer
+
+    @property
+    def position_embedding(self) -> nn.Embedding:
+        raise AttributeError("T5 has no position embedding table (its attention adds a relative position bias)")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # nn.Embedding's call
+        """``input_ids`` ``(B, L)`` -> ``(B, L, D)`` embeddings, the active prefix at positions ``0..m-1``."""
+        out: torch.Tensor = self.base_layer(input_ids)
+        prefix = self.active_prefix
+        return out if prefix is None else prepend_prefix(out, prefix)

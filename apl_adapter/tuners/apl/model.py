@@ -1,4 +1,4 @@
-"""The APL tuner: installs an APL prefix into a CLIP text encoder, as PEFT's tuners do.
+"""The APL tuner: installs an APL prefix into a CLIP or T5 text encoder, as PEFT's tuners do.
 
 :class:`APLModel` wraps the text encoder's embeddings (and, for a deep prefix, every layer's ``k_proj`` /
 ``v_proj``) with the layers of :mod:`apl_adapter.tuners.apl.layer`, and puts a forward pre-hook on the
@@ -9,6 +9,11 @@ Pooling finds EOS in the *prefixed* ids, so ``pooler_output`` / ``text_embeds`` 
 A deep prefix (``APLConfig(prefix_depth="deep")``, prefix-tuning / P-tuning v2 style) starts from the keys and
 values the shallow prefix itself produces (:func:`~apl_adapter.tuners.apl.prefixed_encoder.prefix_layer_kv`), so a
 deep adapter's first forward equals the shallow one's; training then moves each layer's rows freely.
+
+A T5 encoder (SD3's ``text_encoder_3``, FLUX's ``text_encoder_2``) gets an :class:`~.layer.APLT5Embedding` on
+``encoder.embed_tokens`` and the same kind of pre-hook on its encoder stack, which shifts ids and mask for the
+T5 layout (:func:`~apl_adapter.tuners.apl.prefix.insert_t5_prefix_ids`: prefix at ``0..m-1``, the window's length
+kept). T5 takes shallow prefixes only.
 
 Because the change is made in place (as LoRA does), a diffusers pipeline holding the text encoder applies the
 prefix without any change to the pipeline.
@@ -22,13 +27,15 @@ import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+from transformers.models.t5.modeling_t5 import T5Stack
 
 from ...errors import APLAdapterError
 from ...tokenizer import load_clip_tokenizer
-from .config import APLConfig, apl_target_modules
-from .layer import APLEmbedding, APLPrefixProjection
+from .config import T5_DEEP_UNSUPPORTED, APLConfig, apl_target_modules
+from .constants import max_virtual_tokens
+from .layer import APLEmbedding, APLPrefixProjection, APLT5Embedding
 from .prefix import (
     PrefixWeights,
     base_model_of,
@@ -36,7 +43,15 @@ from .prefix import (
     clip_text_model_of,
     insert_prefix_ids,
     insert_prefix_mask,
+    insert_t5_prefix_ids,
+    insert_t5_prefix_mask,
+    prefix_embedding_name,
+    prefix_host_of,
+    t5_eos_token_id,
+    t5_eos_was_cut,
+    text_encoder_type_of,
     warn_if_prompt_truncated,
+    warn_if_t5_prompt_truncated,
 )
 from .prefixed_encoder import prefix_layer_kv
 
@@ -78,7 +93,16 @@ def initial_prefix(config: APLConfig, token_embedding: torch.Tensor) -> torch.Te
 
 
 def _init_text_ids(config: APLConfig) -> list[int]:
-    if config.tokenizer_name_or_path:
+    if config.text_encoder_type == "t5":
+        if not config.tokenizer_name_or_path:
+            raise APLAdapterError(
+                "prefix_init='text' for a T5 encoder needs tokenizer_name_or_path: a local T5 tokenizer folder (the "
+                "pipeline's tokenizer_3 for SD3, tokenizer_2 for FLUX); the built-in tokenizer is CLIP's."
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+    elif config.tokenizer_name_or_path:
         from transformers import CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer_name_or_path)
@@ -91,7 +115,7 @@ def _init_text_ids(config: APLConfig) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The pre-hook that shifts ids and mask on the CLIPTextModel
+# The pre-hooks that shift ids and mask on the CLIPTextModel / the T5 encoder stack
 # ----------------------------------------------------------------------------------------------
 
 
@@ -132,6 +156,40 @@ def _prefix_inputs_hook(
     return tuple(args), kwargs
 
 
+def _prefix_t5_inputs_hook(
+    stack: T5Stack, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Pre-hook on ``T5EncoderModel.encoder``: ids and mask to the T5 layout, before ``embed_tokens`` runs."""
+    layer = stack.embed_tokens
+    if not isinstance(layer, APLT5Embedding):
+        return None
+    prefix = layer.active_prefix
+    if prefix is None:
+        return None
+    kwargs = dict(kwargs)
+    names = ("input_ids", "attention_mask")
+    for name, value in zip(names, args):
+        kwargs[name] = value
+    args = args[len(names) :]
+    if kwargs.get("inputs_embeds") is not None:
+        raise APLAdapterError(
+            "inputs_embeds cannot be combined with an APL prefix on a T5 encoder (the prefix goes in by id position); "
+            "pass input_ids, or call disable_adapter() to run without the prefix"
+        )
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None:
+        return None  # the model raises its own "You must specify exactly one of input_ids or inputs_embeds"
+    m = prefix.shape[0]
+    config: T5Config = stack.config
+    eos = t5_eos_token_id(config)
+    ids = input_ids.view(-1, input_ids.shape[-1])
+    kwargs["input_ids"] = insert_t5_prefix_ids(ids, m, eos, placeholder_id=int(config.pad_token_id or 0))
+    warn_if_t5_prompt_truncated(ids, m, eos)  # after the layout, which refuses a window with no room at all
+    if kwargs.get("attention_mask") is not None:
+        kwargs["attention_mask"] = insert_t5_prefix_mask(kwargs["attention_mask"], m, t5_eos_was_cut(ids, m, eos))
+    return tuple(args), kwargs
+
+
 def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
     """Forward hook (run even when the forward raises): the deep rows act inside the prefixed forward only."""
     layer = text_model.embeddings
@@ -145,8 +203,14 @@ def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: 
 
 
 def has_apl_layers(encoder: nn.Module) -> bool:
-    """Whether an APL prefix is injected into this CLIP text encoder."""
-    return isinstance(clip_text_model_of(encoder).embeddings, APLEmbedding)
+    """Whether an APL prefix is injected into this CLIP or T5 text encoder."""
+    return isinstance(getattr(prefix_host_of(encoder), prefix_embedding_name(encoder)), APLEmbedding)
+
+
+def prefix_embedding_of(encoder: nn.Module) -> APLEmbedding | None:
+    """The :class:`~.layer.APLEmbedding` that holds this encoder's prefixes (``None`` when none is injected)."""
+    layer = getattr(prefix_host_of(encoder), prefix_embedding_name(encoder))
+    return layer if isinstance(layer, APLEmbedding) else None
 
 
 def strip_apl_layers(encoder: nn.Module) -> bool:
@@ -155,7 +219,7 @@ def strip_apl_layers(encoder: nn.Module) -> bool:
     The rollback of a failed injection or load (PEFT leaves the layers in place when loading the weights fails).
     Returns True when anything was removed.
     """
-    text_model = clip_text_model_of(encoder)
+    text_model = prefix_host_of(encoder)
     removed = False
     for name, module in list(text_model.named_modules()):
         if isinstance(module, (APLEmbedding, APLPrefixProjection)):
@@ -171,8 +235,8 @@ def strip_apl_layers(encoder: nn.Module) -> bool:
 def prefix_parameters(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
     """The trainable tensors of one APL adapter, by attribute name: ``apl_prefix`` ``(m, D)`` and, for a deep
     prefix, ``apl_deep_keys`` / ``apl_deep_values`` ``(num_layers, m, D)``. Give them to the optimizer."""
-    embedding = clip_text_model_of(base_model_of(peft_model)).embeddings
-    if not isinstance(embedding, APLEmbedding) or adapter_name not in embedding.apl_prefix:
+    embedding = prefix_embedding_of(base_model_of(peft_model))
+    if embedding is None or adapter_name not in embedding.apl_prefix:
         raise APLAdapterError(f"No APL adapter named {adapter_name!r} in this text encoder.")
     return {
         name: getattr(embedding, name)[adapter_name]
@@ -199,7 +263,7 @@ def _apl_config(config: PeftConfig) -> APLConfig:
 
 
 class APLModel(BaseTuner):
-    """PEFT tuner that installs an APL prefix into a CLIP text encoder.
+    """PEFT tuner that installs an APL prefix into a CLIP text encoder (or a T5 encoder: shallow prefixes only).
 
     Built by ``peft.get_peft_model(text_encoder, APLConfig())`` after ``import apl_adapter``.
 
@@ -235,7 +299,16 @@ class APLModel(BaseTuner):
         A prefix key in neither layout is an error (PEFT itself would only warn and keep a random prefix).
         """
         own = next((n for n, m in model.named_modules() if isinstance(m, APLEmbedding)), None)
-        if own is not None:
+        if own is not None and own.endswith("embed_tokens"):  # T5: one layout
+            for key in state_dict:
+                path, dot, _ = key.partition(".apl_")
+                if dot and path != own:
+                    raise APLAdapterError(
+                        f"The adapter's tensor {key!r} is not where a T5 encoder keeps its prefix "
+                        f"({own.removeprefix('base_model.model.')!r}); the adapter was renamed or saved from another "
+                        "kind of model. Re-save it from a T5EncoderModel."
+                    )
+        elif own is not None:
             root = own[: -len("embeddings")].removesuffix("text_model.")
             mapped = {}
             for key, value in state_dict.items():
@@ -254,11 +327,25 @@ class APLModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict[str, Any]) -> APLConfig:
         peft_config = _apl_config(peft_config)
-        peft_config.target_modules = apl_target_modules(peft_config.prefix_depth)
+        peft_config.target_modules = apl_target_modules(peft_config.prefix_depth, peft_config.text_encoder_type)
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         config = _apl_config(config)
+        kind = text_encoder_type_of(model)
+        if config.text_encoder_type is None:
+            config.text_encoder_type = kind
+        elif config.text_encoder_type != kind:
+            raise APLAdapterError(
+                f"This APL adapter is a prefix for a {config.text_encoder_type.upper()} text encoder, but the model "
+                f"is a {type(model).__name__} ({kind.upper()}); a prefix lives in its encoder's embedding space. "
+                f"Load it into a {config.text_encoder_type.upper()} encoder (SD3: text_encoder / text_encoder_2 are "
+                "CLIP, text_encoder_3 is T5; FLUX: text_encoder is CLIP, text_encoder_2 is T5)."
+            )
+        config.target_modules = apl_target_modules(config.prefix_depth, kind)
+        if kind == "t5":
+            self._check_t5(config, model)
+            return
         text_model = clip_text_model_of(model)
         width = text_model.config.hidden_size
         if config.token_dim is None:
@@ -276,7 +363,30 @@ class APLModel(BaseTuner):
             )
 
     @staticmethod
+    def _check_t5(config: APLConfig, model: nn.Module) -> None:
+        """What a T5 prefix must satisfy: a shallow prefix, as wide as ``d_model``, within T5's bound."""
+        if config.prefix_depth == "deep":
+            raise APLAdapterError(T5_DEEP_UNSUPPORTED)
+        if not isinstance(model, T5EncoderModel):
+            raise APLAdapterError(f"A T5 prefix goes into a T5EncoderModel, got {type(model).__name__}")
+        width = int(model.config.d_model)
+        if config.token_dim is None:
+            config.token_dim = width
+        elif config.token_dim != width:
+            raise APLAdapterError(
+                f"This APL adapter has token width {config.token_dim} but the T5 encoder has width {width} (d_model); "
+                "a prefix only transfers between encoders of the same width (T5 v1.1 XXL of SD3 / FLUX = 4096)."
+            )
+        if config.num_virtual_tokens > max_virtual_tokens("t5"):
+            raise APLAdapterError(
+                f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for EOS in T5's 256-token window; "
+                f"use at most {max_virtual_tokens('t5')}."
+            )
+
+    @staticmethod
     def _check_target_module_exists(peft_config: PeftConfig, key: str) -> bool:
+        if _apl_config(peft_config).text_encoder_type == "t5":
+            return key == "encoder.embed_tokens"
         if key in ("embeddings", "text_model.embeddings"):
             return True
         return _apl_config(peft_config).prefix_depth == "deep" and _projection_of(key) is not None
@@ -292,6 +402,9 @@ class APLModel(BaseTuner):
         parameter_name: str | None = None,
     ) -> None:
         peft_config = _apl_config(peft_config)
+        if peft_config.text_encoder_type == "t5":
+            self._create_t5_prefix(peft_config, adapter_name, target, target_name, parent)
+            return
         text_model = clip_text_model_of(self.model)
         projection = _projection_of(current_key)
         if projection is not None:
@@ -317,6 +430,20 @@ class APLModel(BaseTuner):
                 parent.register_forward_hook(_end_prefix_scope, with_kwargs=True, always_call=True),
             )
 
+    def _create_t5_prefix(
+        self, config: APLConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
+    ) -> None:
+        """Wrap T5's ``encoder.embed_tokens`` (or add an adapter to the wrapper) and hook the encoder stack."""
+        if isinstance(target, APLT5Embedding):
+            target.update_layer(adapter_name, initial_weights(config, target.token_embedding.weight, self.model))
+            return
+        if not isinstance(target, nn.Embedding):
+            raise APLAdapterError(f"encoder.embed_tokens is a {type(target).__name__}, not nn.Embedding")
+        weights = initial_weights(config, target.weight, self.model)
+        self._replace_module(parent, target_name, APLT5Embedding(target, adapter_name, weights), target)
+        if _HOOKS not in parent.__dict__:
+            parent.__dict__[_HOOKS] = (parent.register_forward_pre_hook(_prefix_t5_inputs_hook, with_kwargs=True),)
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's version copies `.weight` from the child, which CLIPTextEmbeddings lacks; nothing else is needed.
         setattr(parent, child_name, new_module)
@@ -328,6 +455,11 @@ class APLModel(BaseTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
             param.requires_grad = any(f".{n}." in f".{name}" for n in APLEmbedding.adapter_layer_names)
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: PeftConfig) -> None:
+        # T5's embed_tokens shares its weight with `shared`; a prefix adds rows in front of the lookup and never
+        # changes that weight, so there is nothing to tie (PEFT would warn that it cannot tie adapters).
+        return
 
     def _check_merge_allowed(self) -> None:
         raise APLAdapterError(
@@ -342,8 +474,8 @@ class APLModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
-        text_model = clip_text_model_of(self.model)
-        for handle in text_model.__dict__.pop(_HOOKS, ()):
+        host = prefix_host_of(self.model)
+        for handle in host.__dict__.pop(_HOOKS, ()):
             handle.remove()
         super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
         model: nn.Module = self.model

@@ -1,9 +1,16 @@
 """The APL prefix as plain tensor functions: where it goes in the ids, the mask and the embeddings, and where EOS is.
 
-Layout (the paper's, and the authors' code): the ``m`` prefix vectors replace the token embeddings at positions
+CLIP layout (the paper's, and the authors' code): the ``m`` prefix vectors replace the token embeddings at positions
 ``1..m``, right after BOS; the prompt shifts right by ``m`` and the sequence is cut back to the encoder's 77
-positions, keeping EOS. Pooling reads the EOS of those shifted ids (:func:`pool_index`). No modules here: the tuner
-layers, the prefix K/V cache and the exported graphs all call these, so each of them lays the prefix out the same way.
+positions, keeping EOS. Pooling reads the EOS of those shifted ids (:func:`pool_index`).
+
+T5 layout (SD3, FLUX; :func:`insert_t5_prefix_ids`): T5 has no BOS, so the prefix takes positions ``0..m-1`` and the
+prompt shifts right by ``m``; the sequence keeps the caller's length (the pipeline's 256 / 512 window, whose
+padding gives the room), cut at the end with EOS kept, so a prefixed prompt and an un-prefixed negative prompt stay
+the same length. T5's relative position bias then simply sees ``m`` more leading positions.
+
+No modules here: the tuner layers, the prefix K/V cache and the exported graphs all call these, so each of them lays
+the prefix out the same way.
 """
 
 from __future__ import annotations
@@ -14,10 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ...errors import APLAdapterError
-from .constants import MAX_CLIP_POSITIONS
+from .constants import MAX_CLIP_POSITIONS, TextEncoderType
 
 
 class PromptTruncationWarning(UserWarning):
@@ -103,6 +110,94 @@ def splice_prefix(token_embeds: torch.Tensor, prefix: torch.Tensor) -> torch.Ten
     m = prefix.shape[0]
     prefix = prefix.to(token_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
     return torch.cat([token_embeds[:, :1], prefix, token_embeds[:, 1 + m :]], dim=1)
+
+
+def insert_t5_prefix_ids(
+    input_ids: torch.Tensor, num_virtual_tokens: int, eos_token_id: int, placeholder_id: int = 0
+) -> torch.Tensor:
+    """Make room for the prefix in T5 ids: ``m`` placeholders + the prompt, cut back to the input's length.
+
+    If the cut removed EOS, the last position becomes EOS (the prompt is truncated, EOS kept), as for CLIP.
+    Traceable (no data-dependent Python control flow).
+
+    Args:
+        input_ids: ``(B, L)`` T5 token ids (no BOS; EOS ends the prompt, padding follows).
+        num_virtual_tokens: ``m`` (must be below ``L``, so EOS keeps a position).
+        eos_token_id: T5's ``</s>`` (1 in T5's vocabulary).
+        placeholder_id: id written at the prefix positions (its embedding is replaced; 0 = T5's ``<pad>``).
+
+    Returns:
+        ``(B, L)`` ids: ``[placeholder x m][input_ids[:, :L - m]]``, EOS kept.
+    """
+    batch, seq_len = input_ids.shape
+    if num_virtual_tokens >= seq_len:
+        raise APLAdapterError(
+            f"A {num_virtual_tokens}-vector T5 prefix leaves no room in a {seq_len}-token window; pass a longer "
+            f"max_sequence_length (SD3 uses 256, FLUX 512) or a shorter prefix."
+        )
+    placeholders = torch.full(
+        (batch, num_virtual_tokens), placeholder_id, dtype=input_ids.dtype, device=input_ids.device
+    )
+    ids = torch.cat([placeholders, input_ids[:, : seq_len - num_virtual_tokens]], dim=1)
+    has_eos = (ids[:, num_virtual_tokens:] == eos_token_id).any(dim=1)
+    last = torch.where(has_eos, ids[:, -1], torch.full_like(ids[:, -1], eos_token_id))
+    return torch.cat([ids[:, :-1], last[:, None]], dim=1)
+
+
+def insert_t5_prefix_mask(
+    attention_mask: torch.Tensor, num_virtual_tokens: int, cut_keeps_eos: torch.Tensor
+) -> torch.Tensor:
+    """The attention mask matching :func:`insert_t5_prefix_ids`: ones at the prefix positions, the mask shifted
+    right and cut to ``L``; where the cut moved EOS to the last position (``cut_keeps_eos`` ``(B,)`` True), it
+    attends.
+
+    Args:
+        attention_mask: ``(B, L)``.
+        cut_keeps_eos: ``(B,)`` bool, True for rows whose EOS was written at the last position.
+
+    Returns:
+        ``(B, L)`` mask.
+    """
+    batch, seq_len = attention_mask.shape
+    ones = torch.ones((batch, num_virtual_tokens), dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.cat([ones, attention_mask[:, : seq_len - num_virtual_tokens]], dim=1)
+    last = torch.where(cut_keeps_eos, torch.ones_like(mask[:, -1]), mask[:, -1])
+    return torch.cat([mask[:, :-1], last[:, None]], dim=1)
+
+
+def t5_eos_was_cut(input_ids: torch.Tensor, num_virtual_tokens: int, eos_token_id: int) -> torch.Tensor:
+    """``(B,)`` bool: rows whose EOS falls outside the first ``L - m`` positions (so the cut writes it last)."""
+    kept = input_ids[:, : input_ids.shape[1] - num_virtual_tokens]
+    return ~(kept == eos_token_id).any(dim=1)
+
+
+def prepend_prefix(token_embeds: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """Put ``prefix`` ``(m, D)`` at positions ``0..m-1`` of ``token_embeds`` ``(B, L, D)`` (T5's layout)."""
+    batch = token_embeds.shape[0]
+    m = prefix.shape[0]
+    prefix = prefix.to(token_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    return torch.cat([prefix, token_embeds[:, m:]], dim=1)
+
+
+def warn_if_t5_prompt_truncated(input_ids: torch.Tensor, num_virtual_tokens: int, eos_token_id: int) -> None:
+    """Warn when the prefix pushes T5 prompt tokens out of the window (skipped while tracing)."""
+    if _is_tracing():
+        return
+    if bool(t5_eos_was_cut(input_ids, num_virtual_tokens, eos_token_id).any()):
+        seq_len = input_ids.shape[-1]
+        warnings.warn(
+            f"The APL prefix takes {num_virtual_tokens} of the T5 window's {seq_len} positions: prompt tokens past "
+            f"position {seq_len - num_virtual_tokens - 1} were truncated (EOS kept). Pad to a longer window "
+            "(max_sequence_length) or shorten the prompt to keep them.",
+            PromptTruncationWarning,
+            stacklevel=3,
+        )
+
+
+def t5_eos_token_id(config: T5Config) -> int:
+    """T5's ``</s>`` id (1 in every released T5 vocabulary, and the config's default)."""
+    eos = getattr(config, "eos_token_id", None)
+    return 1 if eos is None else int(eos)
 
 
 def pool_index(input_ids: torch.Tensor, config: CLIPTextConfig) -> torch.Tensor:
@@ -205,9 +300,38 @@ def clip_text_model_of(model: nn.Module) -> CLIPTextModel:
     if isinstance(model, CLIPTextModel):
         return model
     raise APLAdapterError(
-        f"APL adapts CLIP text encoders (transformers CLIPTextModel or CLIPTextModelWithProjection), "
-        f"got {type(model).__name__}. Pass the pipeline's text_encoder (or text_encoder_2 for SDXL)."
+        f"This needs a CLIP text encoder (transformers CLIPTextModel or CLIPTextModelWithProjection), got "
+        f"{type(model).__name__}. Pass the pipeline's text_encoder (or text_encoder_2 for SDXL)."
     )
+
+
+def text_encoder_type_of(model: nn.Module) -> TextEncoderType:
+    """``"clip"`` or ``"t5"`` by the model's class; a clear error for any other model."""
+    if isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
+        return "clip"
+    if isinstance(model, T5EncoderModel):
+        return "t5"
+    raise APLAdapterError(
+        f"APL adapts CLIP text encoders (CLIPTextModel, CLIPTextModelWithProjection) and T5 encoders "
+        f"(T5EncoderModel), got {type(model).__name__}. Pass one of the pipeline's text_encoder* components."
+    )
+
+
+def prefix_host_of(model: nn.Module) -> nn.Module:
+    """The module whose forward the prefix hooks rewrite and which holds the prefixed embedding: the
+    ``CLIPTextModel`` (also inside the projection variant; its ``embeddings``) or T5's encoder stack
+    (``T5EncoderModel.encoder``; its ``embed_tokens`` - T5's ``shared`` table is a separate module with the same
+    weight, which the prefix leaves alone)."""
+    text_encoder_type_of(model)  # one error naming both kinds for anything else
+    if isinstance(model, T5EncoderModel):
+        stack: nn.Module = model.encoder
+        return stack
+    return clip_text_model_of(model)
+
+
+def prefix_embedding_name(model: nn.Module) -> str:
+    """The attribute of :func:`prefix_host_of` that an APL prefix wraps: ``embeddings`` or ``embed_tokens``."""
+    return "embed_tokens" if text_encoder_type_of(model) == "t5" else "embeddings"
 
 
 def base_model_of(model: nn.Module) -> nn.Module:

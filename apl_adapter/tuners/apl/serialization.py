@@ -18,7 +18,7 @@ from safetensors import safe_open
 from ...atomic import atomic_folder
 from ...errors import APLAdapterError
 from ...model_card import pipeline_of, write_model_card
-from .constants import INIT_METHODS, MAX_CLIP_POSITIONS, PREFIX_DEPTHS
+from .constants import INIT_METHODS, PREFIX_DEPTHS, TEXT_ENCODER_TYPES, max_virtual_tokens
 from .peft_type import PEFT_TYPE_NAME
 
 CONFIG_NAME = "adapter_config.json"
@@ -89,9 +89,15 @@ def check_adapter_config(config: object, config_path: Path) -> None:
             f"{config_path} {what}, not an APL prefix (peft_type 'APL'); apl-adapter loads APL adapters only. "
             "Load other PEFT adapters with peft itself."
         )
+    kind = config.get("text_encoder_type")
+    if kind is not None and kind not in TEXT_ENCODER_TYPES:
+        raise refuse(f"text_encoder_type must be one of {', '.join(TEXT_ENCODER_TYPES)} (or absent), got {kind!r}")
     m = config.get("num_virtual_tokens")
-    if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_CLIP_POSITIONS - 2:
-        raise refuse(f"num_virtual_tokens must be an integer from 1 to {MAX_CLIP_POSITIONS - 2}, got {m!r}")
+    limit = max_virtual_tokens(kind)
+    if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= limit:
+        raise refuse(f"num_virtual_tokens must be an integer from 1 to {limit}, got {m!r}")
+    if kind == "t5" and config.get("prefix_depth") == "deep":
+        raise refuse("a deep prefix for a T5 encoder is not supported (prefix_depth must be 'shallow' for T5)")
     width = config.get("token_dim")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width <= 0):
         raise refuse(f"token_dim must be a positive integer, got {width!r}")
@@ -111,23 +117,31 @@ def expected_tensor_names(config: dict[str, Any]) -> tuple[str, ...]:
 
 
 # Where PEFT saves the prefix: CLIPTextModel keeps its embeddings at the top, CLIPTextModelWithProjection under
-# text_model (a prefix loads into either class when the widths match).
+# text_model (a prefix loads into either class when the widths match); T5EncoderModel at encoder.embed_tokens.
 PREFIX_PARENTS = ("base_model.model.embeddings", "base_model.model.text_model.embeddings")
+T5_PREFIX_PARENTS = ("base_model.model.encoder.embed_tokens",)
+
+
+def prefix_parents(config: dict[str, Any]) -> tuple[str, ...]:
+    """Where an adapter of this config keeps its tensors (configs without ``text_encoder_type`` are CLIP's)."""
+    return T5_PREFIX_PARENTS if config.get("text_encoder_type") == "t5" else PREFIX_PARENTS
 
 
 def check_prefix_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], weights_path: Path) -> None:
     """Refuse a weights file that holds anything but the prefix tensors its config declares, or bad values.
 
     An adapter is a prefix and nothing else: PEFT would load any other tensor into the base model (a key ending
-    in ``final_layer_norm.weight`` rewrites the encoder), so every key must be ``<PREFIX_PARENTS>.<name>``; a
-    renamed key is refused too (PEFT would keep a random prefix in its place and only warn).
+    in ``final_layer_norm.weight`` rewrites the encoder), so every key must be ``<PREFIX_PARENTS>.<name>``
+    (``<T5_PREFIX_PARENTS>.<name>`` for T5); a renamed key is refused too (PEFT would keep a random prefix in its
+    place and only warn).
     """
     expected = expected_tensor_names(config)
+    parents = prefix_parents(config)
     found: dict[str, torch.Tensor] = {}
     extra = []
     for key, value in tensors.items():
         parent, _, name = key.rpartition(".")
-        if name in expected and parent in PREFIX_PARENTS and name not in found:
+        if name in expected and parent in parents and name not in found:
             found[name] = value
         else:
             extra.append(key)
