@@ -32,6 +32,10 @@ def summary_of(recipe: dict) -> str:
         parts.append(f"identity push {recipe['identity_push']:g}")
     if recipe.get("name_direction"):
         parts.append(f"name direction {recipe['name_direction']:g}")
+    if recipe.get("push_without_attributes"):
+        parts.append("push without the attributes' pulls")
+    if recipe.get("attribute_hold"):
+        parts.append(f"attribute hold {recipe['attribute_hold']:g}")
     if recipe.get("attribute_boost"):
         parts.append(f"attribute boost {recipe['attribute_boost']:g}")
     parts.append(f"{recipe['steps']} steps at lr {recipe['lr']:g}, batch {recipe['batch_size']}")
@@ -70,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         "world": "the shipped world (apl_adapter/world/assets, world seed 0); another world's models do not match it",
         "reproduce": "apl-train --base apl_adapter/world/assets/base --data DATA --out RUN "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}"
+            f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
             for k, v in recipe.items()
-            if k not in ("base", "data") and not isinstance(v, bool)
+            if k not in ("base", "data") and v is not False  # a flag is written when on
         ),
     }
     write_text_atomic(args.out / "recipe.json", json.dumps(card, indent=2) + "\n")
