@@ -308,6 +308,7 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
     prompts = [prompt for _, _, prompt, _ in cases]
     seeds = [seed for *_, seed in cases]
     targets = [person.name for person, *_ in cases]
+    expected = [person.attributes for person, *_ in cases]
     plain, anonymized = generate_pair(pipe, adapter, prompts, seeds, spec, desc)
     result: dict = {"num_images": len(cases)}
     verdicts = []
@@ -320,10 +321,8 @@ def measure_persons(pipe, adapter, cases, spec: BenchSpec, readers: BenchReaders
             attrs if obs.face_present else {}
             for attrs, obs in zip(readers.attributes.read_attributes(images), observations)
         ]
-        metrics["attributes"] = attribute_agreement(read, [person.attributes for person, *_ in cases])
-        metrics["by_attributes_kept"] = named_by_attributes_kept(
-            observations, read, targets, [person.attributes for person, *_ in cases]
-        )
+        metrics["attributes"] = attribute_agreement(read, expected)
+        metrics["by_attributes_kept"] = named_by_attributes_kept(observations, read, targets, expected)
         metrics["per_template"] = {
             spec.person_templates[index]: identity_metrics(
                 [obs for obs, case in zip(observations, cases) if case[1] == index],

@@ -123,6 +123,16 @@ def _init_text_ids(config: APLConfig) -> list[int]:
 _HOOKS = "_apl_hook_handle"
 
 
+def _as_keywords(
+    args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A forward's leading positional arguments moved to their keyword ``names``, so a hook can rewrite them."""
+    kwargs = dict(kwargs)
+    for name, value in zip(names, args):
+        kwargs[name] = value
+    return tuple(args[len(names) :]), kwargs
+
+
 def _prefix_inputs_hook(
     text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -135,11 +145,7 @@ def _prefix_inputs_hook(
     if weights is None:
         return None
     prefix = weights.embeds
-    args, kwargs = list(args), dict(kwargs)
-    names = ("input_ids", "attention_mask", "position_ids")
-    for i, name in enumerate(names[: len(args)]):
-        kwargs[name] = args[i]
-    args = args[len(names) :]
+    args, kwargs = _as_keywords(args, kwargs, ("input_ids", "attention_mask", "position_ids"))
     if kwargs.get("position_ids") is not None:
         raise APLAdapterError("position_ids cannot be combined with an APL prefix (positions shift by m); omit them")
     input_ids = kwargs.get("input_ids")
@@ -166,11 +172,7 @@ def _prefix_t5_inputs_hook(
     prefix = layer.active_prefix
     if prefix is None:
         return None
-    kwargs = dict(kwargs)
-    names = ("input_ids", "attention_mask")
-    for name, value in zip(names, args):
-        kwargs[name] = value
-    args = args[len(names) :]
+    args, kwargs = _as_keywords(args, kwargs, ("input_ids", "attention_mask"))
     if kwargs.get("inputs_embeds") is not None:
         raise APLAdapterError(
             "inputs_embeds cannot be combined with an APL prefix on a T5 encoder (the prefix goes in by id position); "
@@ -184,9 +186,10 @@ def _prefix_t5_inputs_hook(
     eos = t5_eos_token_id(config)
     ids = input_ids.view(-1, input_ids.shape[-1])
     kwargs["input_ids"] = insert_t5_prefix_ids(ids, m, eos, placeholder_id=int(config.pad_token_id or 0))
-    warn_if_t5_prompt_truncated(ids, m, eos)  # after the layout, which refuses a window with no room at all
+    cut = t5_eos_was_cut(ids, m, eos)  # after the layout, which refuses a window with no room at all
+    warn_if_t5_prompt_truncated(cut, m, ids.shape[-1])
     if kwargs.get("attention_mask") is not None:
-        kwargs["attention_mask"] = insert_t5_prefix_mask(kwargs["attention_mask"], m, t5_eos_was_cut(ids, m, eos))
+        kwargs["attention_mask"] = insert_t5_prefix_mask(kwargs["attention_mask"], m, cut)
     return tuple(args), kwargs
 
 

@@ -139,8 +139,8 @@ def insert_t5_prefix_ids(
         (batch, num_virtual_tokens), placeholder_id, dtype=input_ids.dtype, device=input_ids.device
     )
     ids = torch.cat([placeholders, input_ids[:, : seq_len - num_virtual_tokens]], dim=1)
-    has_eos = (ids[:, num_virtual_tokens:] == eos_token_id).any(dim=1)
-    last = torch.where(has_eos, ids[:, -1], torch.full_like(ids[:, -1], eos_token_id))
+    cut = t5_eos_was_cut(input_ids, num_virtual_tokens, eos_token_id)
+    last = torch.where(cut, torch.full_like(ids[:, -1], eos_token_id), ids[:, -1])
     return torch.cat([ids[:, :-1], last[:, None]], dim=1)
 
 
@@ -179,12 +179,12 @@ def prepend_prefix(token_embeds: torch.Tensor, prefix: torch.Tensor) -> torch.Te
     return torch.cat([prefix, token_embeds[:, m:]], dim=1)
 
 
-def warn_if_t5_prompt_truncated(input_ids: torch.Tensor, num_virtual_tokens: int, eos_token_id: int) -> None:
-    """Warn when the prefix pushes T5 prompt tokens out of the window (skipped while tracing)."""
+def warn_if_t5_prompt_truncated(cut: torch.Tensor, num_virtual_tokens: int, seq_len: int) -> None:
+    """Warn when the prefix pushed T5 prompt tokens out of the window (``cut``: :func:`t5_eos_was_cut`'s ``(B,)``
+    rows; skipped while tracing)."""
     if _is_tracing():
         return
-    if bool(t5_eos_was_cut(input_ids, num_virtual_tokens, eos_token_id).any()):
-        seq_len = input_ids.shape[-1]
+    if bool(cut.any()):
         warnings.warn(
             f"The APL prefix takes {num_virtual_tokens} of the T5 window's {seq_len} positions: prompt tokens past "
             f"position {seq_len - num_virtual_tokens - 1} were truncated (EOS kept). Pad to a longer window "
