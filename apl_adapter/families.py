@@ -87,6 +87,8 @@ def not_yet_supported(tool: str, model_index: dict[str, Any], folder: object) ->
     a transformer denoiser, which come later (issue 23). Read before any component loads, so the user gets this
     message instead of a missing ``unet`` deep inside diffusers.
     """
+    if tool == "apl-export":
+        return None  # apl-export exports SD3 / FLUX folders (apl_export.flow_exporter)
     class_name = str(model_index.get("_class_name", ""))
     family = family_of_class_name(class_name)
     if family is None:

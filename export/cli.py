@@ -1,4 +1,5 @@
-"""``apl-export``: a Stable Diffusion folder + an APL adapter -> validated ONNX (+ TensorRT, + Triton)."""
+"""``apl-export``: a Stable Diffusion (1.x / 2.x, 3, FLUX.1) folder + APL adapter(s) -> validated ONNX (+ TensorRT,
++ Triton for SD 1.x / 2.x)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,35 @@ text encoders (--text-encoder):
             TensorRT runtime only (ONNX Runtime cannot run the node), so it is validated with
             onnx's ReferenceEvaluator (the node in NumPy) and its PyTorch graph vs the adapter (1e-5)
 
+SD3 / FLUX.1 (model_index.json: StableDiffusion3Pipeline / FluxPipeline):
+  --adapter is a folder in the pipeline's layout, one adapter subfolder per text encoder
+  (text_encoder/, text_encoder_2/, text_encoder_3/), any subset; encoders without one are exported
+  plain. Graphs (prefix baked, input_ids int32 only):
+    SD3   text_encoder, text_encoder_2  CLIP: penultimate_hidden_state (B,77,D), text_embeds (B,P)
+          text_encoder_3                T5: last_hidden_state (B,L,4096), L = --max-sequence-length
+          negative_text_encoder[_N]     plain copies of the prefixed encoders, for the negative prompt
+          transformer                   hidden_states (2B,C,h,w), encoder_hidden_states (2B,77+L,J),
+                                        pooled_projections (2B,P), timestep (2B,) -> model_output
+    FLUX  text_encoder                  CLIP: pooler_output (B,768)
+          text_encoder_2                T5: last_hidden_state (B,L,4096)
+          transformer                   hidden_states (B,S,C) packed, encoder_hidden_states (B,L,J),
+                                        pooled_projections (B,P), timestep (B,), img_ids (S,3),
+                                        txt_ids (L,3) [, guidance (B,) for FLUX.1-dev] -> model_output
+    both  vae_decoder                   latent_sample (B,C,h,w) -> sample (B,3,H,W)
+  --max-sequence-length: the T5 window L (default: the pipeline's, SD3 256, FluxPipeline 512; pass 256
+  for FLUX.1-schnell). The transformers are always exported with dynamo (TorchScript has no rms_norm).
+  Validation as above (text encoders 1e-4, transformer 1e-3, VAE 3e-4). Before loading, the memory the
+  export needs (fp32 weights + ONNX copies of the largest model) is compared with what the machine has;
+  before --trt, each engine build's too: a stop names the sizes and what to do. Not available for
+  these families: --prefix-mode input, --text-encoder fast, --triton, a runtime pipeline.
+
 examples:
   apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-onnx/
   apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-trt/ --trt --fp16 --batch 1:1:4 --height 512:512:768
   apl-export sd15/ --adapter apl-prefix/ --out repo/ --triton --prefix-mode input --overwrite
   apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-fast/ --text-encoder fast --trt
+  apl-export sd3-medium/ --adapter sd3-apl/ --out sd3-apl-onnx/ --height 1024 --width 1024
+  apl-export flux-schnell/ --adapter flux-apl/ --out flux-apl-onnx/ --max-sequence-length 256 --trt
 
 The output is written next to --out and renamed at the end: a failed export leaves nothing behind.
 """
@@ -48,13 +73,19 @@ The output is written next to --out and renamed at the end: a failed export leav
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apl-export",
-        description="Export a Stable Diffusion 1.x/2.x pipeline whose text encoder always applies an APL "
-        "anonymization prefix, to validated ONNX and optionally TensorRT engines and a Triton repository.",
+        description="Export a Stable Diffusion 1.x/2.x, SD3 or FLUX.1 pipeline whose text encoders always apply their "
+        "APL anonymization prefixes, to validated ONNX and optionally TensorRT engines (and, for SD 1.x/2.x, a Triton "
+        "repository).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="diffusers pipeline folder (from save_pretrained), e.g. sd15/")
-    parser.add_argument("--adapter", required=True, help="APL adapter folder (adapter_config.json + safetensors)")
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        help="APL adapter folder (adapter_config.json + safetensors); SD3 / FLUX: a folder with one adapter subfolder "
+        "per text encoder (text_encoder/, text_encoder_2/, text_encoder_3/), any subset",
+    )
     parser.add_argument("--out", required=True, help="output folder to create (must be new or empty, or --overwrite)")
     parser.add_argument("--trt", action="store_true", help="also build TensorRT engines (tensorrt or TensorRT-RTX)")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and activations (fp32 inputs/outputs)")
@@ -77,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --triton, also publish text_encoder, negative_text_encoder, unet and vae_decoder as models of "
         "their own (clients driving the loop themselves; the plain encoder and the UNet then let them skip the prefix)",
+    )
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="SD3 / FLUX: the T5 window the graphs take (default: the pipeline's, SD3 256, FLUX 512; FLUX.1-schnell "
+        "uses 256)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default 19)")
@@ -127,6 +165,7 @@ def _export(args: argparse.Namespace) -> int:
         triton=args.triton,
         triton_expose_parts=args.triton_expose_parts,
         overwrite=args.overwrite,
+        max_sequence_length=args.max_sequence_length,
     )
     export_pipeline(args.model, args.adapter, args.out, options, progress=lambda s: print(s, flush=True))
     return 0

@@ -32,6 +32,7 @@ from types import ModuleType
 import numpy as np
 
 from .errors import ExportError
+from .memory import GIB, check_fits, engine_need_bytes
 from .tensorrt_loader import builder_name, load_tensorrt, plugin_process_env
 from .trt_plugin.plugin import register_plugin
 
@@ -44,6 +45,7 @@ _DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": 
 def build_engines(staging: Path, manifest: dict, fp16: bool, progress: Callable[[str], None] = print) -> dict:
     """Build one engine per exported model into ``<staging>/engines``; returns the manifest's ``engines`` entry."""
     trt = load_tensorrt()
+    check_engine_memory(staging, manifest, builder_name(trt))
     engine_dir = staging / ENGINE_DIR
     engine_dir.mkdir(exist_ok=True)
     engines = {}
@@ -66,6 +68,26 @@ def build_engines(staging: Path, manifest: dict, fp16: bool, progress: Callable[
             engines[name] = _build_request(trt, request)
         engines[name]["path"] = f"{ENGINE_DIR}/{name}.plan"
     return {"builder": builder_name(trt), "fp16": fp16, "models": engines}
+
+
+def onnx_weight_bytes(onnx_path: Path) -> int:
+    """Bytes of an exported model's weights: ``model.onnx`` and its external data (``model.onnx_data``), if any."""
+    return sum(p.stat().st_size for p in (onnx_path, onnx_path.with_name("model.onnx_data")) if p.exists())
+
+
+def check_engine_memory(staging: Path, manifest: dict, builder: str) -> None:
+    """Before any engine is built: stop, naming the model, its ONNX size and the memory needed and available, when
+    the largest build would not fit (:func:`apl_export.memory.engine_need_bytes`)."""
+    sizes = {name: onnx_weight_bytes(staging / model["path"]) for name, model in manifest["models"].items()}
+    name, size = max(sizes.items(), key=lambda item: item[1])
+    precision = "fp16" if manifest.get("fp16") else "fp32"
+    check_fits(
+        engine_need_bytes(size),
+        f"Building the TensorRT engine of {name} ({size / GIB:.1f} GiB of {precision} ONNX weights) with {builder}",
+        f"Build the engines on a machine with at least {engine_need_bytes(size) / GIB:.1f} GiB of memory (a GPU "
+        "server), from the published ONNX folder"
+        + ("." if manifest.get("fp16") else ", or export with --fp16, which halves the weights and the build."),
+    )
 
 
 def _build_request(trt: ModuleType, request: dict) -> dict:

@@ -13,3 +13,7 @@ class ValidationError(ExportError):
 
 class TensorRTUnavailableError(ExportError):
     """No TensorRT builder is installed (neither ``tensorrt`` nor the TensorRT-RTX wheels)."""
+
+
+class InsufficientMemoryError(ExportError):
+    """A stage would need more memory than the machine has (checked before the stage starts, see ``memory``)."""

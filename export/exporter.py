@@ -38,9 +38,9 @@ import torch
 
 from apl_adapter.atomic import replace_folder, staging_folder
 from apl_adapter.errors import check_output_folder
-from apl_adapter.families import not_yet_supported
+from apl_adapter.families import family_of_class_name
 
-from .errors import ExportError, TensorRTUnavailableError
+from .errors import ExportError, InsufficientMemoryError, TensorRTUnavailableError
 from .exported_models import (
     FAST_TEXT_ENCODER,
     NEGATIVE_TEXT_ENCODER,
@@ -51,6 +51,7 @@ from .exported_models import (
     check_text_encoder_options,
     pipeline_models,
 )
+from .memory import available_memory
 from .onnx_export import DEFAULT_OPSET, Exporter, export_model
 from .runtime_base import load_scheduler
 from .specs import ShapeRanges
@@ -75,6 +76,7 @@ class ExportOptions:
     triton: bool = False
     triton_expose_parts: bool = False  # also publish each part (then a client can bypass the prefix)
     overwrite: bool = False
+    max_sequence_length: int | None = None  # SD3 / FLUX: the T5 window (None: the pipeline's default)
 
 
 Progress = Callable[[str], None]
@@ -87,9 +89,21 @@ def export_pipeline(
     options: ExportOptions | None = None,
     progress: Progress = print,
 ) -> Path:
-    """Export ``model_dir`` (a diffusers Stable Diffusion folder) with the APL adapter to ``out_dir``."""
+    """Export ``model_dir`` (a diffusers Stable Diffusion 1.x / 2.x, SD3 or FLUX.1 folder) with the APL adapter
+    (SD3 / FLUX: a folder with one adapter subfolder per encoder, see :mod:`.flow_exporter`) to ``out_dir``."""
     options = options or ExportOptions()
     out = Path(out_dir)
+    class_name = str(read_model_index(Path(model_dir)).get("_class_name", ""))
+    family = family_of_class_name(class_name)
+    if family is not None:
+        from .flow_exporter import export_flow_pipeline
+
+        return export_flow_pipeline(Path(model_dir), Path(adapter_dir), out, options, family, class_name, progress)
+    if options.max_sequence_length is not None:
+        raise ExportError(
+            "--max-sequence-length sets the T5 window of SD3 / FLUX exports; a Stable Diffusion 1.x / 2.x pipeline has "
+            "no T5 encoder (CLIP's 77 positions are fixed). Drop --max-sequence-length."
+        )
     check_out_keeps_inputs(out, {"model": Path(model_dir), "--adapter": Path(adapter_dir)})
     staging = prepare_output(out, options.overwrite)
     try:
@@ -102,6 +116,19 @@ def export_pipeline(
         manifest = export_onnx_models(loaded, staging, options, progress)
         progress("[4/5] folder layout: configs, tokenizer, scheduler, model_index.json")
         write_layout(loaded, staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return build_engines_and_publish(staging, out, manifest, options, progress)
+
+
+def build_engines_and_publish(
+    staging: Path, out: Path, manifest: dict, options: ExportOptions, progress: Progress
+) -> Path:
+    """The last stages of every export: TensorRT engines (``--trt``), the Triton repository (``--triton``), the
+    manifest, and the swap of ``staging`` into ``out``. Without a TensorRT builder, or without the memory an engine
+    build needs, the validated ONNX is still published, then the error is raised."""
+    try:
         trt_missing = None
         if options.trt:
             from .engines import build_engines
@@ -109,8 +136,8 @@ def export_pipeline(
             progress("[5/5] TensorRT engines")
             try:
                 manifest["engines"] = build_engines(staging, manifest, fp16=options.fp16, progress=progress)
-            except TensorRTUnavailableError as err:
-                trt_missing = err  # publish the validated ONNX, then report the missing builder
+            except (TensorRTUnavailableError, InsufficientMemoryError) as err:
+                trt_missing = err  # publish the validated ONNX, then report the missing builder / memory
         if options.triton:
             from .triton import write_triton_repository
 
@@ -122,7 +149,7 @@ def export_pipeline(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if trt_missing is not None:
-        raise TensorRTUnavailableError(f"{trt_missing} The validated ONNX export is in {out}.")
+        raise type(trt_missing)(f"{trt_missing} The validated ONNX export is in {out}.")
     progress(f"done: {out}")
     return out
 
@@ -168,18 +195,12 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
     """Load the components of a diffusers SD folder and attach the adapter to its text encoder."""
     from apl_adapter import APLAdapterError, check_adapter_folder
 
-    if not (model_dir / "model_index.json").is_file():
+    class_name = str(read_model_index(model_dir).get("_class_name", ""))
+    if family_of_class_name(class_name) is not None:
         raise ExportError(
-            f"{model_dir} is not a diffusers pipeline folder (no model_index.json); pass the folder written by "
-            "pipe.save_pretrained()."
+            f"{model_dir} is a {class_name}; load_pipeline loads Stable Diffusion 1.x / 2.x folders. Export it with "
+            "export_pipeline (apl-export), which exports SD3 / FLUX folders through apl_export.flow_exporter."
         )
-    try:
-        index = json.loads((model_dir / "model_index.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{model_dir}/model_index.json is not valid JSON ({err}); re-save the pipeline.") from err
-    unsupported = not_yet_supported("apl-export", index if isinstance(index, dict) else {}, model_dir)
-    if unsupported is not None:
-        raise ExportError(str(unsupported))
     for part in (TEXT_ENCODER, UNET, "vae", "tokenizer", "scheduler"):
         if not (model_dir / part).is_dir():
             raise ExportError(f"{model_dir} has no {part}/ folder; apl-export needs a Stable Diffusion 1.x/2.x folder.")
@@ -214,6 +235,20 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
     )
 
 
+def read_model_index(model_dir: Path) -> dict:
+    """``model_index.json`` of a diffusers folder (``{}`` when it is not an object); a clear error without one."""
+    if not (model_dir / "model_index.json").is_file():
+        raise ExportError(
+            f"{model_dir} is not a diffusers pipeline folder (no model_index.json); pass the folder written by "
+            "pipe.save_pretrained()."
+        )
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{model_dir}/model_index.json is not valid JSON ({err}); re-save the pipeline.") from err
+    return index if isinstance(index, dict) else {}
+
+
 def validation_peak_bytes(unet, vae_factor: int, ranges: ShapeRanges) -> int:
     """A lower bound on the largest tensor validation makes: one self-attention score matrix of the UNet.
 
@@ -233,20 +268,9 @@ def validation_peak_bytes(unet, vae_factor: int, ranges: ShapeRanges) -> int:
     return peak
 
 
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_validation_fits(loaded: LoadedPipeline, ranges: ShapeRanges) -> None:
     """Fail before exporting when validating at these sizes would need more memory than the machine has."""
-    need, have = validation_peak_bytes(loaded.unet, loaded.vae_factor, ranges), _available_memory()
+    need, have = validation_peak_bytes(loaded.unet, loaded.vae_factor, ranges), available_memory()
     if have is not None and need > have:
         raise ExportError(
             f"Validating the UNet at {ranges.height.opt}x{ranges.width.opt} (batch {ranges.batch.opt}) needs at least "

@@ -47,6 +47,13 @@ class APLPipelineBase:
         if not manifest_path.is_file():
             raise ExportError(f"{self.folder} has no {MANIFEST_NAME}: pass a folder written by apl-export.")
         self.manifest = json.loads(manifest_path.read_text())
+        family = self.manifest.get("family", "sd")
+        if family != "sd":
+            raise ExportError(
+                f"{self.folder} is a {self.manifest.get('pipeline_class', family)} export: the ONNX Runtime and "
+                "TensorRT pipelines run Stable Diffusion 1.x / 2.x exports only. Run its graphs (apl_export.json lists "
+                "their I/O) in your own SD3 / FLUX loop."
+            )
         self.tokenizer = CLIPTokenizer.from_pretrained(self.folder / "tokenizer")
         self.scheduler = load_scheduler(self.folder / "scheduler")
         self.vae_factor = int(self.manifest["vae_factor"])

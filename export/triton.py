@@ -99,7 +99,15 @@ image / {vae_factor}):
 
 
 def write_triton_repository(staging: Path, manifest: dict, expose_parts: bool = False) -> Path:
-    """Write ``<staging>/triton``: the pipeline model (and, with ``expose_parts``, each part); check it."""
+    """Write ``<staging>/triton``: the pipeline model (and, with ``expose_parts``, each part); check it.
+
+    SD 1.x / 2.x exports only: the pipeline model runs the UNet loop."""
+    family = manifest.get("family", "sd")
+    if family != "sd":
+        raise ExportError(
+            f"The Triton repository serves Stable Diffusion 1.x / 2.x exports only; this is a {family} export "
+            "(SD3 / FLUX: the ONNX graphs and TensorRT engines, no serving pipeline). Drop --triton."
+        )
     root = staging / TRITON_DIR
     root.mkdir(exist_ok=True)
     engines = (manifest.get("engines") or {}).get("models", {})
