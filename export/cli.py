@@ -55,8 +55,9 @@ SD3 / FLUX.1 (model_index.json: StableDiffusion3Pipeline / FluxPipeline):
   for FLUX.1-schnell). The transformers are always exported with dynamo (TorchScript has no rms_norm).
   Validation as above (text encoders 1e-4, transformer 1e-3, VAE 3e-4). Before loading, the memory the
   export needs (fp32 weights + ONNX copies of the largest model) is compared with what the machine has;
-  before --trt, each engine build's too: a stop names the sizes and what to do. Not available for
-  these families: --prefix-mode input, --text-encoder fast, --triton, a runtime pipeline.
+  before --trt, each engine build's too: a stop names the sizes and what to do. --models exports a
+  subset (the others are not loaded). Not available for these families: --prefix-mode input,
+  --text-encoder fast, --triton, a runtime pipeline.
 
 examples:
   apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-onnx/
@@ -65,6 +66,7 @@ examples:
   apl-export sd15/ --adapter apl-prefix/ --out sd15-apl-fast/ --text-encoder fast --trt
   apl-export sd3-medium/ --adapter sd3-apl/ --out sd3-apl-onnx/ --height 1024 --width 1024
   apl-export flux-schnell/ --adapter flux-apl/ --out flux-apl-onnx/ --max-sequence-length 256 --trt
+  apl-export sd3-medium/ --adapter sd3-apl/ --out sd3-clip/ --models text_encoder,text_encoder_2
 
 The output is written next to --out and renamed at the end: a failed export leaves nothing behind.
 """
@@ -116,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SD3 / FLUX: the T5 window the graphs take (default: the pipeline's, SD3 256, FLUX 512; FLUX.1-schnell "
         "uses 256)",
     )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="SD3 / FLUX: comma list of the graphs to export (default all): text_encoder, text_encoder_2, "
+        "text_encoder_3, transformer, vae_decoder; the others are not loaded (e.g. the CLIP encoders alone on a "
+        "machine too small for T5-XXL)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default 19)")
     parser.add_argument(
@@ -166,6 +175,7 @@ def _export(args: argparse.Namespace) -> int:
         triton_expose_parts=args.triton_expose_parts,
         overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models is not None else None,
     )
     export_pipeline(args.model, args.adapter, args.out, options, progress=lambda s: print(s, flush=True))
     return 0

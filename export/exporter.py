@@ -77,6 +77,7 @@ class ExportOptions:
     triton_expose_parts: bool = False  # also publish each part (then a client can bypass the prefix)
     overwrite: bool = False
     max_sequence_length: int | None = None  # SD3 / FLUX: the T5 window (None: the pipeline's default)
+    models: tuple[str, ...] | None = None  # SD3 / FLUX: the graphs to export (None: all)
 
 
 Progress = Callable[[str], None]
@@ -103,6 +104,10 @@ def export_pipeline(
         raise ExportError(
             "--max-sequence-length sets the T5 window of SD3 / FLUX exports; a Stable Diffusion 1.x / 2.x pipeline has "
             "no T5 encoder (CLIP's 77 positions are fixed). Drop --max-sequence-length."
+        )
+    if options.models is not None:
+        raise ExportError(
+            "--models picks graphs of SD3 / FLUX exports; SD 1.x / 2.x exports every model. Drop --models."
         )
     check_out_keeps_inputs(out, {"model": Path(model_dir), "--adapter": Path(adapter_dir)})
     staging = prepare_output(out, options.overwrite)

@@ -36,7 +36,14 @@ from .exporter import (
     export_and_validate,
     prepare_output,
 )
-from .flow_models import EncoderSlot, LoadedFlowPipeline, flow_models, negative_prompt_encoders
+from .flow_models import (
+    TRANSFORMER,
+    VAE_DECODER,
+    EncoderSlot,
+    LoadedFlowPipeline,
+    flow_models,
+    negative_prompt_encoders,
+)
 from .memory import GIB, ComponentSizes, check_fits, export_need_bytes
 
 #: the T5 window a pipeline's ``max_sequence_length`` may take (both pipelines refuse more than 512)
@@ -77,12 +84,13 @@ def export_flow_pipeline(
     """Export an SD3 / FLUX folder with the adapters of ``adapter_dir`` (one subfolder per encoder) to ``out``."""
     check_flow_options(family, options)
     check_out_keeps_inputs(out, {"model": model_dir, "--adapter": adapter_dir})
-    adapters = adapter_folders(adapter_dir, family, class_name)
-    progress(f"[1/5] memory check, loading {model_dir} ({class_name}) and adapters for {', '.join(adapters)}")
-    check_export_memory(model_dir, family, class_name)
+    selection = selected_models(family, class_name, options.models)
+    adapters = {k: v for k, v in adapter_folders(adapter_dir, family, class_name).items() if k in selection}
+    progress(f"[1/5] memory check, loading {model_dir} ({class_name}) and adapters for {', '.join(adapters) or '-'}")
+    check_export_memory(model_dir, family, class_name, selection)
     staging = prepare_output(out, options.overwrite)
     try:
-        loaded = load_flow_pipeline(model_dir, adapters, family, class_name, options.max_sequence_length)
+        loaded = load_flow_pipeline(model_dir, adapters, family, class_name, options.max_sequence_length, selection)
         ranges = options.ranges.resolved(loaded.native_size)
         ranges.check_image_multiple(loaded.image_multiple)
         progress("[2/5] ONNX export and [3/5] validation against PyTorch")
@@ -101,6 +109,20 @@ def export_flow_pipeline(
 # ----------------------------------------------------------------------------------------------------------------
 # Adapters and loading
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def selected_models(family: PipelineFamily, class_name: str, models: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The graphs to export (``--models``; default all): encoder names, ``transformer``, ``vae_decoder``."""
+    known = (*family.encoders, TRANSFORMER, VAE_DECODER)
+    if models is None:
+        return known
+    unknown = [name for name in models if name not in known]
+    if unknown or not models:
+        raise ExportError(
+            f"--models {','.join(models)}: {class_name} exports {', '.join(known)}; name some of these (a prefixed "
+            "encoder's plain negative-prompt copy comes with it)."
+        )
+    return tuple(name for name in known if name in models)
 
 
 def adapter_folders(adapter_dir: Path, family: PipelineFamily, class_name: str) -> dict[str, Path]:
@@ -131,10 +153,15 @@ def adapter_folders(adapter_dir: Path, family: PipelineFamily, class_name: str) 
     return {name: found[name] for name in family.encoders if name in found}
 
 
-def check_export_memory(model_dir: Path, family: PipelineFamily, class_name: str) -> None:
-    """Stop before loading when exporting this pipeline needs more memory than the machine has (see
-    :mod:`.memory`), naming the model's size, the memory needed and available, and what to do."""
-    sizes = ComponentSizes.read(model_dir, (*family.encoders, "transformer", "vae"))
+def check_export_memory(
+    model_dir: Path, family: PipelineFamily, class_name: str, selection: tuple[str, ...] | None = None
+) -> None:
+    """Stop before loading when exporting the ``selection`` (default: every graph) of this pipeline needs more memory
+    than the machine has (see :mod:`.memory`), naming the models' sizes, the memory needed and available, and what
+    to do. The VAE is always loaded (its factor sizes the latents)."""
+    selection = selection or (*family.encoders, TRANSFORMER, VAE_DECODER)
+    loaded = [name for name in (*family.encoders, TRANSFORMER) if name in selection]
+    sizes = ComponentSizes.read(model_dir, (*loaded, "vae"))
     need = export_need_bytes(sizes)
     total = 4 * sum(sizes.parameters.values())
     largest, count = sizes.largest
@@ -143,15 +170,22 @@ def check_export_memory(model_dir: Path, family: PipelineFamily, class_name: str
         f"Exporting {model_dir} ({class_name}: {sizes.describe()} parameters, {total / GIB:.1f} GiB in fp32)",
         f"The export holds every component in fp32 (the PyTorch reference) and up to three ONNX copies of the largest, "
         f"{largest} ({4 * count / GIB:.1f} GiB); --fp16 converts after export and does not lower this. Export on a "
-        f"machine with at least {need / GIB:.1f} GiB of memory (e.g. a GPU server's host), then build the engines "
-        "there (--trt; --fp16 halves an engine build's memory).",
+        f"machine with at least {need / GIB:.1f} GiB of memory (e.g. a GPU server's host) and build the engines "
+        "there (--trt; --fp16 halves an engine build's memory), or export fewer graphs here with --models (e.g. "
+        "--models text_encoder,text_encoder_2,vae_decoder: the CLIP encoders of SD3 fit in about 13 GiB).",
     )
 
 
 def load_flow_pipeline(
-    model_dir: Path, adapters: dict[str, Path], family: PipelineFamily, class_name: str, window: int | None
+    model_dir: Path,
+    adapters: dict[str, Path],
+    family: PipelineFamily,
+    class_name: str,
+    window: int | None,
+    selection: tuple[str, ...],
 ) -> LoadedFlowPipeline:
-    """Load the pipeline in fp32 and attach each adapter to its encoder (``PeftModel``, the reference)."""
+    """Load the ``selection``'s components in fp32 (the others are skipped) and attach each adapter to its encoder
+    (``PeftModel``, the reference)."""
     import diffusers
     from peft import PeftModel
 
@@ -167,7 +201,8 @@ def load_flow_pipeline(
             raise ExportError(f"--adapter {folder}: {err}") from err
     default = diffusers.StableDiffusion3Pipeline if family is SD3 else diffusers.FluxPipeline
     cls = getattr(diffusers, class_name, default)
-    pipe = cls.from_pretrained(model_dir, dtype=torch.float32)
+    skipped = {name: None for name in (*family.encoders, TRANSFORMER) if name not in selection}
+    pipe = cls.from_pretrained(model_dir, dtype=torch.float32, **skipped)
     window = window or int(inspect.signature(cls.__call__).parameters["max_sequence_length"].default)
     slots = []
     for index, name in enumerate(family.encoders):
@@ -190,8 +225,15 @@ def load_flow_pipeline(
         if slot.kind == "t5":
             check_window(window, slot)
         slots.append(slot)
+    transformer = pipe.transformer.eval() if pipe.transformer is not None else None
+    if transformer is not None:
+        config = transformer.config
+    else:  # not exported: its config still sizes the images (sample_size, patch_size)
+        from diffusers.configuration_utils import FrozenDict
+
+        config = FrozenDict(json.loads((model_dir / TRANSFORMER / "config.json").read_text()))
     return LoadedFlowPipeline(
-        family, class_name, slots, pipe.transformer.eval(), pipe.vae.eval(), pipe.scheduler, window
+        family, class_name, slots, transformer, config, pipe.vae.eval(), pipe.scheduler, window, selection
     )
 
 
@@ -230,6 +272,7 @@ def flow_manifest(loaded: LoadedFlowPipeline, options: ExportOptions, ranges, ex
         "pipeline_class": loaded.class_name,
         "prefix_mode": "baked",
         "max_sequence_length": loaded.max_sequence_length,
+        "selected": list(loaded.selection),
         "encoders": encoders,
         "negative_prompt_encoders": negative_prompt_encoders(loaded),
         "vae_factor": loaded.vae_factor,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -33,7 +34,7 @@ from .flow_graphs import FlowCLIPGraph, FluxTransformerGraph, PeftEncoderReferen
 from .onnx_export import Exporter
 from .specs import F32, I32, TEXT_SEQ_LEN, ModelSpec, ShapeRange, ShapeRanges, TensorSpec
 
-TRANSFORMER = "transformer"
+TRANSFORMER, VAE_DECODER = "transformer", "vae_decoder"
 #: the outputs each family's encode_prompt reads from its CLIP encoders
 CLIP_OUTPUTS = {"sd3": ("penultimate_hidden_state", "text_embeds"), "flux": ("pooler_output",)}
 
@@ -70,15 +71,19 @@ class EncoderSlot:
 class LoadedFlowPipeline:
     """An SD3 / FLUX pipeline's components, adapters attached (see :func:`apl_export.flow_exporter.load_flow_pipeline`).
 
-    ``max_sequence_length`` is the T5 window the graphs are exported at."""
+    ``max_sequence_length`` is the T5 window the graphs are exported at; ``selection`` the graphs to export (the
+    encoders and the transformer outside it are not loaded: ``transformer`` is then ``None``, its config read from
+    the folder)."""
 
     family: PipelineFamily
     class_name: str
     encoders: list[EncoderSlot]
-    transformer: nn.Module
+    transformer: nn.Module | None
+    transformer_config: Any
     vae: nn.Module
     scheduler: object
     max_sequence_length: int
+    selection: tuple[str, ...]
 
     @property
     def vae_factor(self) -> int:
@@ -89,14 +94,14 @@ class LoadedFlowPipeline:
         """The image side the pipeline makes by default (SD3: ``sample_size`` x VAE factor; FLUX: 128 x VAE
         factor, FluxPipeline's ``default_sample_size``)."""
         if self.family is SD3:
-            return int(self.transformer.config.sample_size) * self.vae_factor
+            return int(self.transformer_config.sample_size) * self.vae_factor
         return 128 * self.vae_factor
 
     @property
     def image_multiple(self) -> int:
         """Image sides must divide by this: VAE factor x patch size (SD3) or x 2 (FLUX's 2 x 2 latent packing)."""
         if self.family is SD3:
-            return self.vae_factor * int(self.transformer.config.patch_size)
+            return self.vae_factor * int(self.transformer_config.patch_size)
         return self.vae_factor * 2
 
 
@@ -207,7 +212,7 @@ class FlowTransformer(ExportedModel):
     fp32_atol = 1e-3
 
     def __init__(self, loaded: LoadedFlowPipeline, ranges: ShapeRanges) -> None:
-        config, window = loaded.transformer.config, loaded.max_sequence_length
+        config, window = loaded.transformer_config, loaded.max_sequence_length
         if loaded.family is SD3:
             graph: nn.Module = SD3TransformerGraph(loaded.transformer)
             spec = sd3_transformer_spec(config, loaded.vae_factor, window, ranges)
@@ -224,11 +229,12 @@ class FlowTransformer(ExportedModel):
         return flow_transformer_feeds(self.loaded, self.spec, self.sides)  # type: ignore[arg-type]
 
     def save_files(self, folder: Path) -> None:
-        self.loaded.transformer.save_config(folder)
+        self.loaded.transformer.save_config(folder)  # type: ignore[union-attr]  # loaded when selected
 
 
 def flow_models(loaded: LoadedFlowPipeline, ranges: ShapeRanges) -> list[ExportedModel]:
-    """The models to export, in manifest order: encoders, SD3's plain negative encoders, transformer, VAE decoder."""
+    """The models to export, in manifest order: encoders, SD3's plain negative encoders, transformer, VAE decoder
+    (those of ``loaded.selection``; the loaded encoders are the selected ones)."""
     models: list[ExportedModel] = [FlowTextEncoder(loaded, slot, ranges, negative=False) for slot in loaded.encoders]
     if loaded.family.negative_in_encode_prompt:
         models += [
@@ -236,7 +242,11 @@ def flow_models(loaded: LoadedFlowPipeline, ranges: ShapeRanges) -> list[Exporte
             for slot in loaded.encoders
             if slot.prefix is not None and not slot.apply_to_negative_prompt
         ]
-    return [*models, FlowTransformer(loaded, ranges), VAEDecoder(loaded, ranges)]  # type: ignore[arg-type]
+    if TRANSFORMER in loaded.selection:
+        models.append(FlowTransformer(loaded, ranges))
+    if VAE_DECODER in loaded.selection:
+        models.append(VAEDecoder(loaded, ranges))  # type: ignore[arg-type]
+    return models
 
 
 def negative_prompt_encoders(loaded: LoadedFlowPipeline) -> dict[str, str] | None:

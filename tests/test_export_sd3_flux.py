@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -281,6 +282,18 @@ def test_bad_adapter_folders(sources, tmp_path):
     with pytest.raises(ExportError, match=r"load_pipeline loads Stable Diffusion 1\.x / 2\.x"):
         load_pipeline(sources / "flux", sources / "flux-apl")
     assert not (tmp_path / "out").exists()
+
+
+def test_models_picks_graphs_and_loads_only_those(sources, tmp_path):
+    """--models: a subset is exported (a prefixed encoder's negative copy with it); the rest is not even loaded."""
+    options = ExportOptions(ranges=RANGES, exporter="torchscript", models=("text_encoder_3", "vae_decoder"))
+    out = export_pipeline(sources / "sd3", sources / "sd3-apl", tmp_path / "out", options, **QUIET)
+    manifest = _manifest(out)
+    assert list(manifest["models"]) == ["text_encoder_3", "negative_text_encoder_3", "vae_decoder"]
+    assert list(manifest["encoders"]) == ["text_encoder_3"] and manifest["max_sequence_length"] == 256  # SD3's default
+    assert manifest["selected"] == ["text_encoder_3", "vae_decoder"]
+    with pytest.raises(ExportError, match=r"--models unet: StableDiffusion3Pipeline exports text_encoder, text_enc"):
+        export_pipeline(sources / "sd3", sources / "sd3-apl", tmp_path / "o2", replace(options, models=("unet",)))
 
 
 def test_export_stops_before_loading_when_memory_is_short(sources, tmp_path, monkeypatch):
