@@ -63,7 +63,9 @@ load_apl(pipe, adapter_3="path/or/hub-id/of/this/adapter")  # FluxPipeline: adap
 image = pipe("a photo of <Name>", num_inference_steps=28).images[0]
 ```
 
-Export of T5 prefixes (`apl-export`) is not implemented yet (apl-adapter's docs/sd3_flux.md)."""
+Export with the prefix baked into the T5 graph: copy this folder to `<adapters>/text_encoder_3/` (SD3) or
+`<adapters>/text_encoder_2/` (FLUX), then `apl-export <sd3 or flux folder> --adapter <adapters> --out out/`
+(apl-adapter's docs/sd3_flux.md)."""
 
 
 def public_model_id(name_or_path: str | os.PathLike | None) -> str | None:

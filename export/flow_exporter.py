@@ -172,7 +172,7 @@ def check_export_memory(
         f"{largest} ({4 * count / GIB:.1f} GiB); --fp16 converts after export and does not lower this. Export on a "
         f"machine with at least {need / GIB:.1f} GiB of memory (e.g. a GPU server's host) and build the engines "
         "there (--trt; --fp16 halves an engine build's memory), or export fewer graphs here with --models (e.g. "
-        "--models text_encoder,text_encoder_2,vae_decoder: the CLIP encoders of SD3 fit in about 13 GiB).",
+        "--models text_encoder,text_encoder_2,vae_decoder: the CLIP encoders of SD3 need about 11 GiB).",
     )
 
 

@@ -38,7 +38,8 @@ from .export_helpers import has_trt_builder
 
 WINDOW = 32  # --max-sequence-length: a short T5 window keeps the tiny runs fast; the layout is that of 256 / 512
 M = 4
-RANGES = ShapeRanges(batch=ShapeRange(1, 1, 2), height=ShapeRange(16, 16, 32), width=ShapeRange(16, 16, 32))
+# min 8 / opt 16 px: validation runs both sizes (the SD3 position-embedding crop and FLUX's tokens follow them)
+RANGES = ShapeRanges(batch=ShapeRange(1, 1, 2), height=ShapeRange(8, 16, 32), width=ShapeRange(8, 16, 32))
 PROMPTS = ["a photo of Ann Lee", "a red cube on a table"]
 QUIET = {"progress": lambda s: None}
 
@@ -71,7 +72,7 @@ def sd3_export(sources):
 def flux_export(sources):
     out = sources / "flux-out"
     argv = [sources / "flux", "--adapter", sources / "flux-apl", "--out", out, "--exporter", "torchscript", "--batch",
-            "1:1:2", "--height", "16:16:32", "--width", "16:16:32", "--max-sequence-length", WINDOW]  # fmt: skip
+            "1:1:2", "--height", "8:16:32", "--width", "8:16:32", "--max-sequence-length", WINDOW]  # fmt: skip
     code = main([str(a) for a in [*argv, *(["--trt"] if has_trt_builder() else [])]])
     assert code == 0
     return out
@@ -126,7 +127,7 @@ def test_sd3_graphs_io_and_validation(sd3_export):
         ("pooled_projections", ["transformer_batch", 64]),
         ("timestep", ["transformer_batch"]),
     ]
-    assert transformer["profile"]["hidden_states"] == [[2, 4, 16, 16], [2, 4, 16, 16], [4, 4, 32, 32]]
+    assert transformer["profile"]["hidden_states"] == [[2, 4, 8, 8], [2, 4, 16, 16], [4, 4, 32, 32]]
     index = json.loads((sd3_export / "model_index.json").read_text())
     assert index["_runtime"] is None and index["_source_class_name"] == "StableDiffusion3Pipeline"
     assert {"tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"} <= set(index)
@@ -181,7 +182,7 @@ def test_tensorrt_engines_for_every_graph(sd3_export, flux_export):
             assert engine["profile"] == model["profile"]
     flux = _manifest(flux_export)["engines"]["models"]["transformer"]
     assert flux["io"]["hidden_states"]["shape"] == [-1, -1, 4] and flux["io"]["img_ids"]["shape"] == [-1, 3]
-    assert flux["profile"]["img_ids"] == [[64, 3], [64, 3], [256, 3]]
+    assert flux["profile"]["img_ids"] == [[16, 3], [64, 3], [256, 3]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,11 +274,10 @@ def test_bad_adapter_folders(sources, tmp_path):
     (swapped / "text_encoder").symlink_to(sources / "flux-apl" / "text_encoder_2", target_is_directory=True)
     with pytest.raises(ExportError, match=r"does not fit text_encoder of .*T5"):
         export(swapped)
+    sd = tmp_path / "sd"  # an SD 1.x folder: refused before anything loads
+    sd.mkdir()
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ExportError, match="no T5 encoder"):
-        sd = tmp_path / "sd"
-        from apl_adapter.testing import tiny_sd_pipeline
-
-        tiny_sd_pipeline().save_pretrained(sd)
         export_pipeline(sd, sources / "flux-apl", tmp_path / "o2", options, **QUIET)
     with pytest.raises(ExportError, match=r"load_pipeline loads Stable Diffusion 1\.x / 2\.x"):
         load_pipeline(sources / "flux", sources / "flux-apl")
@@ -286,12 +286,12 @@ def test_bad_adapter_folders(sources, tmp_path):
 
 def test_models_picks_graphs_and_loads_only_those(sources, tmp_path):
     """--models: a subset is exported (a prefixed encoder's negative copy with it); the rest is not even loaded."""
-    options = ExportOptions(ranges=RANGES, exporter="torchscript", models=("text_encoder_3", "vae_decoder"))
+    options = ExportOptions(ranges=RANGES, exporter="torchscript", models=("text_encoder", "vae_decoder"))
     out = export_pipeline(sources / "sd3", sources / "sd3-apl", tmp_path / "out", options, **QUIET)
     manifest = _manifest(out)
-    assert list(manifest["models"]) == ["text_encoder_3", "negative_text_encoder_3", "vae_decoder"]
-    assert list(manifest["encoders"]) == ["text_encoder_3"] and manifest["max_sequence_length"] == 256  # SD3's default
-    assert manifest["selected"] == ["text_encoder_3", "vae_decoder"]
+    assert list(manifest["models"]) == ["text_encoder", "negative_text_encoder", "vae_decoder"]
+    assert list(manifest["encoders"]) == ["text_encoder"] and manifest["max_sequence_length"] == 256  # SD3's default
+    assert manifest["selected"] == ["text_encoder", "vae_decoder"]
     with pytest.raises(ExportError, match=r"--models unet: StableDiffusion3Pipeline exports text_encoder, text_enc"):
         export_pipeline(sources / "sd3", sources / "sd3-apl", tmp_path / "o2", replace(options, models=("unet",)))
 

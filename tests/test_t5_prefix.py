@@ -157,4 +157,5 @@ def test_saved_t5_adapter_card_says_where_it_goes(tmp_path):
     save_adapter(get_peft_model(tiny_t5_encoder(), APLConfig(num_virtual_tokens=3)), tmp_path / "t5")
     card = (tmp_path / "t5" / "README.md").read_text()
     assert "T5 text encoder" in card and "load_apl(pipe, adapter_3=" in card and "CLIP" not in card
-    assert "apl-export <sd folder>" not in card, "T5 prefixes are not exportable yet; the card must not say so"
+    assert "apl-export <sd folder>" not in card, "a T5 prefix is exported with an SD3 / FLUX folder, not an SD one"
+    assert "<adapters>/text_encoder_3/" in card and "apl-export <sd3 or flux folder>" in card
