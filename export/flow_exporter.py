@@ -86,11 +86,12 @@ def export_flow_pipeline(
     check_out_keeps_inputs(out, {"model": model_dir, "--adapter": adapter_dir})
     selection = selected_models(family, class_name, options.models)
     adapters = {k: v for k, v in adapter_folders(adapter_dir, family, class_name).items() if k in selection}
+    window = check_window(family, class_name, options.max_sequence_length, adapters)
     progress(f"[1/5] memory check, loading {model_dir} ({class_name}) and adapters for {', '.join(adapters) or '-'}")
     check_export_memory(model_dir, family, class_name, selection)
     staging = prepare_output(out, options.overwrite)
     try:
-        loaded = load_flow_pipeline(model_dir, adapters, family, class_name, options.max_sequence_length, selection)
+        loaded = load_flow_pipeline(model_dir, adapters, family, class_name, window, selection)
         ranges = options.ranges.resolved(loaded.native_size)
         ranges.check_image_multiple(loaded.image_multiple)
         progress("[2/5] ONNX export and [3/5] validation against PyTorch")
@@ -181,12 +182,11 @@ def load_flow_pipeline(
     adapters: dict[str, Path],
     family: PipelineFamily,
     class_name: str,
-    window: int | None,
+    window: int,
     selection: tuple[str, ...],
 ) -> LoadedFlowPipeline:
     """Load the ``selection``'s components in fp32 (the others are skipped) and attach each adapter to its encoder
     (``PeftModel``, the reference)."""
-    import diffusers
     from peft import PeftModel
 
     import apl_adapter  # noqa: F401 - registers the APL PEFT type
@@ -199,11 +199,9 @@ def load_flow_pipeline(
             check_adapter_folder(folder)
         except APLAdapterError as err:
             raise ExportError(f"--adapter {folder}: {err}") from err
-    default = diffusers.StableDiffusion3Pipeline if family is SD3 else diffusers.FluxPipeline
-    cls = getattr(diffusers, class_name, default)
+    cls = pipeline_class(family, class_name)
     skipped = {name: None for name in (*family.encoders, TRANSFORMER) if name not in selection}
     pipe = cls.from_pretrained(model_dir, dtype=torch.float32, **skipped)
-    window = window or int(inspect.signature(cls.__call__).parameters["max_sequence_length"].default)
     slots = []
     for index, name in enumerate(family.encoders):
         model = getattr(pipe, name, None)
@@ -222,8 +220,6 @@ def load_flow_pipeline(
             config = peft_model.peft_config["default"]
             slot.model, slot.prefix, slot.adapter_dir = peft_model, weights, adapters[name]
             slot.apply_to_negative_prompt = bool(config.apply_to_negative_prompt)
-        if slot.kind == "t5":
-            check_window(window, slot)
         slots.append(slot)
     transformer = pipe.transformer.eval() if pipe.transformer is not None else None
     if transformer is not None:
@@ -237,14 +233,31 @@ def load_flow_pipeline(
     )
 
 
-def check_window(window: int, slot: EncoderSlot) -> None:
-    """The T5 window must hold the prefix and EOS, and stay within what the pipelines accept."""
-    m = 0 if slot.prefix is None else slot.prefix.num_virtual_tokens
+def pipeline_class(family: PipelineFamily, class_name: str) -> type:
+    """The diffusers class a ``model_index.json`` names (its family's text-to-image pipeline if unknown)."""
+    import diffusers
+
+    default = diffusers.StableDiffusion3Pipeline if family is SD3 else diffusers.FluxPipeline
+    return getattr(diffusers, class_name, default)
+
+
+def check_window(family: PipelineFamily, class_name: str, window: int | None, adapters: dict[str, Path]) -> int:
+    """The T5 window to export at (``--max-sequence-length``, else the pipeline's default: SD3 256, FLUX 512),
+    checked before anything loads: it must hold the T5 prefix (read from its ``adapter_config.json``) and EOS, and
+    stay within what the pipelines accept."""
+    if window is None:
+        call = pipeline_class(family, class_name).__call__
+        window = int(inspect.signature(call).parameters["max_sequence_length"].default)
+    t5 = family.encoders[-1]  # SD3's text_encoder_3, FLUX's text_encoder_2
+    m = 0
+    if t5 in adapters:
+        m = int(json.loads((adapters[t5] / "adapter_config.json").read_text()).get("num_virtual_tokens", 0))
     if not m + 1 < window <= MAX_WINDOW:
         raise ExportError(
-            f"--max-sequence-length {window} does not fit {slot.name}: the T5 window must be longer than the "
-            f"{m}-vector prefix plus EOS and at most {MAX_WINDOW} (SD3 uses 256, FLUX.1-dev 512, FLUX.1-schnell 256)."
+            f"--max-sequence-length {window} does not fit {t5} (T5): the window must be longer than the {m}-vector "
+            f"prefix plus EOS and at most {MAX_WINDOW} (SD3 uses 256, FLUX.1-dev 512, FLUX.1-schnell 256)."
         )
+    return window
 
 
 # ----------------------------------------------------------------------------------------------------------------

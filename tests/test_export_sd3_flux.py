@@ -50,10 +50,18 @@ def _save(model, folder, **config) -> None:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """Saved tiny pipelines; SD3 adapters for CLIP-L and T5 (CLIP-G plain), FLUX adapters for CLIP (deep) and T5."""
+    """Saved tiny pipelines; SD3 adapters for CLIP-L and T5 (CLIP-G plain), FLUX adapters for CLIP (deep) and T5.
+    The FLUX transformer is guidance-distilled, as FLUX.1-dev's (a ``guidance`` input)."""
+    from diffusers import FluxTransformer2DModel
+
     root = tmp_path_factory.mktemp("flow-sources")
     tiny_sd3_pipeline().save_pretrained(root / "sd3")
-    tiny_flux_pipeline().save_pretrained(root / "flux")
+    flux_dev = tiny_flux_pipeline()
+    torch.manual_seed(0)
+    config = {k: v for k, v in flux_dev.transformer.config.items() if not k.startswith("_")}  # not the defaults list
+    config["guidance_embeds"] = True
+    flux_dev.register_modules(transformer=FluxTransformer2DModel.from_config(config).eval())
+    flux_dev.save_pretrained(root / "flux")
     sd3, flux = tiny_sd3_pipeline(), tiny_flux_pipeline()  # fresh copies: get_peft_model changes them in place
     _save(sd3.text_encoder, root / "sd3-apl" / "text_encoder", init_seed=1)
     _save(sd3.text_encoder_3, root / "sd3-apl" / "text_encoder_3", init_seed=3)
@@ -199,10 +207,15 @@ def test_flux_graphs_match_the_prefixed_pipeline(flux_export, sources):
     assert manifest["negative_prompt_encoders"] is None  # no negative branch in FLUX's encode_prompt
     assert manifest["encoders"]["text_encoder"]["prefix"] == "deep"
     transformer = manifest["models"]["transformer"]
-    assert [t["name"] for t in transformer["inputs"]] == [
-        "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids"
-    ]  # fmt: skip
-    # (the tiny model is not guidance-distilled: no guidance input)
+    assert [(t["name"], t["dims"]) for t in transformer["inputs"]] == [
+        ("hidden_states", ["batch", "latent_tokens", 4]),
+        ("encoder_hidden_states", ["batch", WINDOW, 48]),
+        ("pooled_projections", ["batch", 32]),
+        ("timestep", ["batch"]),
+        ("img_ids", ["latent_tokens", 3]),
+        ("txt_ids", [WINDOW, 3]),
+        ("guidance", ["batch"]),  # guidance-distilled, as FLUX.1-dev (schnell has none: see the next test)
+    ]
     for model in manifest["models"].values():
         validation = model["validation"]
         assert 0 <= max(validation["max_abs_error"].values()) <= validation["atol"]
@@ -214,6 +227,18 @@ def test_flux_graphs_match_the_prefixed_pipeline(flux_export, sources):
     (t5,) = _run(flux_export, "text_encoder_2", _ids(pipe.tokenizer_2, WINDOW))
     np.testing.assert_allclose(clip, pooled.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(t5, embeds.numpy(), atol=1e-5, rtol=0)
+
+
+def test_flux_schnell_spec_has_no_guidance_input():
+    from apl_export.flow_models import flux_transformer_spec
+
+    schnell = tiny_flux_pipeline().transformer.config  # guidance_embeds=False, as FLUX.1-schnell
+    spec = flux_transformer_spec(schnell, 1, 256, RANGES)
+    assert spec.input_names == [
+        "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids"
+    ]  # fmt: skip
+    assert spec.dim_ranges["latent_tokens"] == ShapeRange(16, 64, 256)  # (side / 2)^2 at 8, 16, 32 px
+    assert spec.profile()["txt_ids"] == ((256, 3),) * 3
 
 
 @pytest.mark.slow
@@ -246,7 +271,10 @@ def test_help_explains_sd3_and_flux(capsys):
         (["--prefix-mode", "input"], "--prefix-mode input is not supported for FLUX.1"),
         (["--text-encoder", "fast"], r"apl::PrefixAttention.*T5 cannot use it"),
         (["--triton"], "--triton is not supported for FLUX.1"),
-        (["--max-sequence-length", "4"], "--max-sequence-length 4 does not fit text_encoder_2"),
+        (
+            ["--max-sequence-length", "4"],
+            r"--max-sequence-length 4 does not fit text_encoder_2 \(T5\).*4-vector prefix",
+        ),
     ],
 )
 def test_unsupported_options_are_refused_by_name(sources, tmp_path, capsys, flags, message):
@@ -286,12 +314,12 @@ def test_bad_adapter_folders(sources, tmp_path):
 
 def test_models_picks_graphs_and_loads_only_those(sources, tmp_path):
     """--models: a subset is exported (a prefixed encoder's negative copy with it); the rest is not even loaded."""
-    options = ExportOptions(ranges=RANGES, exporter="torchscript", models=("text_encoder", "vae_decoder"))
+    options = ExportOptions(ranges=RANGES, exporter="torchscript", models=("text_encoder",))
     out = export_pipeline(sources / "sd3", sources / "sd3-apl", tmp_path / "out", options, **QUIET)
     manifest = _manifest(out)
-    assert list(manifest["models"]) == ["text_encoder", "negative_text_encoder", "vae_decoder"]
+    assert list(manifest["models"]) == ["text_encoder", "negative_text_encoder"]
     assert list(manifest["encoders"]) == ["text_encoder"] and manifest["max_sequence_length"] == 256  # SD3's default
-    assert manifest["selected"] == ["text_encoder", "vae_decoder"]
+    assert manifest["selected"] == ["text_encoder"]
     with pytest.raises(ExportError, match=r"--models unet: StableDiffusion3Pipeline exports text_encoder, text_enc"):
         export_pipeline(sources / "sd3", sources / "sd3-apl", tmp_path / "o2", replace(options, models=("unet",)))
 
