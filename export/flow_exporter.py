@@ -41,10 +41,12 @@ from .flow_models import (
     VAE_DECODER,
     EncoderSlot,
     LoadedFlowPipeline,
+    attention_score_bytes,
     flow_models,
     negative_prompt_encoders,
 )
 from .memory import GIB, ComponentSizes, check_fits, export_need_bytes
+from .specs import ShapeRanges
 
 #: the T5 window a pipeline's ``max_sequence_length`` may take (both pipelines refuse more than 512)
 MAX_WINDOW = 512
@@ -88,7 +90,7 @@ def export_flow_pipeline(
     adapters = {k: v for k, v in adapter_folders(adapter_dir, family, class_name).items() if k in selection}
     window = check_window(family, class_name, options.max_sequence_length, adapters)
     progress(f"[1/5] memory check, loading {model_dir} ({class_name}) and adapters for {', '.join(adapters) or '-'}")
-    check_export_memory(model_dir, family, class_name, selection)
+    check_export_memory(model_dir, family, class_name, selection, window, options.ranges)
     staging = prepare_output(out, options.overwrite)
     try:
         loaded = load_flow_pipeline(model_dir, adapters, family, class_name, window, selection)
@@ -155,26 +157,47 @@ def adapter_folders(adapter_dir: Path, family: PipelineFamily, class_name: str) 
 
 
 def check_export_memory(
-    model_dir: Path, family: PipelineFamily, class_name: str, selection: tuple[str, ...] | None = None
+    model_dir: Path,
+    family: PipelineFamily,
+    class_name: str,
+    selection: tuple[str, ...] | None = None,
+    window: int = 256,
+    ranges: ShapeRanges | None = None,
 ) -> None:
-    """Stop before loading when exporting the ``selection`` (default: every graph) of this pipeline needs more memory
-    than the machine has (see :mod:`.memory`), naming the models' sizes, the memory needed and available, and what
-    to do. The VAE is always loaded (its factor sizes the latents)."""
+    """Stop before loading when exporting the ``selection`` (default: every graph) of this pipeline at ``ranges``
+    needs more memory than the machine has (see :mod:`.memory`), naming the models' sizes, the memory needed and
+    available, and what to do. The VAE is always loaded (its factor sizes the latents). With the transformer, one
+    attention score matrix of its validation at the opt size is added (it grows with the fourth power of the side)."""
     selection = selection or (*family.encoders, TRANSFORMER, VAE_DECODER)
     loaded = [name for name in (*family.encoders, TRANSFORMER) if name in selection]
     sizes = ComponentSizes.read(model_dir, (*loaded, "vae"))
     need = export_need_bytes(sizes)
+    attention = ""
+    if TRANSFORMER in selection:
+        config = _read_json(model_dir / TRANSFORMER / "config.json")
+        vae_factor = 2 ** (len(_read_json(model_dir / "vae" / "config.json")["block_out_channels"]) - 1)
+        scores = attention_score_bytes(family, config, vae_factor, window, ranges or ShapeRanges())
+        need += scores
+        attention = f" plus {scores / GIB:.1f} GiB for one attention score matrix of the transformer at the opt size"
     total = 4 * sum(sizes.parameters.values())
     largest, count = sizes.largest
     check_fits(
         need,
         f"Exporting {model_dir} ({class_name}: {sizes.describe()} parameters, {total / GIB:.1f} GiB in fp32)",
         f"The export holds every component in fp32 (the PyTorch reference) and up to three ONNX copies of the largest, "
-        f"{largest} ({4 * count / GIB:.1f} GiB); --fp16 converts after export and does not lower this. Export on a "
+        f"{largest} ({4 * count / GIB:.1f} GiB){attention}; --fp16 converts after export and does not lower this. "
+        "A smaller --height / --width opt lowers the attention part. Export on a "
         f"machine with at least {need / GIB:.1f} GiB of memory (e.g. a GPU server's host) and build the engines "
         "there (--trt; --fp16 halves an engine build's memory), or export fewer graphs here with --models (e.g. "
         "--models text_encoder,text_encoder_2,vae_decoder: the CLIP encoders of SD3 need about 11 GiB).",
     )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path} is missing or not valid JSON ({err}); re-save the pipeline.") from err
 
 
 def load_flow_pipeline(

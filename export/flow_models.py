@@ -91,18 +91,39 @@ class LoadedFlowPipeline:
 
     @property
     def native_size(self) -> int:
-        """The image side the pipeline makes by default (SD3: ``sample_size`` x VAE factor; FLUX: 128 x VAE
-        factor, FluxPipeline's ``default_sample_size``)."""
-        if self.family is SD3:
-            return int(self.transformer_config.sample_size) * self.vae_factor
-        return 128 * self.vae_factor
+        return native_size(self.family, self.transformer_config, self.vae_factor)
 
     @property
     def image_multiple(self) -> int:
-        """Image sides must divide by this: VAE factor x patch size (SD3) or x 2 (FLUX's 2 x 2 latent packing)."""
-        if self.family is SD3:
-            return self.vae_factor * int(self.transformer_config.patch_size)
-        return self.vae_factor * 2
+        return image_multiple(self.family, self.transformer_config, self.vae_factor)
+
+
+def native_size(family: PipelineFamily, transformer_config: Any, vae_factor: int) -> int:
+    """The image side the pipeline makes by default (SD3: ``sample_size`` x VAE factor; FLUX: 128 x VAE factor,
+    FluxPipeline's ``default_sample_size``). ``transformer_config``: the model's config or its ``config.json``."""
+    if family is SD3:
+        return int(transformer_config["sample_size"]) * vae_factor
+    return 128 * vae_factor
+
+
+def image_multiple(family: PipelineFamily, transformer_config: Any, vae_factor: int) -> int:
+    """Image sides must divide by this: VAE factor x patch size (SD3) or x 2 (FLUX's 2 x 2 latent packing)."""
+    if family is SD3:
+        return vae_factor * int(transformer_config["patch_size"])
+    return vae_factor * 2
+
+
+def attention_score_bytes(
+    family: PipelineFamily, transformer_config: Any, vae_factor: int, window: int, ranges: ShapeRanges
+) -> int:
+    """A lower bound on the largest tensor validating the transformer makes: one float32 joint-attention score
+    matrix ``(batch x heads, S + T, S + T)`` at the opt image size and batch (what :func:`flow_transformer_feeds`
+    runs), ``S`` image tokens, ``T`` text tokens (SD3: 77 + window, FLUX: window)."""
+    height, width = ranges.resolved(native_size(family, transformer_config, vae_factor)).image_sides()
+    side = vae_factor * (int(transformer_config["patch_size"]) if family is SD3 else 2)
+    tokens = (height.opt // side) * (width.opt // side) + window + (TEXT_SEQ_LEN if family is SD3 else 0)
+    batch = max(2 * ranges.batch.opt if family is SD3 else ranges.batch.opt, 2)
+    return batch * int(transformer_config["num_attention_heads"]) * tokens * tokens * 4
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -335,6 +335,15 @@ def test_export_stops_before_loading_when_memory_is_short(sources, tmp_path, mon
 
 
 @pytest.mark.slow
+def test_transformer_validation_at_a_huge_size_stops_before_loading(sources, tmp_path, capsys):
+    """No patched figure: at 4096 px the tiny SD3 transformer (VAE factor 1, patch 1) has 16.8 M image tokens."""
+    code = main([str(sources / "sd3"), "--adapter", str(sources / "sd3-apl"), "--out", str(tmp_path / "o"),
+                 "--height", "4096", "--width", "4096"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "for one attention score matrix of the transformer" in err and "--height" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_engine_build_stops_when_memory_is_short(sd3_export, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda: 1)
     with pytest.raises(
