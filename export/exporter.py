@@ -14,7 +14,8 @@ The stages, each printed as it runs:
 5. optional TensorRT engines (:mod:`.engines`) and Triton repository (:mod:`.triton`).
 
 Everything is written into a temporary folder next to ``out`` and renamed at the end, so a
-failure leaves no partial output behind.
+failure leaves no partial output behind. The stages shared with SD3 / FLUX exports live in :mod:`.stages`;
+:func:`export_pipeline` hands SD3 / FLUX folders to :mod:`.flow_exporter`.
 
 Why a plain encoder ships next to the baked one: the paper applies the prefix to the positive
 prompt only; the unconditional branch of classifier-free guidance needs the *plain* embedding of
@@ -29,58 +30,34 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
-import torch
-
-from apl_adapter.atomic import replace_folder, staging_folder
-from apl_adapter.errors import check_output_folder
 from apl_adapter.families import family_of_class_name
 
-from .errors import ExportError, InsufficientMemoryError, TensorRTUnavailableError
+from .errors import ExportError
 from .exported_models import (
     FAST_TEXT_ENCODER,
     NEGATIVE_TEXT_ENCODER,
     TEXT_ENCODER,
     UNET,
-    ExportedModel,
     LoadedPipeline,
     check_text_encoder_options,
     pipeline_models,
 )
 from .memory import available_memory
-from .onnx_export import DEFAULT_OPSET, Exporter, export_model
 from .runtime_base import load_scheduler
 from .specs import ShapeRanges
-from .validate import check_structure
-
-PrefixMode = Literal["baked", "input"]
-MANIFEST_NAME = "apl_export.json"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ExportOptions:
-    """What to export and how. Defaults give validated fp32 ONNX with the prefix baked in."""
-
-    prefix_mode: PrefixMode = "baked"
-    ranges: ShapeRanges = field(default_factory=ShapeRanges)
-    fp16: bool = False
-    opset: int = DEFAULT_OPSET
-    exporter: Exporter = "dynamo"
-    text_encoder: str = "standard"  # a key of exported_models.TEXT_ENCODER_VARIANTS
-    trt: bool = False
-    triton: bool = False
-    triton_expose_parts: bool = False  # also publish each part (then a client can bypass the prefix)
-    overwrite: bool = False
-    max_sequence_length: int | None = None  # SD3 / FLUX: the T5 window (None: the pipeline's default)
-    models: tuple[str, ...] | None = None  # SD3 / FLUX: the graphs to export (None: all)
-
-
-Progress = Callable[[str], None]
+from .stages import (  # noqa: F401 - ExportOptions, Progress, MANIFEST_NAME stay importable from here
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ExportOptions,
+    Progress,
+    build_engines_and_publish,
+    check_out_keeps_inputs,
+    export_and_validate,
+    prepare_output,
+)
 
 
 def export_pipeline(
@@ -125,70 +102,6 @@ def export_pipeline(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return build_engines_and_publish(staging, out, manifest, options, progress)
-
-
-def build_engines_and_publish(
-    staging: Path, out: Path, manifest: dict, options: ExportOptions, progress: Progress
-) -> Path:
-    """The last stages of every export: TensorRT engines (``--trt``), the Triton repository (``--triton``), the
-    manifest, and the swap of ``staging`` into ``out``. Without a TensorRT builder, or without the memory an engine
-    build needs, the validated ONNX is still published, then the error is raised."""
-    try:
-        trt_missing = None
-        if options.trt:
-            from .engines import build_engines
-
-            progress("[5/5] TensorRT engines")
-            try:
-                manifest["engines"] = build_engines(staging, manifest, fp16=options.fp16, progress=progress)
-            except (TensorRTUnavailableError, InsufficientMemoryError) as err:
-                trt_missing = err  # publish the validated ONNX, then report the missing builder / memory
-        if options.triton:
-            from .triton import write_triton_repository
-
-            progress("[5/5] Triton model repository")
-            write_triton_repository(staging, manifest, expose_parts=options.triton_expose_parts)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if trt_missing is not None:
-        raise type(trt_missing)(f"{trt_missing} The validated ONNX export is in {out}.")
-    progress(f"done: {out}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Output folder: staged next to the target, renamed at the end
-# ----------------------------------------------------------------------------------------------
-
-
-def check_out_keeps_inputs(out: Path, inputs: dict[str, Path]) -> None:
-    """Refuse an ``--out`` that is, or contains, an input folder: replacing it would delete the user's inputs."""
-    target = out.resolve()
-    for flag, folder in inputs.items():
-        source = folder.resolve()
-        if source == target or target in source.parents:
-            raise ExportError(
-                f"--out {out} {'is' if source == target else 'contains'} the {flag} folder {folder}; writing the "
-                "export there would replace it. Choose an --out outside your inputs, e.g. a new sibling folder."
-            )
-
-
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` can be (re)written and return a fresh staging folder next to it."""
-    check_output_folder(out, overwrite, error=ExportError)
-    parent = out.resolve().parent
-    try:
-        return staging_folder(out.resolve(), "export")
-    except OSError as err:
-        raise ExportError(f"Cannot write to {parent} ({err.strerror}); choose a writable --out folder.") from err
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Swap the finished staging folder into place (the old output survives until the swap)."""
-    replace_folder(staging, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,34 +230,6 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
         "ranges": {k: list(vars(getattr(ranges, k)).values()) for k in ("batch", "height", "width")},
         "models": exported,
     }
-
-
-def export_and_validate(model: ExportedModel, staging: Path, options: ExportOptions, progress: Progress) -> dict:
-    """Export ``model`` to ``<staging>/<name>/model.onnx``, validate it, write its config; returns its manifest entry
-    (I/O, the TensorRT profile, the validation report)."""
-    spec = model.spec
-    path = staging / spec.name / "model.onnx"
-    feeds = model.feeds()
-    example = tuple(torch.from_numpy(feeds[0][t.name]) for t in spec.inputs)
-    exporter = model.onnx_exporter(options.exporter)
-    export_model(model.graph, example, spec, path, opset=options.opset, exporter=exporter, fp16=options.fp16,
-                 progress=progress, custom_translation_table=model.translation_table())  # fmt: skip
-    check_structure(path, spec)
-    extras = model.manifest_extras(path, exporter)
-    report = model.validate(path, feeds, options.fp16, progress)
-    model.save_files(path.parent)
-    return {
-        **extras,
-        "path": f"{spec.name}/model.onnx",
-        "inputs": [_tensor_json(t) for t in spec.inputs],
-        "outputs": [_tensor_json(t) for t in spec.outputs],
-        "profile": {k: [list(s) for s in v] for k, v in spec.profile().items()},
-        "validation": report.as_dict(),
-    }
-
-
-def _tensor_json(tensor) -> dict:
-    return {"name": tensor.name, "dtype": str(tensor.dtype), "dims": list(tensor.dims)}
 
 
 # ----------------------------------------------------------------------------------------------

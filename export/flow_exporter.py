@@ -27,15 +27,6 @@ import torch
 from apl_adapter.families import SD3, PipelineFamily
 
 from .errors import ExportError
-from .exporter import (
-    FORMAT_VERSION,
-    ExportOptions,
-    Progress,
-    build_engines_and_publish,
-    check_out_keeps_inputs,
-    export_and_validate,
-    prepare_output,
-)
 from .flow_models import (
     TRANSFORMER,
     VAE_DECODER,
@@ -47,6 +38,15 @@ from .flow_models import (
 )
 from .memory import GIB, ComponentSizes, check_fits, export_need_bytes
 from .specs import ShapeRanges
+from .stages import (
+    FORMAT_VERSION,
+    ExportOptions,
+    Progress,
+    build_engines_and_publish,
+    check_out_keeps_inputs,
+    export_and_validate,
+    prepare_output,
+)
 
 #: the T5 window a pipeline's ``max_sequence_length`` may take (both pipelines refuse more than 512)
 MAX_WINDOW = 512
