@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -26,6 +27,7 @@ from apl_export.flow_graphs import FlowCLIPGraph, PeftEncoderReference
 from apl_export.onnx_export import export_model
 from apl_export.runtime_ort import ORTAPLPipeline
 from apl_export.specs import F32, I32, ModelSpec, ShapeRange, ShapeRanges, TensorSpec
+from apl_export.stages import build_engines_and_publish
 from apl_export.validate import compare_with_torch
 from peft import get_peft_model
 
@@ -352,6 +354,21 @@ def test_engine_build_stops_when_memory_is_short(sd3_export, monkeypatch):
         check_engine_memory(sd3_export, _manifest(sd3_export), "tensorrt_rtx")
     monkeypatch.setattr(memory, "available_memory", lambda: 2**40)
     check_engine_memory(sd3_export, _manifest(sd3_export), "tensorrt_rtx")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_trt_builder(), reason="no TensorRT builder installed (pip install 'apl-adapter[trt]')")
+def test_engines_that_do_not_fit_leave_the_validated_onnx_published(sd3_export, tmp_path, monkeypatch):
+    """The end of an export with --trt and too little memory for an engine: no engine is built, the validated ONNX
+    is published anyway, and the error says where it is (as without a TensorRT builder)."""
+    staging = tmp_path / "staging"
+    shutil.copytree(sd3_export, staging, ignore=shutil.ignore_patterns("engines"))
+    manifest = {k: v for k, v in _manifest(sd3_export).items() if k != "engines"}
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)
+    with pytest.raises(InsufficientMemoryError, match=r"needs about .* The validated ONNX export is in .*published"):
+        build_engines_and_publish(staging, tmp_path / "published", manifest, ExportOptions(trt=True), **QUIET)
+    assert "engines" not in _manifest(tmp_path / "published") and not (tmp_path / "published" / "engines").exists()
+    assert (tmp_path / "published" / "transformer" / "model.onnx").is_file() and not staging.exists()
 
 
 def test_real_size_estimates():
