@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", default="1:1:4", help="prompts per call, N or MIN:OPT:MAX (default 1:1:4)")
     parser.add_argument(
         "--height",
-        help="image height in pixels, N or MIN:OPT:MAX (default: the model's native size, unet sample_size x VAE "
-        "factor, as diffusers: 512 for SD 1.x, 768 for SD 2.x-768)",
+        help="image height in pixels, N or MIN:OPT:MAX (default: the model's native size, unet (SD3: transformer) "
+        "sample_size x VAE factor, as diffusers: 512 for SD 1.x, 768 for SD 2.x-768, 1024 for SD3 / FLUX)",
     )
     parser.add_argument("--width", help="image width in pixels, N or MIN:OPT:MAX (default: the native size)")
     parser.add_argument(

@@ -57,6 +57,7 @@ from .stages import (  # noqa: F401 - ExportOptions, Progress, MANIFEST_NAME sta
     check_out_keeps_inputs,
     export_and_validate,
     prepare_output,
+    read_model_index,
 )
 
 
@@ -151,20 +152,6 @@ def load_pipeline(model_dir: Path, adapter_dir: Path) -> LoadedPipeline:
         adapter_dir=adapter_dir,
         prefix_weights=weights,
     )
-
-
-def read_model_index(model_dir: Path) -> dict:
-    """``model_index.json`` of a diffusers folder (``{}`` when it is not an object); a clear error without one."""
-    if not (model_dir / "model_index.json").is_file():
-        raise ExportError(
-            f"{model_dir} is not a diffusers pipeline folder (no model_index.json); pass the folder written by "
-            "pipe.save_pretrained()."
-        )
-    try:
-        index = json.loads((model_dir / "model_index.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{model_dir}/model_index.json is not valid JSON ({err}); re-save the pipeline.") from err
-    return index if isinstance(index, dict) else {}
 
 
 def validation_peak_bytes(unet, vae_factor: int, ranges: ShapeRanges) -> int:

@@ -46,6 +46,7 @@ from .stages import (
     check_out_keeps_inputs,
     export_and_validate,
     prepare_output,
+    read_model_index,
 )
 
 #: the T5 window a pipeline's ``max_sequence_length`` may take (both pipelines refuse more than 512)
@@ -85,6 +86,7 @@ def export_flow_pipeline(
 ) -> Path:
     """Export an SD3 / FLUX folder with the adapters of ``adapter_dir`` (one subfolder per encoder) to ``out``."""
     check_flow_options(family, options)
+    check_components(model_dir, family, class_name)
     check_out_keeps_inputs(out, {"model": model_dir, "--adapter": adapter_dir})
     selection = selected_models(family, class_name, options.models)
     adapters = {k: v for k, v in adapter_folders(adapter_dir, family, class_name).items() if k in selection}
@@ -112,6 +114,32 @@ def export_flow_pipeline(
 # ----------------------------------------------------------------------------------------------------------------
 # Adapters and loading
 # ----------------------------------------------------------------------------------------------------------------
+
+
+#: the transformer class each family's graphs are written for
+TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+
+
+def check_components(model_dir: Path, family: PipelineFamily, class_name: str) -> None:
+    """Refuse, naming them, components the export would silently leave out (a ControlNet, an IP-Adapter image
+    encoder...) and a transformer of another class: the graphs would not be the pipeline the folder describes."""
+    index = read_model_index(model_dir)
+    known = {"scheduler", "vae", TRANSFORMER, *family.encoders, "tokenizer", "tokenizer_2", "tokenizer_3"}
+    known |= {"feature_extractor"}  # the IP-Adapter's image preprocessing: no weights
+    present = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
+    extra = sorted(set(present) - known)
+    base = "StableDiffusion3Pipeline" if family is SD3 else "FluxPipeline"
+    if extra:
+        raise ExportError(
+            f"{model_dir} ({class_name}) has {', '.join(extra)}, which apl-export does not export: the graphs would "
+            f"run without it. Export the text-to-image {base} folder (without those components)."
+        )
+    transformer = index.get(TRANSFORMER)
+    expected = TRANSFORMER_CLASSES[family.name]
+    if isinstance(transformer, list) and len(transformer) == 2 and transformer[1] != expected:
+        raise ExportError(
+            f"{model_dir}'s transformer is a {transformer[1]}; apl-export exports {expected} for {family.title}."
+        )
 
 
 def selected_models(family: PipelineFamily, class_name: str, models: tuple[str, ...] | None) -> tuple[str, ...]:

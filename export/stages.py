@@ -146,3 +146,17 @@ def export_and_validate(model: ExportedModel, staging: Path, options: ExportOpti
 
 def _tensor_json(tensor) -> dict:
     return {"name": tensor.name, "dtype": str(tensor.dtype), "dims": list(tensor.dims)}
+
+
+def read_model_index(model_dir: Path) -> dict:
+    """``model_index.json`` of a diffusers folder (``{}`` when it is not an object); a clear error without one."""
+    if not (model_dir / "model_index.json").is_file():
+        raise ExportError(
+            f"{model_dir} is not a diffusers pipeline folder (no model_index.json); pass the folder written by "
+            "pipe.save_pretrained()."
+        )
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{model_dir}/model_index.json is not valid JSON ({err}); re-save the pipeline.") from err
+    return index if isinstance(index, dict) else {}

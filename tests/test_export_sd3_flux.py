@@ -326,6 +326,22 @@ def test_models_picks_graphs_and_loads_only_those(sources, tmp_path):
         export_pipeline(sources / "sd3", sources / "sd3-apl", tmp_path / "o2", replace(options, models=("unet",)))
 
 
+def test_components_the_graphs_leave_out_are_refused(sources, tmp_path):
+    index = json.loads((sources / "sd3" / "model_index.json").read_text())
+    folder = tmp_path / "sd3-controlnet"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({**index, "controlnet": ["diffusers", "SD3ControlNetModel"]}))
+    with pytest.raises(
+        ExportError, match=r"has controlnet, which apl-export does not export.*StableDiffusion3Pipeline"
+    ):
+        export_pipeline(folder, sources / "sd3-apl", tmp_path / "out", ExportOptions(), **QUIET)
+    (folder / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers", "SD3Transformer3D"]}))
+    with pytest.raises(
+        ExportError, match="transformer is a SD3Transformer3D; apl-export exports SD3Transformer2DModel"
+    ):
+        export_pipeline(folder, sources / "sd3-apl", tmp_path / "out", ExportOptions(), **QUIET)
+
+
 def test_export_stops_before_loading_when_memory_is_short(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda: 2**20)  # 1 MiB free
     with pytest.raises(InsufficientMemoryError) as err:
