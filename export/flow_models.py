@@ -246,6 +246,9 @@ class FlowTransformer(ExportedModel):
     def onnx_exporter(self, requested: Exporter) -> Exporter:
         return "dynamo"
 
+    def manifest_extras(self, path: Path, exporter: Exporter) -> dict:
+        return {"exporter": exporter}  # dynamo, whatever --exporter said
+
     def feeds(self) -> Feeds:
         return flow_transformer_feeds(self.loaded, self.spec, self.sides)  # type: ignore[arg-type]
 

@@ -138,6 +138,7 @@ def test_sd3_graphs_io_and_validation(sd3_export):
         ("timestep", ["transformer_batch"]),
     ]
     assert transformer["profile"]["hidden_states"] == [[2, 4, 8, 8], [2, 4, 16, 16], [4, 4, 32, 32]]
+    assert manifest["exporter"] == "torchscript" and transformer["exporter"] == "dynamo"  # TorchScript: no rms_norm
     index = json.loads((sd3_export / "model_index.json").read_text())
     assert index["_runtime"] is None and index["_source_class_name"] == "StableDiffusion3Pipeline"
     assert {"tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"} <= set(index)
