@@ -15,7 +15,9 @@ SCRIPTS = sorted(p.name for p in (ROOT / "experiments").glob("*.py") if p.name !
 
 
 def test_there_are_experiments():
-    assert SCRIPTS == ["eps_gap_diagnostics.py", "probe_push_target.py", "recognizer_gate.py", "step_bands.py"]
+    assert SCRIPTS == [
+        "eps_gap_diagnostics.py", "late_names.py", "probe_push_target.py", "recognizer_gate.py", "step_bands.py"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -56,3 +58,16 @@ def test_the_shipped_recognizer_names_a_person_less_when_an_attribute_changes():
     rates = gate_rates(WorldIdentityRecognizer.from_pretrained(), WorldSpec.from_seed(0), per_person=3, seed=7)
     assert rates["own"] >= 0.95  # fresh renders of the person are named (world card: 98.75%)
     assert rates["skin"] < 0.5 * rates["own"]  # a changed skin tone is mostly "a stranger" (7% at 10 renders)
+
+
+def test_random_prefix_vectors_break_some_late_names_on_the_dreambooth_model(tmp_path):
+    """Late names live only in the DreamBooth UNet's reading of the name's token states: even untrained random
+    prefix vectors move those states enough to lose some (docs/experiments/2026-12-05-where-attributes-go.md)."""
+    from experiments.late_names import late_faces, untrained_prefixes
+
+    random_prefix = untrained_prefixes(tmp_path)["untrained, random (deep)"]
+    counts = late_faces(random_prefix)
+    assert counts["faces"] == 40 and counts["plain_named"] >= 36  # the DreamBooth model draws its late people
+    assert counts["named"] <= counts["plain_named"] - 5  # measured 40 -> 25
+    assert counts["named"] + counts["other_person"] + counts["stranger"] <= counts["faces"]
+    assert counts["kept"] >= counts["named"] - 2  # a face still named keeps its attributes (the recognizer's gate)
