@@ -89,7 +89,7 @@ def not_yet_supported(tool: str, model_index: dict[str, Any], folder: object) ->
     """
     class_name = str(model_index.get("_class_name", ""))
     family = family_of_class_name(class_name)
-    if family is None:
+    if family is None or tool == "apl-train":  # apl-train trains SD3 / FLUX (flow matching) since issue 23
         return None
     what = "training (flow matching)" if tool == "apl-train" else "export (ONNX / TensorRT graphs of the T5 prefix)"
     return APLAdapterError(

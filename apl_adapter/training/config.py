@@ -81,7 +81,41 @@ class TrainConfig:
         default="eps",
         metadata={
             "help": "'eps' = the paper's loss; 'v' = the same difference in v-space (divided by alpha_bar_t), "
-            "weighting large t far more. Measured on the world: v anonymizes less than eps (experiments, 2026-12-03)."
+            "weighting large t far more. Measured on the world: v anonymizes less than eps (experiments, 2026-12-03). "
+            "SD3 / FLUX (flow matching; the transformer predicts the velocity v = noise - z0): 'eps' = the paper's "
+            "loss under the change of variable, (1 - sigma)^2 ||v(AP+c1) - v(c2)||^2 per example; 'v' = the plain "
+            "velocity difference, weighted as the pipeline itself is trained (docs/sd3_flux.md)."
+        },
+    )
+    encoders: list[str] = field(
+        default_factory=list,
+        metadata={
+            "metavar": "ENCODER",
+            "help": "SD3 / FLUX: the text encoders that get a prefix, trained jointly, by pipeline attribute (SD3: "
+            "text_encoder = CLIP-L, text_encoder_2 = CLIP-G, text_encoder_3 = T5; FLUX: text_encoder = CLIP, "
+            "text_encoder_2 = T5). Default: all of them. SD 1.x / 2.x has text_encoder only.",
+        },
+    )
+    timestep_density: Literal["logit_normal", "uniform"] | None = field(
+        default=None,
+        metadata={
+            "help": "SD3 / FLUX: how noise levels sigma are drawn, as diffusers' SD3 / FLUX training scripts do: "
+            "'logit_normal' = sigmoid(N(0, 1)) (SD3's paper, the default), 'uniform' = U[0, 1); either indexes the "
+            "scheduler's own (shifted) training grid. SD 1.x / 2.x draws t ~ U{0..999} (the paper)."
+        },
+    )
+    guidance: float | None = field(
+        default=None,
+        metadata={
+            "help": "FLUX.1-dev (guidance-distilled): the guidance value given to the transformer for both the "
+            "prefixed prediction and its target (default 3.5, FluxPipeline's). Not for SD, SD3 or FLUX.1-schnell."
+        },
+    )
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "SD3 / FLUX: the T5 window, as the pipeline's max_sequence_length (default: SD3 256, FLUX 512; "
+            "FLUX.1-schnell uses 256). Train with the window you will sample with."
         },
     )
     identity_push: float = field(
@@ -330,6 +364,15 @@ class TrainConfig:
             (self.loss_space in ("eps", "v"), f"loss_space must be 'eps' or 'v', got {self.loss_space!r}"),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (
+                self.timestep_density in (None, "logit_normal", "uniform"),
+                f"timestep_density must be 'logit_normal' or 'uniform', got {self.timestep_density!r}",
+            ),
+            (self.guidance is None or self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (
+                self.max_sequence_length is None or self.max_sequence_length >= 1,
+                f"max_sequence_length must be >= 1, got {self.max_sequence_length}",
+            ),
+            (
                 self.latent_mode in ("sample", "mean"),
                 f"latent_mode must be 'sample' or 'mean', got {self.latent_mode!r}",
             ),
@@ -350,6 +393,8 @@ class TrainConfig:
             recipe["also_through"] = [Path(folder).name for folder in self.also_through]
         else:
             del recipe["also_through"]  # recipes from before the option read the same
+        if not self.encoders:
+            del recipe["encoders"]  # all of them; SD 1.x recipes read as before the option
         return recipe
 
     def differences(self, saved: dict) -> list[str]:
