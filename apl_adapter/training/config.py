@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
 from ..errors import APLAdapterError
+from ..families import PipelineFamily
 
 #: settings a resumed run may change (``TrainConfig.differences`` ignores them)
 LRSchedule = Literal["constant", "cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
@@ -249,7 +250,11 @@ class TrainConfig:
         default="sample", metadata={"help": "z0 = a VAE posterior sample per step (the authors) or its mean."}
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
-        default="no", metadata={"help": "Autocast precision (Accelerate); frozen weights stay in their dtype."}
+        default="no",
+        metadata={
+            "help": "Autocast precision (Accelerate); frozen weights stay in their dtype (SD 1.x / 2.x), or are loaded "
+            "in it (SD3 / FLUX: 2-12 B frozen parameters); the prefixes stay fp32."
+        },
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute UNet/encoder activations in backward: less memory, slower."}
@@ -419,3 +424,57 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+#: the options of SD 1.x / 2.x training that the flow loop does not port, each with what it would need
+SD_ONLY_OPTIONS: dict[str, str] = {
+    "prefix_depth": "a deep prefix (learned keys and values per layer; T5 has no prompt-independent start, and the "
+    "CLIP encoders' deep prefix is not wired into SD3 / FLUX training)",
+    "identity_push": "the identity push (it needs the eps-pull machinery of the SD loss)",
+    "push_from": "push_from (part of the identity push)",
+    "attribute_boost": "the attribute boost (eps-pull machinery)",
+    "text_match": "the text-encoder match term (one encoder's output; SD3 / FLUX join several)",
+    "name_direction": "the name-direction term (eps-pull machinery)",
+    "guidance_relative": "the guidance-relative term (an unconditional prediction per step; FLUX has no such branch)",
+    "attribute_hold": "the attribute hold (eps-pull machinery)",
+    "push_without_attributes": "push_without_attributes (eps-pull machinery)",
+    "also_through": "training through other denoisers",
+    "resume": "resuming (no SD3 / FLUX checkpoints are written yet)",
+    "checkpoint_every": "intermediate checkpoints",
+    "checkpoints_total_limit": "checkpoint pruning (no checkpoints are written yet)",
+    "validation_prompts": "validation images",
+    "validation_every": "validation images",
+    "push_to_hub": "uploading a per-encoder adapter folder to the Hub",
+}
+#: options that only mean something for SD3 / FLUX
+FLOW_ONLY_OPTIONS = ("timestep_density", "guidance", "max_sequence_length")
+
+
+def refuse_options(config: TrainConfig, family: PipelineFamily | None) -> None:
+    """A clear error for every option set away from its default that ``family``'s loop does not implement (``None``
+    = Stable Diffusion 1.x / 2.x), instead of doing something else silently."""
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(TrainConfig)
+    }
+
+    def is_set(name: str) -> bool:
+        return bool(getattr(config, name) != defaults[name])
+
+    if family is None:
+        given = [name for name in FLOW_ONLY_OPTIONS if is_set(name)]
+        if config.encoders and config.encoders != ["text_encoder"]:
+            given.append("encoders")
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise APLAdapterError(
+                f"{flags}: for SD3 / FLUX folders only; {config.base} is a Stable Diffusion 1.x / 2.x folder (one "
+                "text encoder, eps prediction, t ~ U{0..999}). Leave them out."
+            )
+        return
+    given = [name for name in SD_ONLY_OPTIONS if is_set(name)]
+    if given:
+        what = "; ".join(f"--{name.replace('_', '-')}: {SD_ONLY_OPTIONS[name]}" for name in given)
+        raise APLAdapterError(
+            f"{config.base} is a {family.title} folder, and apl-train on {family.title} does not implement: {what}. "
+            "Leave these options out (they work on Stable Diffusion 1.x / 2.x folders)."
+        )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from ..families import PipelineFamily
 from ..tuners.apl.config import APLConfig
 from ..tuners.apl.model import prefix_parameters
 from ..tuners.apl.serialization import save_adapter
-from .config import TrainConfig
+from .config import TrainConfig, refuse_options
 from .data import DataFormatError, Example, load_images, read_metadata
 from .flow_models import FlowModel
 from .flow_objective import flow_apl_loss, flow_noisy_latents, sample_noise_levels
@@ -46,59 +46,6 @@ from .run import (
     write_loss_log,
 )
 
-#: the options of SD 1.x / 2.x training that the flow loop does not port, each with what it would need
-SD_ONLY_OPTIONS: dict[str, str] = {
-    "prefix_depth": "a deep prefix (learned keys and values per layer; T5 has no prompt-independent start, and the "
-    "CLIP encoders' deep prefix is not wired into SD3 / FLUX training)",
-    "identity_push": "the identity push (it needs the eps-pull machinery of the SD loss)",
-    "push_from": "push_from (part of the identity push)",
-    "attribute_boost": "the attribute boost (eps-pull machinery)",
-    "text_match": "the text-encoder match term (one encoder's output; SD3 / FLUX join several)",
-    "name_direction": "the name-direction term (eps-pull machinery)",
-    "guidance_relative": "the guidance-relative term (needs an unconditional branch; FLUX has none)",
-    "attribute_hold": "the attribute hold (eps-pull machinery)",
-    "push_without_attributes": "push_without_attributes (eps-pull machinery)",
-    "also_through": "training through other denoisers",
-    "resume": "resuming (no SD3 / FLUX checkpoints are written yet)",
-    "checkpoint_every": "intermediate checkpoints",
-    "checkpoints_total_limit": "checkpoint pruning (no checkpoints are written yet)",
-    "validation_prompts": "validation images",
-    "validation_every": "validation images",
-    "push_to_hub": "uploading a per-encoder adapter folder to the Hub",
-}
-#: options that only mean something for SD3 / FLUX
-FLOW_ONLY_OPTIONS = ("timestep_density", "guidance", "max_sequence_length")
-
-
-def refuse_options(config: TrainConfig, family: PipelineFamily | None) -> None:
-    """A clear error for every option set away from its default that ``family``'s loop does not implement (``None``
-    = Stable Diffusion 1.x / 2.x), instead of doing something else silently."""
-    defaults = {
-        f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(TrainConfig)
-    }
-
-    def is_set(name: str) -> bool:
-        return bool(getattr(config, name) != defaults[name])
-
-    if family is None:
-        given = [name for name in FLOW_ONLY_OPTIONS if is_set(name)]
-        if config.encoders and config.encoders != ["text_encoder"]:
-            given.append(f"encoders={config.encoders}")
-        if given:
-            flags = ", ".join("--" + name.split("=")[0].replace("_", "-") for name in given)
-            raise APLAdapterError(
-                f"{flags}: for SD3 / FLUX folders only; {config.base} is a Stable Diffusion 1.x / 2.x folder (one "
-                "text encoder, eps prediction, t ~ U{0..999}). Leave them out."
-            )
-        return
-    given = [name for name in SD_ONLY_OPTIONS if is_set(name)]
-    if given:
-        what = "; ".join(f"--{name.replace('_', '-')}: {SD_ONLY_OPTIONS[name]}" for name in given)
-        raise APLAdapterError(
-            f"{config.base} is a {family.title} folder, and apl-train on {family.title} does not implement: {what}. "
-            "Leave these options out (they work on Stable Diffusion 1.x / 2.x folders)."
-        )
-
 
 def chosen_encoders(config: TrainConfig, family: PipelineFamily, pipe) -> list[str]:
     """The encoder attributes to prefix: ``config.encoders``, or every text encoder the pipeline has."""
@@ -113,11 +60,14 @@ def chosen_encoders(config: TrainConfig, family: PipelineFamily, pipe) -> list[s
     return chosen
 
 
-def load_flow_pipeline(base: str | Path):
-    """The base folder's pipeline (its own class, from ``model_index.json``), every weight frozen, eval mode."""
+def load_flow_pipeline(base: str | Path, mixed_precision: str = "no"):
+    """The base folder's pipeline (its own class, from ``model_index.json``), every weight frozen, eval mode; in
+    bf16 / fp16 under that mixed precision (fp32 copies of 2-12 B frozen parameters are what a GPU cannot hold; the
+    prefixes stay fp32 and are cast where they join the token embeddings)."""
     from diffusers import DiffusionPipeline
 
-    return freeze(DiffusionPipeline.from_pretrained(str(base)))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return freeze(DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype))
 
 
 def freeze(pipe):
@@ -198,7 +148,7 @@ def train_flow(
     accelerator = accelerator or new_accelerator(config.mixed_precision, log_with, out / "trackers")
     check_run_folder(config, out)
     examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
-    pipe = load_flow_pipeline(config.base)
+    pipe = load_flow_pipeline(config.base, config.mixed_precision)
     model = FlowModel.of(pipe, family, config.max_sequence_length, config.guidance)
     encoders = chosen_encoders(config, family, pipe)
     pipe.to(accelerator.device)

@@ -30,9 +30,9 @@ from ..tuners.apl.model import prefix_parameters
 from ..tuners.apl.serialization import save_adapter
 from .base_model import FrozenParts, base_family, check_base_folder, load_frozen_parts, load_frozen_unet, unet_subfolder
 from .checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, refuse_options
 from .data import DataFormatError, Example, load_images, name_and_description, read_metadata
-from .flow_loop import refuse_options, train_flow
+from .flow_loop import train_flow
 from .objective import apl_loss, noisy_latents
 from .run import (
     ADAPTER_DIR,
