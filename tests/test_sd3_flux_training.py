@@ -180,11 +180,11 @@ def test_apl_train_cli_trains_every_encoder_and_load_apl_applies_them(folders, t
     unload_apl(pipe)
 
 
-def test_apl_train_trains_the_chosen_encoders_only(folders, tmp_path):
+def test_apl_train_trains_the_chosen_encoders_only_with_the_other_settings(folders, tmp_path):
     config = TrainConfig(
         base=str(folders["sd3"]), data=str(folders["data"]), out=str(tmp_path / "run"), steps=1, prefix_len=M,
         max_sequence_length=WINDOW, encoders=["text_encoder_3"], loss_space="v", timestep_density="uniform",
-        latent_mode="mean", report_to="none",
+        latent_mode="mean", gradient_checkpointing=True, report_to="none",
     )  # fmt: skip
     result = train(config, show_progress=False)
     assert [p.name for p in result.adapter_dir.iterdir()] == ["text_encoder_3"]

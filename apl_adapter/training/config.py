@@ -257,7 +257,11 @@ class TrainConfig:
         },
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute UNet/encoder activations in backward: less memory, slower."}
+        default=False,
+        metadata={
+            "help": "Recompute UNet/encoder activations in backward: less memory, slower (SD3 / FLUX: the "
+            "transformer's; T5 is left alone, its dropout would switch on in training mode)."
+        },
     )
     log_every: int = field(default=1, metadata={"help": "Write the loss to loss.csv (and the trackers) every N steps."})
     report_to: str = field(

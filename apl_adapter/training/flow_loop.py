@@ -123,7 +123,7 @@ def draw_flow_batch(data: FlowData, config: TrainConfig, step: int, process: int
     position = torch.rand(batch, generator=generator)
     rows = []
     for identity, where in zip(is_identity.tolist(), position.tolist()):
-        pool = data.identity_rows if identity else data.preservation_rows  # _check_mixture: never empty here
+        pool = data.identity_rows if identity else data.preservation_rows  # check_mixture: never empty here
         rows.append(int(pool[int(where * len(pool))]))
     sigmas, timesteps = sample_noise_levels(scheduler, batch, generator, config.timestep_density or "logit_normal")
     latents = data.latent_mean[rows]
