@@ -434,14 +434,15 @@ class TrainConfig:
 SD_ONLY_OPTIONS: dict[str, str] = {
     "prefix_depth": "a deep prefix (learned keys and values per layer; T5 has no prompt-independent start, and the "
     "CLIP encoders' deep prefix is not wired into SD3 / FLUX training)",
-    "identity_push": "the identity push (it needs the eps-pull machinery of the SD loss)",
+    "identity_push": "the identity push (the plain name prompt's prediction to push from; written for the SD 1.x eps "
+    "loss)",
     "push_from": "push_from (part of the identity push)",
-    "attribute_boost": "the attribute boost (eps-pull machinery)",
+    "attribute_boost": "the attribute boost (written for the SD 1.x eps loss)",
     "text_match": "the text-encoder match term (one encoder's output; SD3 / FLUX join several)",
-    "name_direction": "the name-direction term (eps-pull machinery)",
+    "name_direction": "the name-direction term (written for the SD 1.x eps loss)",
     "guidance_relative": "the guidance-relative term (an unconditional prediction per step; FLUX has no such branch)",
-    "attribute_hold": "the attribute hold (eps-pull machinery)",
-    "push_without_attributes": "push_without_attributes (eps-pull machinery)",
+    "attribute_hold": "the attribute hold (written for the SD 1.x eps loss)",
+    "push_without_attributes": "push_without_attributes (written for the SD 1.x eps loss)",
     "also_through": "training through other denoisers",
     "resume": "resuming (no SD3 / FLUX checkpoints are written yet)",
     "checkpoint_every": "intermediate checkpoints",
