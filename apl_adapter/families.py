@@ -1,7 +1,7 @@
 """The diffusers pipeline families APL knows, and how each one's ``encode_prompt`` works.
 
 A leaf (it imports only :mod:`apl_adapter.errors`): :mod:`apl_adapter.pipelines` applies prefixes by family, and
-``apl-train`` / ``apl-export`` read a folder's ``model_index.json`` to refuse the families they do not handle yet.
+``apl-train`` / ``apl-export`` read a folder's ``model_index.json`` to pick their SD 1.x or flow-matching path.
 
 - ``sd``: CLIP ``text_encoder`` (+ CLIP ``text_encoder_2`` for XL); the negative prompt is encoded inside
   ``encode_prompt``, which repeats given ``prompt_embeds`` per image.
@@ -78,24 +78,3 @@ def family_of_class_name(class_name: str) -> PipelineFamily | None:
     if class_name.startswith("Flux"):
         return FLUX
     return None
-
-
-def not_yet_supported(tool: str, model_index: dict[str, Any], folder: object) -> APLAdapterError | None:
-    """The error for ``tool`` (``"apl-train"``, ``"apl-export"``) given an SD3 / FLUX folder, else ``None``.
-
-    Both tools handle Stable Diffusion 1.x / 2.x (a UNet and the epsilon loss); SD3 / FLUX need flow matching and
-    a transformer denoiser, which come later (issue 23). Read before any component loads, so the user gets this
-    message instead of a missing ``unet`` deep inside diffusers.
-    """
-    if tool == "apl-export":
-        return None  # apl-export exports SD3 / FLUX folders (apl_export.flow_exporter)
-    class_name = str(model_index.get("_class_name", ""))
-    family = family_of_class_name(class_name)
-    if family is None:
-        return None
-    what = "training (flow matching)" if tool == "apl-train" else "export (ONNX / TensorRT graphs of the T5 prefix)"
-    return APLAdapterError(
-        f"{folder} is a {class_name} ({family.title}); {tool} handles Stable Diffusion 1.x / 2.x folders only: "
-        f"{family.title} {what} is not implemented yet. Apply a prefix to it in Python with "
-        "apl_adapter.pipelines.apply_apl / load_apl (docs/sd3_flux.md), or pass a Stable Diffusion 1.x / 2.x folder."
-    )

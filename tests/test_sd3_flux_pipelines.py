@@ -13,7 +13,7 @@ from peft import get_peft_model
 from apl_adapter import APLAdapterError, APLConfig
 from apl_adapter.pipelines import apl_disabled, apl_models, apply_apl, load_apl, remove_apl, unload_apl
 from apl_adapter.testing import tiny_clip_text_model, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_t5_encoder
-from apl_adapter.training.base_model import check_base_folder
+from apl_adapter.training.base_model import base_family, check_base_folder
 from apl_adapter.tuners.apl.model import has_apl_layers, prefix_parameters
 from apl_adapter.tuners.apl.prefix import clip_text_model_of
 from tests.reference import reference_encode, reference_t5_encode
@@ -201,8 +201,11 @@ def test_flux_true_cfg_negative_prompt_is_refused_with_the_way_around(adapters):
 
 
 @pytest.mark.parametrize("class_name", ["StableDiffusion3Pipeline", "FluxPipeline"])
-def test_train_refuses_sd3_and_flux_folders_by_name(tmp_path, class_name):
-    """apl-export handles these folders (tests/test_export_sd3_flux.py); apl-train does not yet."""
+def test_train_takes_sd3_and_flux_folders_and_names_missing_parts(tmp_path, class_name):
+    """apl-train trains these folders (tests/test_sd3_flux_training.py) and apl-export exports them
+    (tests/test_export_sd3_flux.py); a folder without their parts is refused by name."""
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name, "transformer": ["x", "y"]}))
-    with pytest.raises(APLAdapterError, match=f"{class_name}.*apl-train .*training \\(flow matching\\) is not impl"):
-        check_base_folder(tmp_path)
+    with pytest.raises(APLAdapterError, match=f"{class_name}.*lacks the component.*'vae'.*every text encoder"):
+        base_family(tmp_path)
+    with pytest.raises(APLAdapterError, match=f"{class_name}.*generate-identity-data handles Stable Diffusion 1"):
+        check_base_folder(tmp_path, "apl-train generate-identity-data")

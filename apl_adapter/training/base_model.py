@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import APLAdapterError
-from ..families import not_yet_supported
+from ..families import PipelineFamily, family_of_class_name
 
 
 @dataclass
@@ -32,8 +32,8 @@ class FrozenParts:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def check_base_folder(base: str | Path) -> Path:
-    """Raise a clear error unless ``base`` is a local diffusers Stable Diffusion folder."""
+def read_model_index(base: str | Path) -> tuple[Path, dict]:
+    """``(folder, model_index.json)`` of a local diffusers folder; a clear error for anything else."""
     base = Path(base)
     if not base.is_dir():
         raise APLAdapterError(
@@ -46,10 +46,36 @@ def check_base_folder(base: str | Path) -> Path:
             f"{base} is not a diffusers pipeline folder: model_index.json is missing. Convert a single-file "
             "checkpoint with diffusers' convert scripts, or pass the folder that holds model_index.json."
         )
-    components = json.loads(index.read_text())
-    unsupported = not_yet_supported("apl-train", components, base)
-    if unsupported is not None:
-        raise unsupported
+    return base, json.loads(index.read_text())
+
+
+def base_family(base: str | Path) -> PipelineFamily | None:
+    """The flow-matching family (SD3 / FLUX) of a base folder, ``None`` for Stable Diffusion 1.x / 2.x; checks that
+    an SD3 / FLUX folder has what training loads (a transformer, a VAE, a scheduler, its text encoders)."""
+    base, components = read_model_index(base)
+    family = family_of_class_name(str(components.get("_class_name", "")))
+    if family is not None:
+        needed = ("transformer", "vae", "scheduler", *family.encoders)
+        missing = [name for name in needed if not components.get(name) or None in components[name]]
+        if missing:
+            raise APLAdapterError(
+                f"{base} ({components['_class_name']}) lacks the component(s) {missing}; APL training on "
+                f"{family.title} needs the transformer, the VAE, the scheduler and every text encoder."
+            )
+    return family
+
+
+def check_base_folder(base: str | Path, tool: str = "apl-train") -> Path:
+    """Raise a clear error unless ``base`` is a local diffusers Stable Diffusion 1.x / 2.x folder (SD3 / FLUX
+    folders are trained by :mod:`apl_adapter.training.flow_loop`; ``tool`` names what refuses them)."""
+    base, components = read_model_index(base)
+    family = family_of_class_name(str(components.get("_class_name", "")))
+    if family is not None:
+        raise APLAdapterError(
+            f"{base} is a {components['_class_name']} ({family.title}); {tool} handles Stable Diffusion 1.x / 2.x "
+            f"folders only: {family.title} is not implemented there yet. Sample the images with the pipeline "
+            "yourself and write metadata.jsonl (format: apl-train --help); apl-train then trains on it."
+        )
     missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if name not in components]
     if missing:
         raise APLAdapterError(f"{base} lacks the component(s) {missing}; APL needs a Stable Diffusion 1.x/2.x folder.")

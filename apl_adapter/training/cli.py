@@ -36,6 +36,15 @@ DESCRIPTION = textwrap.dedent(
     optimizer state, for --resume), loss.csv, train_config.json, trackers/ (--report-to), validation/ (step-N.png,
     with --validation-prompts).
 
+    SD3 / 3.5 and FLUX.1 folders (model_index.json says which): the same data, one prefix per text encoder
+    (--encoders, default all of them: SD3 CLIP-L, CLIP-G, T5; FLUX CLIP, T5), trained jointly. The transformer
+    predicts the velocity v = noise - z0, so the loss compares velocities at the same z_t: --loss-space eps (the
+    default) is the paper's loss under the change of variable, (1 - sigma)^2 ||v([AP]+c1) - v(c2)||^2; v is the
+    pipeline's own flow-matching weighting. Noise levels: --timestep-density; FLUX.1-dev: --guidance; T5 window:
+    --max-sequence-length. adapter/ then holds text_encoder/, text_encoder_2/ ... (load_apl(pipe, "<out>/adapter")).
+    Options of SD 1.x training that are not ported (deep prefix, push and the other extra terms, resume,
+    checkpoints, validation images, hub upload) fail naming themselves. docs/sd3_flux.md.
+
     several GPUs or nodes: accelerate launch --num_processes 2 -m apl_adapter.training.cli --base ... (no code change).
     """
 )
@@ -49,6 +58,8 @@ EXAMPLES = textwrap.dedent(
       apl-train --base /models/sd15 --data apl-data --out runs/sd15 --steps 20000 --report-to tensorboard \\
           --checkpoint-every 1000 --checkpoints-total-limit 3 \\
           --validation-prompts "a photo of Ann Lee" "a red cube on a table" --validation-every 1000
+      apl-train --base /models/sd3-medium --data apl-data --out runs/sd3 --steps 2000 --mixed-precision bf16
+      apl-train --base /models/flux-dev --data apl-data --out runs/flux --encoders text_encoder_2 --loss-space v
       apl-train generate-identity-data --base /models/sd15 --identities names.tsv --captions captions.txt --out apl-data
     """
 )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
 from ..errors import APLAdapterError
+from ..families import PipelineFamily
 
 #: settings a resumed run may change (``TrainConfig.differences`` ignores them)
 LRSchedule = Literal["constant", "cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
@@ -81,7 +82,41 @@ class TrainConfig:
         default="eps",
         metadata={
             "help": "'eps' = the paper's loss; 'v' = the same difference in v-space (divided by alpha_bar_t), "
-            "weighting large t far more. Measured on the world: v anonymizes less than eps (experiments, 2026-12-03)."
+            "weighting large t far more. Measured on the world: v anonymizes less than eps (experiments, 2026-12-03). "
+            "SD3 / FLUX (flow matching; the transformer predicts the velocity v = noise - z0): 'eps' = the paper's "
+            "loss under the change of variable, (1 - sigma)^2 ||v(AP+c1) - v(c2)||^2 per example; 'v' = the plain "
+            "velocity difference, weighted as the pipeline itself is trained (docs/sd3_flux.md)."
+        },
+    )
+    encoders: list[str] = field(
+        default_factory=list,
+        metadata={
+            "metavar": "ENCODER",
+            "help": "SD3 / FLUX: the text encoders that get a prefix, trained jointly, by pipeline attribute (SD3: "
+            "text_encoder = CLIP-L, text_encoder_2 = CLIP-G, text_encoder_3 = T5; FLUX: text_encoder = CLIP, "
+            "text_encoder_2 = T5). Default: all of them. SD 1.x / 2.x has text_encoder only.",
+        },
+    )
+    timestep_density: Literal["logit_normal", "uniform"] | None = field(
+        default=None,
+        metadata={
+            "help": "SD3 / FLUX: how noise levels sigma are drawn, as diffusers' SD3 / FLUX training scripts do: "
+            "'logit_normal' = sigmoid(N(0, 1)) (SD3's paper, the default), 'uniform' = U[0, 1); either indexes the "
+            "scheduler's own (shifted) training grid. SD 1.x / 2.x draws t ~ U{0..999} (the paper)."
+        },
+    )
+    guidance: float | None = field(
+        default=None,
+        metadata={
+            "help": "FLUX.1-dev (guidance-distilled): the guidance value given to the transformer for both the "
+            "prefixed prediction and its target (default 3.5, FluxPipeline's). Not for SD, SD3 or FLUX.1-schnell."
+        },
+    )
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "SD3 / FLUX: the T5 window, as the pipeline's max_sequence_length (default: SD3 256, FLUX 512; "
+            "FLUX.1-schnell uses 256). Train with the window you will sample with."
         },
     )
     identity_push: float = field(
@@ -215,10 +250,18 @@ class TrainConfig:
         default="sample", metadata={"help": "z0 = a VAE posterior sample per step (the authors) or its mean."}
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
-        default="no", metadata={"help": "Autocast precision (Accelerate); frozen weights stay in their dtype."}
+        default="no",
+        metadata={
+            "help": "Autocast precision (Accelerate); frozen weights stay in their dtype (SD 1.x / 2.x), or are loaded "
+            "in it (SD3 / FLUX: 2-12 B frozen parameters); the prefixes stay fp32."
+        },
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute UNet/encoder activations in backward: less memory, slower."}
+        default=False,
+        metadata={
+            "help": "Recompute UNet/encoder activations in backward: less memory, slower (SD3 / FLUX: the "
+            "transformer's; T5 is left alone, its dropout would switch on in training mode)."
+        },
     )
     log_every: int = field(default=1, metadata={"help": "Write the loss to loss.csv (and the trackers) every N steps."})
     report_to: str = field(
@@ -330,6 +373,15 @@ class TrainConfig:
             (self.loss_space in ("eps", "v"), f"loss_space must be 'eps' or 'v', got {self.loss_space!r}"),
             (self.c2 in ("attribute", "empty"), f"c2 must be 'attribute' or 'empty', got {self.c2!r}"),
             (
+                self.timestep_density in (None, "logit_normal", "uniform"),
+                f"timestep_density must be 'logit_normal' or 'uniform', got {self.timestep_density!r}",
+            ),
+            (self.guidance is None or self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (
+                self.max_sequence_length is None or self.max_sequence_length >= 1,
+                f"max_sequence_length must be >= 1, got {self.max_sequence_length}",
+            ),
+            (
                 self.latent_mode in ("sample", "mean"),
                 f"latent_mode must be 'sample' or 'mean', got {self.latent_mode!r}",
             ),
@@ -350,6 +402,8 @@ class TrainConfig:
             recipe["also_through"] = [Path(folder).name for folder in self.also_through]
         else:
             del recipe["also_through"]  # recipes from before the option read the same
+        if not self.encoders:
+            del recipe["encoders"]  # all of them; SD 1.x recipes read as before the option
         return recipe
 
     def differences(self, saved: dict) -> list[str]:
@@ -374,3 +428,58 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+#: the options of SD 1.x / 2.x training that the flow loop does not port, each with what it would need
+SD_ONLY_OPTIONS: dict[str, str] = {
+    "prefix_depth": "a deep prefix (learned keys and values per layer; T5 has no prompt-independent start, and the "
+    "CLIP encoders' deep prefix is not wired into SD3 / FLUX training)",
+    "identity_push": "the identity push (the plain name prompt's prediction to push from; written for the SD 1.x eps "
+    "loss)",
+    "push_from": "push_from (part of the identity push)",
+    "attribute_boost": "the attribute boost (written for the SD 1.x eps loss)",
+    "text_match": "the text-encoder match term (one encoder's output; SD3 / FLUX join several)",
+    "name_direction": "the name-direction term (written for the SD 1.x eps loss)",
+    "guidance_relative": "the guidance-relative term (an unconditional prediction per step; FLUX has no such branch)",
+    "attribute_hold": "the attribute hold (written for the SD 1.x eps loss)",
+    "push_without_attributes": "push_without_attributes (written for the SD 1.x eps loss)",
+    "also_through": "training through other denoisers",
+    "resume": "resuming (no SD3 / FLUX checkpoints are written yet)",
+    "checkpoint_every": "intermediate checkpoints",
+    "checkpoints_total_limit": "checkpoint pruning (no checkpoints are written yet)",
+    "validation_prompts": "validation images",
+    "validation_every": "validation images",
+    "push_to_hub": "uploading a per-encoder adapter folder to the Hub",
+}
+#: options that only mean something for SD3 / FLUX
+FLOW_ONLY_OPTIONS = ("timestep_density", "guidance", "max_sequence_length")
+
+
+def refuse_options(config: TrainConfig, family: PipelineFamily | None) -> None:
+    """A clear error for every option set away from its default that ``family``'s loop does not implement (``None``
+    = Stable Diffusion 1.x / 2.x), instead of doing something else silently."""
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(TrainConfig)
+    }
+
+    def is_set(name: str) -> bool:
+        return bool(getattr(config, name) != defaults[name])
+
+    if family is None:
+        given = [name for name in FLOW_ONLY_OPTIONS if is_set(name)]
+        if config.encoders and config.encoders != ["text_encoder"]:
+            given.append("encoders")
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise APLAdapterError(
+                f"{flags}: for SD3 / FLUX folders only; {config.base} is a Stable Diffusion 1.x / 2.x folder (one "
+                "text encoder, eps prediction, t ~ U{0..999}). Leave them out."
+            )
+        return
+    given = [name for name in SD_ONLY_OPTIONS if is_set(name)]
+    if given:
+        what = "; ".join(f"--{name.replace('_', '-')}: {SD_ONLY_OPTIONS[name]}" for name in given)
+        raise APLAdapterError(
+            f"{config.base} is a {family.title} folder, and apl-train on {family.title} does not implement: {what}. "
+            "Leave these options out (they work on Stable Diffusion 1.x / 2.x folders)."
+        )

@@ -112,7 +112,9 @@ def generate_identity_data(
     for template in templates:
         if "{name}" not in template:
             raise APLAdapterError(f"Template {template!r} has no '{{name}}' placeholder, e.g. 'a photo of {{name}}'.")
-    pipe = StableDiffusionPipeline.from_pretrained(check_base_folder(base), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        check_base_folder(base, "apl-train generate-identity-data"), safety_checker=None
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     jobs: list[tuple[str, dict]] = []  # (the prompt that draws the image, its metadata row)

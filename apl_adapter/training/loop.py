@@ -12,11 +12,9 @@ draws exactly what the uninterrupted run would have, so the two end with the sam
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,26 +28,26 @@ from ..progress import batches
 from ..tuners.apl.config import APLConfig
 from ..tuners.apl.model import prefix_parameters
 from ..tuners.apl.serialization import save_adapter
-from .base_model import FrozenParts, check_base_folder, load_frozen_parts, load_frozen_unet, unet_subfolder
+from .base_model import FrozenParts, base_family, check_base_folder, load_frozen_parts, load_frozen_unet, unet_subfolder
 from .checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, refuse_options
 from .data import DataFormatError, Example, load_images, name_and_description, read_metadata
+from .flow_loop import train_flow
 from .objective import apl_loss, noisy_latents
+from .run import (
+    ADAPTER_DIR,
+    LOSS_LOG_NAME,
+    TrainResult,
+    check_mixture,
+    check_run_folder,
+    lr_scheduler,
+    new_accelerator,
+    read_loss_log,
+    tracker_config,
+    trackers,
+    write_loss_log,
+)
 from .validation import save_validation, validation_grid
-
-LOSS_LOG_NAME = "loss.csv"
-ADAPTER_DIR = "adapter"
-
-
-@dataclass
-class TrainResult:
-    """What a run produced."""
-
-    adapter_dir: Path
-    steps: int
-    final_loss: float
-    seconds: float
-    losses: list[tuple[int, float]]
 
 
 @dataclass
@@ -151,7 +149,7 @@ def draw_batch(
     position = torch.rand(batch, generator=generator)
     rows = []
     for identity, where in zip(is_identity.tolist(), position.tolist()):
-        pool = data.identity_rows if identity else data.preservation_rows  # _check_mixture: never empty here
+        pool = data.identity_rows if identity else data.preservation_rows  # check_mixture: never empty here
         rows.append(int(pool[int(where * len(pool))]))
     rows = torch.tensor(rows)
     timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
@@ -163,34 +161,6 @@ def draw_batch(
             data.contrast_ids[rows], data.contrast_groups[rows])  # fmt: skip
 
 
-def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, start_step: int = 0):
-    """diffusers' schedule ``config.lr_schedule`` over ``config.steps``, placed at ``start_step`` (a resumed run
-    follows the schedule it was started on, which is a function of the step alone). Step it after each
-    ``optimizer.step()``; the learning rate of step ``k`` (0-based) is ``lr`` times the schedule at ``k``.
-    """
-    from diffusers.optimization import get_scheduler
-
-    for group in optimizer.param_groups:  # LambdaLR scales from each group's initial_lr when it does not start at 0
-        group.setdefault("initial_lr", config.lr)
-    return get_scheduler(
-        config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps,
-        last_epoch=start_step - 1,
-    )  # fmt: skip
-
-
-def _check_mixture(data: EncodedData, config: TrainConfig) -> None:
-    if config.identity_fraction > 0 and len(data.identity_rows) == 0:
-        raise DataFormatError(
-            f"identity_fraction={config.identity_fraction} but {config.data} has no kind='identity' rows; add "
-            "identity triplets (apl-train generate-identity-data) or set --identity-fraction 0."
-        )
-    if config.identity_fraction < 1 and len(data.preservation_rows) == 0:
-        raise DataFormatError(
-            f"identity_fraction={config.identity_fraction} but {config.data} has no kind='preservation' rows; add "
-            "captioned images without people or set --identity-fraction 1 (then nothing keeps other prompts intact)."
-        )
-
-
 def _check_contrasts(examples: list[Example], config: TrainConfig) -> None:
     option = (
         f"attribute_hold={config.attribute_hold}" if config.attribute_hold > 0
@@ -200,83 +170,6 @@ def _check_contrasts(examples: list[Example], config: TrainConfig) -> None:
         raise DataFormatError(
             f"{option} needs c2_contrasts on every identity row of {config.data} (the description with one attribute "
             "changed at a time; `apl-world data` writes them); add them or leave the option out."
-        )
-
-
-def trackers(report_to: str) -> list[str]:
-    """The Accelerate trackers ``--report-to`` asks for, each installed (else a clear error naming the package)."""
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import LoggerType
-
-    available = [str(getattr(t, "value", t)) for t in get_available_trackers()]
-    if report_to == "none":
-        return []
-    if report_to == "auto":
-        return ["tensorboard"] if "tensorboard" in available else []
-    if report_to == "all":
-        return available
-    known = [t.value for t in LoggerType if t.value != "all"]
-    wanted = [name.strip() for name in report_to.split(",") if name.strip()]
-    for name in wanted:
-        if name not in known:
-            raise APLAdapterError(f"--report-to {name}: not an Accelerate tracker; choose from {', '.join(known)}.")
-        if name not in available:
-            raise APLAdapterError(
-                f"--report-to {name}: the {name} package is not installed. Install it (pip install {name}) or pass "
-                "--report-to none."
-            )
-    return wanted
-
-
-def _tracker_config(config: TrainConfig) -> dict:
-    """Trackers take scalars and strings (TensorBoard's hparams refuse lists)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()}
-
-
-def _read_loss_log(path: Path, up_to: int) -> list[tuple[int, float]]:
-    if not path.is_file():
-        return []
-    with path.open() as handle:
-        rows = [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
-    return [row for row in rows if row[0] <= up_to]
-
-
-def _write_loss_log(path: Path, losses: list[tuple[int, float]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows((step, f"{loss:.6g}") for step, loss in losses)
-    tmp.replace(path)
-
-
-def check_run_folder(config: TrainConfig, out: Path) -> None:
-    """A new run needs a new folder; a resumed run must keep the settings it was started with (or say it changes
-    them with ``resume_with_new_settings``)."""
-    if out.exists() and not out.is_dir():
-        raise APLAdapterError(f"--out {out} is a file; choose a folder for the run (adapter/, checkpoints, logs).")
-    if not config.resume:
-        held = [name for name in ("adapter", "train_config.json") if (out / name).exists()]
-        held += sorted(p.name for p in out.glob("checkpoint-*"))[:2]
-        if held:
-            raise APLAdapterError(
-                f"{out} already holds a training run ({', '.join(held)}); training there would overwrite it. Pass "
-                "--resume latest to continue it, or choose a new --out."
-            )
-        return
-    saved_path = out / "train_config.json"
-    if config.resume_with_new_settings or not saved_path.is_file():
-        return
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise APLAdapterError(f"{saved_path} cannot be read ({err}); resume with --resume-with-new-settings.") from err
-    changed = config.differences(saved if isinstance(saved, dict) else {})
-    if changed:
-        raise APLAdapterError(
-            f"--resume would continue the run in {out} with other settings: {', '.join(changed)}. Resume with the "
-            "run's settings, or pass --resume-with-new-settings to change them on purpose (recorded in "
-            "train_config.json)."
         )
 
 
@@ -299,8 +192,12 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     started = time.perf_counter()
     out = Path(config.out)
     log_with = trackers(config.report_to)  # a missing tracker package is an error before any loading
-    accelerator = accelerator or _new_accelerator(config.mixed_precision, log_with, out / "trackers")
+    accelerator = accelerator or new_accelerator(config.mixed_precision, log_with, out / "trackers")
     check_hub_upload(config.push_to_hub)  # offline mode is refused now, not after the training
+    family = base_family(config.base)
+    if family is not None:  # SD3 / FLUX folders train with flow matching, in their own loop
+        return train_flow(config, family, accelerator, show_progress)
+    refuse_options(config, None)
     check_base_folder(config.base)
     for folder in config.also_through:
         unet_subfolder(folder)
@@ -309,7 +206,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     _check_contrasts(examples, config)
     parts = load_frozen_parts(config.base)
     data = encode_data(parts, examples, config.resolution, accelerator.device, push_from=config.push_from)
-    _check_mixture(data, config)
+    check_mixture(data, config)
 
     text_encoder = get_peft_model(
         parts.text_encoder,
@@ -343,11 +240,11 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     schedule = lr_scheduler(config, optimizer, start_step)
     encode, optimizer = accelerator.prepare(text_encoder, optimizer)
 
-    losses = _read_loss_log(out / LOSS_LOG_NAME, start_step) if accelerator.is_main_process else []
+    losses = read_loss_log(out / LOSS_LOG_NAME, start_step) if accelerator.is_main_process else []
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "train_config.json")
-    accelerator.init_trackers("apl-train", config=_tracker_config(config))
+    accelerator.init_trackers("apl-train", config=tracker_config(config))
     num_train_timesteps = parts.noise_scheduler.config.num_train_timesteps
     empty_ids = tokenize(parts.tokenizer, [""]).to(accelerator.device)
     progress = tqdm(
@@ -412,24 +309,13 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
     return TrainResult(adapter_dir, config.steps, loss_value, time.perf_counter() - started, losses)
 
 
-def _new_accelerator(mixed_precision: str, log_with: list[str] | None = None, logging_dir: Path | None = None):
-    """An Accelerator for this run. Accelerate keeps one global state per process and refuses a second run
-    (in the same notebook or test session) with another precision; the per-run part of that state is reset,
-    the process group (``PartialState``, set by ``accelerate launch``) is kept."""
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, log_with=log_with or None, project_dir=logging_dir)
-
-
 def _save_checkpoint(accelerator, text_encoder, optimizer, step: int, out: Path, losses, keep: int | None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(text_encoder, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, step, out)
         if keep is not None:
             prune_checkpoints(out, keep)
-        _write_loss_log(out / LOSS_LOG_NAME, losses)
+        write_loss_log(out / LOSS_LOG_NAME, losses)
     accelerator.wait_for_everyone()
 
 
