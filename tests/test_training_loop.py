@@ -224,6 +224,21 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     torch.testing.assert_close(loss, (prefixed - pushed).square().mean(), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="contrast_ids"):
         apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, push_without_attributes=True)
+    # text_attribute_hold=lambda: attribute_hold's term in the encoder's output, b_k = m(tau(c2)) - mean m(tau(c2 with
+    # attribute k changed)) with m the mean over positions, s_k = <m(tau([AP] + c1)) - m(tau(c2)), b_k> / ||b_k||^2
+    with torch.no_grad(), encoder.disable_adapter():
+        changed_summaries = encoder(input_ids=contrast_ids[0])[0].mean(dim=1)  # (3, D)
+    described_summary = described_states[0].mean(dim=0)
+    text_pulls = [described_summary - changed_summaries[0], described_summary - changed_summaries[1:].mean(dim=0)]
+    lost = prefixed_states[0].mean(dim=0) - described_summary
+    text_shares = torch.stack([(lost @ b) / (b @ b) for b in text_pulls])
+    expected = (prefixed - target).square().mean() + 0.5 * text_shares.square().mean()
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, text_attribute_hold=0.5, contrast_ids=contrast_ids,
+                    contrast_groups=contrast_groups).detach()  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+    assert text_shares.abs().min() > 1e-3  # the term is not vanishing in this check
+    with pytest.raises(ValueError, match="contrast_ids"):
+        apl_loss(pipe.unet, encoder, z_t, t, c1, c2, text_attribute_hold=0.5)
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):
@@ -448,6 +463,14 @@ def test_attribute_hold_reads_the_data_contrasts_and_refuses_data_without_them(b
         train(TrainConfig(data=str(data_folder), out=str(tmp_path / "none"), push_without_attributes=True, **push))
     with pytest.raises(APLAdapterError, match="needs --identity-push > 0"):
         TrainConfig(base="b", data="d", out="o", push_without_attributes=True)
+    # text_attribute_hold reads them too, and reaches the prefix
+    text_held = train(TrainConfig(data=str(contrasted), out=str(tmp_path / "text"), text_attribute_hold=5.0, **common),
+                      show_progress=False)  # fmt: skip
+    assert not torch.allclose(_prefix(text_held.adapter_dir), _prefix(plain.adapter_dir))
+    with pytest.raises(DataFormatError, match=r"text_attribute_hold=1\.0 needs c2_contrasts"):
+        train(TrainConfig(data=str(data_folder), out=str(tmp_path / "none"), text_attribute_hold=1.0, **common))
+    with pytest.raises(APLAdapterError, match="--c2 attribute"):
+        TrainConfig(base="b", data="d", out="o", text_attribute_hold=1.0, c2="empty")
     bad = write_data_folder(tmp_path / "bad", [(rows[1][0], {**rows[1][1], "c2_contrasts": {"sex": []}})])
     with pytest.raises(DataFormatError, match="non-empty list"):
         read_metadata(bad)

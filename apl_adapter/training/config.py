@@ -185,6 +185,19 @@ class TrainConfig:
             "(experiments 2026-12-04-attributes-ceiling)."
         },
     )
+    text_attribute_hold: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda >= 0: --attribute-hold measured in the text encoder's output instead of the UNet's "
+            "prediction: each stated attribute's pull b_k = m(tau(c2)) - mean m(tau(c2 with attribute k changed)), m "
+            "the mean over positions, and lambda * mean_k s_k^2 with s_k the share of b_k that m(tau([AP] + c1)) loses "
+            "(0 = the paper). What the encoder writes every UNet sharing it reads, so it keeps attributes on models "
+            "the prefix never trained through. Needs c2_contrasts and --c2 attribute; costs one encoder pass per "
+            "contrast prompt. Measured with the shipped recipe (seed 0; seen / unseen / late / transfer falls, "
+            "attributes): without 19.6/60/8/16.7x, 62.8%; + 0.03: 98/60/13/8.8x, 73.6%, the sibling's tan skin kept "
+            "86% (63%) (experiments 2026-12-05-where-attributes-go)."
+        },
+    )
     push_without_attributes: bool = field(
         default=False,
         metadata={
@@ -344,6 +357,11 @@ class TrainConfig:
             (self.name_direction >= 0, f"name_direction must be >= 0, got {self.name_direction}"),
             (self.guidance_relative >= 0, f"guidance_relative must be >= 0, got {self.guidance_relative}"),
             (self.attribute_hold >= 0, f"attribute_hold must be >= 0, got {self.attribute_hold}"),
+            (self.text_attribute_hold >= 0, f"text_attribute_hold must be >= 0, got {self.text_attribute_hold}"),
+            (
+                not (self.text_attribute_hold and self.c2 == "empty"),
+                "text_attribute_hold keeps the attributes c2 states, so it needs --c2 attribute",
+            ),
             (
                 not (self.attribute_hold and self.c2 == "empty"),
                 "attribute_hold keeps the attributes c2 states, so it needs --c2 attribute",
@@ -404,6 +422,10 @@ class TrainConfig:
             del recipe["also_through"]  # recipes from before the option read the same
         if not self.encoders:
             del recipe["encoders"]  # all of them; SD 1.x recipes read as before the option
+        defaults = TrainConfig(base="", data="", out="")
+        for name in FLOW_ONLY_OPTIONS:  # at their defaults they say nothing (and SD 1.x recipes read as before)
+            if name in recipe and recipe[name] == getattr(defaults, name):
+                del recipe[name]
         return recipe
 
     def differences(self, saved: dict) -> list[str]:
@@ -443,6 +465,7 @@ SD_ONLY_OPTIONS: dict[str, str] = {
     "guidance_relative": "the guidance-relative term (an unconditional prediction per step; FLUX has no such branch)",
     "attribute_hold": "the attribute hold (written for the SD 1.x eps loss)",
     "push_without_attributes": "push_without_attributes (written for the SD 1.x eps loss)",
+    "text_attribute_hold": "the text attribute hold (one encoder's output; SD3 / FLUX join several)",
     "also_through": "training through other denoisers",
     "resume": "resuming (no SD3 / FLUX checkpoints are written yet)",
     "checkpoint_every": "intermediate checkpoints",

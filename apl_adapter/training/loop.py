@@ -164,7 +164,8 @@ def draw_batch(
 def _check_contrasts(examples: list[Example], config: TrainConfig) -> None:
     option = (
         f"attribute_hold={config.attribute_hold}" if config.attribute_hold > 0
-        else "push_without_attributes" if config.push_without_attributes else None
+        else "push_without_attributes" if config.push_without_attributes
+        else f"text_attribute_hold={config.text_attribute_hold}" if config.text_attribute_hold > 0 else None
     )  # fmt: skip
     if option and any(e.kind == "identity" and not e.c2_contrasts for e in examples):
         raise DataFormatError(
@@ -271,6 +272,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                     guidance_relative=config.guidance_relative, attribute_hold=config.attribute_hold,
                     push_without_attributes=config.push_without_attributes,
                     contrast_ids=contrast_ids, contrast_groups=contrast_groups,
+                    text_attribute_hold=config.text_attribute_hold,
                 )
                 for unet in unets
             ) / len(unets)  # fmt: skip

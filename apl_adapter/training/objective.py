@@ -63,8 +63,35 @@ def attribute_pulls(
         changed = unet(
             noisy.repeat_interleave(width, dim=0), timesteps.repeat_interleave(width), encoder_hidden_states=states
         ).sample
-    changed = changed.float().view(n, width, -1)
-    described = described.float().flatten(1)
+    return _group_pulls(described.float().flatten(1), changed.float().view(n, width, -1), contrast_groups)
+
+
+def text_attribute_pulls(
+    text_encoder: PeftModel, described_states: torch.Tensor, contrast_ids: torch.Tensor, contrast_groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each stated attribute's pull in the *text encoder's output*, no gradient: ``b_k = m(tau(c2)) - mean
+    m(tau(c2 with attribute k changed))``, ``m`` the mean over the sequence positions (the UNet's cross-attention
+    reads the states as a set, so a summary that ignores where a word sits).
+
+    Args:
+        described_states: ``(n, 77, D)`` ``tau(c2)`` of the identity rows; contrast_ids / contrast_groups: as
+            :func:`attribute_pulls`.
+
+    Returns:
+        ``(n, K, D)`` float pulls and the ``(n, K)`` mask of the rows that have them, as :func:`attribute_pulls`.
+    """
+    n, width = contrast_groups.shape
+    with torch.no_grad(), text_encoder.disable_adapter():
+        changed = text_encoder(contrast_ids.flatten(0, 1))[0].float().mean(dim=1)
+    return _group_pulls(described_states.float().mean(dim=1), changed.view(n, width, -1), contrast_groups)
+
+
+def _group_pulls(
+    described: torch.Tensor, changed: torch.Tensor, contrast_groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``described - mean(changed of attribute k)`` per row and attribute index in the batch, ``(n, K, D)``, zeros
+    where a row has none of that attribute's contrasts; and the ``(n, K)`` mask of the rows that have them.
+    ``described`` is ``(n, D)``, ``changed`` ``(n, J, D)``, ``contrast_groups`` ``(n, J)`` (-1 = padding)."""
     pulls, present = [], []
     for group in contrast_groups[contrast_groups >= 0].unique().tolist():
         members = (contrast_groups == group).float()  # (n, J)
@@ -79,7 +106,7 @@ def attribute_shares(prediction: torch.Tensor, described: torch.Tensor, pulls: t
     """``s_k`` of :func:`apl_loss`'s ``attribute_hold`` for every row and attribute present, flattened: the share
     ``<prediction - described, a_k> / ||a_k||^2`` of each pull (from :func:`attribute_pulls`) that the prefixed
     prediction ``(n, 4, h, w)`` loses against ``eps(c2)``."""
-    lost = (prediction.float() - described.float()).flatten(1)
+    lost = (prediction.float() - described.float()).flatten(1)  # (n, 4 h w), or (n, D) for text pulls
     shares = (pulls * lost[:, None]).sum(dim=-1) / pulls.square().sum(dim=-1).clamp_min(1e-12)  # (n, K)
     return shares.T[present.T]  # attribute by attribute, as the loss has always averaged them
 
@@ -126,6 +153,7 @@ def apl_loss(
     push_without_attributes: bool = False,
     contrast_ids: torch.Tensor | None = None,
     contrast_groups: torch.Tensor | None = None,
+    text_attribute_hold: float = 0.0,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -169,6 +197,11 @@ def apl_loss(
             pull ``a_k`` projected out, ``d' = d - sum_k c_k a_k`` (least squares), so the target moves away from the
             name without moving its attributes. Needs ``contrast_ids`` / ``contrast_groups`` as ``attribute_hold``
             does; beyond the paper.
+        text_attribute_hold: ``lambda`` of ``attribute_hold``'s term measured in the text encoder's output instead of
+            the UNet's prediction: ``b_k = m(tau(c2)) - mean m(tau(c2 with attribute k changed))`` (``m`` the mean over
+            positions, :func:`text_attribute_pulls`) and ``s_k = <m(tau([AP] + c1)) - m(tau(c2)), b_k> / ||b_k||^2``.
+            What the encoder writes, every UNet that shares it reads: the UNet-side hold keeps an attribute only as
+            the training UNet reads it. Needs ``contrast_ids`` / ``contrast_groups``; beyond the paper.
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -197,16 +230,21 @@ def apl_loss(
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
         name_direction = guidance = pulls = None
         described = target[identity]  # eps(c2) of the identity rows, before any push (a copy)
-        if (attribute_hold or push_without_attributes) and bool(identity.any()):
+        text_pulls = None
+        if (attribute_hold or push_without_attributes or text_attribute_hold) and bool(identity.any()):
             if contrast_ids is None or contrast_groups is None or contrast_ids.shape[1] == 0:
                 raise ValueError(
-                    "attribute_hold and push_without_attributes need contrast_ids and contrast_groups (the data's "
-                    "c2_contrasts)"
+                    "attribute_hold, push_without_attributes and text_attribute_hold need contrast_ids and "
+                    "contrast_groups (the data's c2_contrasts)"
                 )
-            pulls = attribute_pulls(
-                unet, text_encoder, noisy[identity], timesteps[identity], described,
-                contrast_ids[identity].to(c1_ids.device), contrast_groups[identity].to(c1_ids.device),
-            )  # fmt: skip
+            row_ids = contrast_ids[identity].to(c1_ids.device)
+            row_groups = contrast_groups[identity].to(c1_ids.device)
+            if text_attribute_hold:
+                text_pulls = text_attribute_pulls(text_encoder, target_states[identity], row_ids, row_groups)
+            if attribute_hold or push_without_attributes:
+                pulls = attribute_pulls(
+                    unet, text_encoder, noisy[identity], timesteps[identity], described, row_ids, row_groups
+                )
         if (push or boost or direction or guidance_relative) and bool(identity.any()):
             noisy_id, t_id = noisy[identity], timesteps[identity]
             moved = described.clone()
@@ -246,6 +284,10 @@ def apl_loss(
     if attribute_hold and pulls is not None:
         shares = attribute_shares(prediction[identity], described, *pulls)
         loss = loss + attribute_hold * shares.square().mean()
+    if text_attribute_hold and text_pulls is not None:
+        summary = prefixed_states[identity].float().mean(dim=1)
+        shares = attribute_shares(summary, target_states[identity].float().mean(dim=1), *text_pulls)
+        loss = loss + text_attribute_hold * shares.square().mean()
     if guidance_relative and guidance is not None:
         error = (prediction[identity] - target[identity]).float().flatten(1).square().sum(dim=1)
         scale = guidance.float().flatten(1).square().sum(dim=1).clamp_min(1e-12)
