@@ -193,9 +193,11 @@ class TrainConfig:
             "the mean over positions, and lambda * mean_k s_k^2 with s_k the share of b_k that m(tau([AP] + c1)) loses "
             "(0 = the paper). What the encoder writes every UNet sharing it reads, so it keeps attributes on models "
             "the prefix never trained through. Needs c2_contrasts and --c2 attribute; costs one encoder pass per "
-            "contrast prompt. Measured with the shipped recipe (seed 0; seen / unseen / late / transfer falls, "
-            "attributes): without 19.6/60/8/16.7x, 62.8%; + 0.03: 98/60/13/8.8x, 73.6%, the sibling's tan skin kept "
-            "86% (63%) (experiments 2026-12-05-where-attributes-go)."
+            "contrast prompt. Measured with push 0.3 without the attributes' pulls (bench seed 0, training seeds 0 / "
+            "1; seen / unseen / late / transfer falls, attributes): without 19.6/60/8/16.7x, 62.8% / 12/5.5/inf/6.5x, "
+            "60.3%; + 0.03: 98/60/13/8.8x, 73.6% / 20/60/40/6.5x, 74.4% (the sibling's tan skin 63% -> 86%); + 0.1: "
+            "9.8/30/inf/4.1x, 82.5%. Held out (seeds 500 / 501, 0.03): attributes 66% -> 76%, falls kept, the "
+            "sibling's scenes -2.5 points (experiments 2026-12-05-where-attributes-go)."
         },
     )
     push_without_attributes: bool = field(
