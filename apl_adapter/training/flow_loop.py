@@ -41,6 +41,7 @@ from .run import (
     check_run_folder,
     lr_scheduler,
     new_accelerator,
+    record_loss,
     tracker_config,
     trackers,
     write_loss_log,
@@ -206,11 +207,7 @@ def train_flow(
         schedule.step()
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-            if not math.isfinite(loss_value):
-                raise APLAdapterError(f"The loss became {loss_value} at step {done}; lower --lr or use fp32.")
-            losses.append((done, loss_value))
-            progress.set_postfix(loss=f"{loss_value:.4g}")
+            loss_value = record_loss(accelerator, loss, done, losses, progress)
             accelerator.log({"loss": loss_value, "lr": learning_rate}, step=done)
     progress.close()
     if config.gradient_checkpointing:

@@ -43,6 +43,7 @@ from .run import (
     lr_scheduler,
     new_accelerator,
     read_loss_log,
+    record_loss,
     tracker_config,
     trackers,
     write_loss_log,
@@ -283,11 +284,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
         schedule.step()
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-            if not math.isfinite(loss_value):
-                raise APLAdapterError(f"The loss became {loss_value} at step {done}; lower --lr or use fp32.")
-            losses.append((done, loss_value))
-            progress.set_postfix(loss=f"{loss_value:.4g}")
+            loss_value = record_loss(accelerator, loss, done, losses, progress)
             accelerator.log({"loss": loss_value, "lr": learning_rate}, step=done)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             _save_checkpoint(accelerator, text_encoder, optimizer, done, out, losses, config.checkpoints_total_limit)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,16 @@ def new_accelerator(mixed_precision: str, log_with: list[str] | None = None, log
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, log_with=log_with or None, project_dir=logging_dir)
+
+
+def record_loss(
+    accelerator: Accelerator, loss: torch.Tensor, done: int, losses: list[tuple[int, float]], progress: Any
+) -> float:
+    """One logging step's loss (the mean over processes), appended to ``losses`` and shown on ``progress``; a clear
+    error when it is not finite. Both training loops call it."""
+    value = accelerator.gather(loss.detach()[None]).mean().item()
+    if not math.isfinite(value):
+        raise APLAdapterError(f"The loss became {value} at step {done}; lower --lr or use fp32.")
+    losses.append((done, value))
+    progress.set_postfix(loss=f"{value:.4g}")
+    return value
