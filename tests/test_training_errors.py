@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from apl_adapter import APLAdapterError
 from apl_adapter.testing import tiny_sd_pipeline, tiny_unet
 from apl_adapter.training.cli import main
 from apl_adapter.training.data import write_data_folder
@@ -296,3 +297,17 @@ def test_report_to_names_a_missing_tracker_before_loading_anything(capsys, base_
     assert not (tmp_path / "run").exists()
     code, err = run(capsys, base_folder, data, tmp_path / "run", "--checkpoints-total-limit", "0")
     assert_clean_failure(code, err, tmp_path / "run", "checkpoints_total_limit must be >= 1, got 0")
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step():
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from apl_adapter.training.run import record_loss
+
+    accelerator, losses = Accelerator(cpu=True), []
+    with tqdm(disable=True) as progress:
+        assert record_loss(accelerator, torch.tensor(0.5), 3, losses, progress) == 0.5
+        with pytest.raises(APLAdapterError, match="loss became nan at step 4; lower --lr"):
+            record_loss(accelerator, torch.tensor(float("nan")), 4, losses, progress)
+    assert losses == [(3, 0.5)]  # the bad value is not logged
