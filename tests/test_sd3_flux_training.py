@@ -166,6 +166,9 @@ def test_apl_train_cli_trains_every_encoder_and_load_apl_applies_them(folders, t
     config = json.loads((adapter / family.encoders[-1] / "adapter_config.json").read_text())
     assert config["text_encoder_type"] == "t5" and config["num_virtual_tokens"] == M
     assert len(json.loads((out / "train_config.json").read_text())) > 10 and (out / "loss.csv").is_file()
+    assert apl_train_main(argv) == 2  # the run is kept; the advice has no --resume (no SD3 / FLUX checkpoints yet)
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "Choose a new --out" in err and "--resume" not in err
 
     pipe, plain = make(), make()
     load_apl(pipe, adapter)  # the pipeline layout: every encoder's prefix at once

@@ -67,8 +67,10 @@ def load_flow_pipeline(base: str | Path, mixed_precision: str = "no"):
     prefixes stay fp32 and are cast where they join the token embeddings)."""
     from diffusers import DiffusionPipeline
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    return freeze(DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    # fp32 is the default; naming it would only trigger diffusers' torch_dtype deprecation note
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return freeze(DiffusionPipeline.from_pretrained(str(base), **kwargs))
 
 
 def freeze(pipe):
@@ -147,7 +149,7 @@ def train_flow(
     out = Path(config.out)
     log_with = trackers(config.report_to)
     accelerator = accelerator or new_accelerator(config.mixed_precision, log_with, out / "trackers")
-    check_run_folder(config, out)
+    check_run_folder(config, out, can_resume=False)  # no SD3 / FLUX checkpoints yet
     examples = read_metadata(config.data, c2_mode=config.c2)  # cheap checks before loading any weights
     pipe = load_flow_pipeline(config.base, config.mixed_precision)
     model = FlowModel.of(pipe, family, config.max_sequence_length, config.guidance)

@@ -111,18 +111,21 @@ def write_loss_log(path: Path, losses: list[tuple[int, float]]) -> None:
     tmp.replace(path)
 
 
-def check_run_folder(config: TrainConfig, out: Path) -> None:
+def check_run_folder(config: TrainConfig, out: Path, can_resume: bool = True) -> None:
     """A new run needs a new folder; a resumed run must keep the settings it was started with (or say it changes
-    them with ``resume_with_new_settings``)."""
+    them with ``resume_with_new_settings``). ``can_resume=False`` (a loop without checkpoints) leaves ``--resume``
+    out of the advice."""
     if out.exists() and not out.is_dir():
         raise APLAdapterError(f"--out {out} is a file; choose a folder for the run (adapter/, checkpoints, logs).")
     if not config.resume:
         held = [name for name in ("adapter", "train_config.json") if (out / name).exists()]
         held += sorted(p.name for p in out.glob("checkpoint-*"))[:2]
         if held:
+            advice = "Choose a new --out."
+            if can_resume:
+                advice = "Pass --resume latest to continue it, or choose a new --out."
             raise APLAdapterError(
-                f"{out} already holds a training run ({', '.join(held)}); training there would overwrite it. Pass "
-                "--resume latest to continue it, or choose a new --out."
+                f"{out} already holds a training run ({', '.join(held)}); training there would overwrite it. {advice}"
             )
         return
     saved_path = out / "train_config.json"
