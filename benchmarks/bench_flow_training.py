@@ -4,12 +4,13 @@ What a step is: the training loop's own step (``apl_adapter.training.flow_loop``
 grad), the prefixed prediction through the pipeline's ``encode_prompt`` and transformer, backward into the prefixes of
 every text encoder, one Adam step. Batch 1, 256 px (32 x 32 latents), the pipelines' T5 windows (SD3 256, FLUX 512).
 
-The full models do not fit this machine (SD3-medium with T5-XXL is ~15 GB in bf16, FLUX.1-dev ~24 GB; the budget is
-~14 GB), so each model is measured with its real widths and fewer blocks, and extrapolated linearly: every run varies
-the transformer's blocks (SD3: joint blocks; FLUX: 1 double + 2 single blocks per unit, the 19 : 38 ratio) and T5's
-layers, and a least-squares fit ``peak = base + a * transformer_units + b * t5_layers`` is read at the full depth
-(SD3: 24 and 24; FLUX: 19 units and 24). The CLIP encoders are always full. Parameter counts of the full models are
-exact (built on the meta device).
+The full models do not fit a ~14 GB budget beside other work (SD3-medium with T5-XXL is ~15 GB in bf16, FLUX.1-dev
+~24 GB; SD3-medium alone on an idle machine: ``--runs 24,24``, 17.6 GiB peak), so each model is measured with its
+real widths and fewer blocks, and extrapolated linearly: every run varies the transformer's blocks (SD3: joint
+blocks; FLUX: 1 double + 2 single blocks per unit, the 19 : 38 ratio) and T5's layers, and a least-squares fit
+``peak = base + a * transformer_units + b * t5_layers`` is read at the full depth (SD3: 24 and 24; FLUX: 19 units
+and 24). The CLIP encoders are always full. Parameter counts of the full models are exact (built on the meta
+device).
 
     python benchmarks/bench_flow_training.py                    # both models, the default runs, a table
     python benchmarks/bench_flow_training.py --models sd3 --runs 1,1 2,1 1,2 --dtype fp32
