@@ -424,9 +424,9 @@ class TrainConfig:
             del recipe["also_through"]  # recipes from before the option read the same
         if not self.encoders:
             del recipe["encoders"]  # all of them; SD 1.x recipes read as before the option
-        defaults = TrainConfig(base="", data="", out="")
+        defaults = option_defaults()
         for name in FLOW_ONLY_OPTIONS:  # at their defaults they say nothing (and SD 1.x recipes read as before)
-            if name in recipe and recipe[name] == getattr(defaults, name):
+            if name in recipe and recipe[name] == defaults[name]:
                 del recipe[name]
         return recipe
 
@@ -480,12 +480,15 @@ SD_ONLY_OPTIONS: dict[str, str] = {
 FLOW_ONLY_OPTIONS = ("timestep_density", "guidance", "max_sequence_length")
 
 
+def option_defaults() -> dict:
+    """``{field name: default}`` of :class:`TrainConfig` (``MISSING`` for the required ones)."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(TrainConfig)}
+
+
 def refuse_options(config: TrainConfig, family: PipelineFamily | None) -> None:
     """A clear error for every option set away from its default that ``family``'s loop does not implement (``None``
     = Stable Diffusion 1.x / 2.x), instead of doing something else silently."""
-    defaults = {
-        f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(TrainConfig)
-    }
+    defaults = option_defaults()
 
     def is_set(name: str) -> bool:
         return bool(getattr(config, name) != defaults[name])

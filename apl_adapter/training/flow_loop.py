@@ -39,6 +39,7 @@ from .run import (
     TrainResult,
     check_mixture,
     check_run_folder,
+    draw_rows,
     lr_scheduler,
     new_accelerator,
     record_loss,
@@ -120,15 +121,9 @@ def encode_flow_data(model: FlowModel, examples: list[Example], resolution: int 
 def draw_flow_batch(data: FlowData, config: TrainConfig, step: int, process: int, scheduler):
     """The batch of one step, a pure function of ``(seed, step, process)``: ``(z0, noise, sigmas, timesteps, c1,
     c2)``, tensors ``(B, C, h, w)`` / ``(B,)`` and ``B`` prompts each."""
-    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + process)
-    batch = config.batch_size
-    is_identity = torch.rand(batch, generator=generator) < config.identity_fraction
-    position = torch.rand(batch, generator=generator)
-    rows = []
-    for identity, where in zip(is_identity.tolist(), position.tolist()):
-        pool = data.identity_rows if identity else data.preservation_rows  # check_mixture: never empty here
-        rows.append(int(pool[int(where * len(pool))]))
-    sigmas, timesteps = sample_noise_levels(scheduler, batch, generator, config.timestep_density or "logit_normal")
+    generator, rows = draw_rows(config, step, process, data.identity_rows, data.preservation_rows)
+    density = config.timestep_density or "logit_normal"
+    sigmas, timesteps = sample_noise_levels(scheduler, config.batch_size, generator, density)
     latents = data.latent_mean[rows]
     noise = torch.randn(latents.shape, generator=generator)
     if config.latent_mode == "sample":

@@ -40,6 +40,7 @@ from .run import (
     TrainResult,
     check_mixture,
     check_run_folder,
+    draw_rows,
     lr_scheduler,
     new_accelerator,
     read_loss_log,
@@ -144,18 +145,11 @@ def draw_batch(
 ) -> tuple[torch.Tensor, ...]:
     """The batch of one step: ``(z0, noise, t, c1_ids, c2_ids, push_ids, contrast_ids, contrast_groups)``, a pure
     function of ``(seed, step, process)``."""
-    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + process)
-    batch = config.batch_size
-    is_identity = torch.rand(batch, generator=generator) < config.identity_fraction
-    position = torch.rand(batch, generator=generator)
-    rows = []
-    for identity, where in zip(is_identity.tolist(), position.tolist()):
-        pool = data.identity_rows if identity else data.preservation_rows  # check_mixture: never empty here
-        rows.append(int(pool[int(where * len(pool))]))
-    rows = torch.tensor(rows)
-    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
-    noise = torch.randn(data.latent_mean[rows].shape, generator=generator)
+    generator, drawn = draw_rows(config, step, process, data.identity_rows, data.preservation_rows)
+    rows = torch.tensor(drawn)
+    timesteps = torch.randint(0, num_train_timesteps, (config.batch_size,), generator=generator)
     latents = data.latent_mean[rows]
+    noise = torch.randn(latents.shape, generator=generator)
     if config.latent_mode == "sample":
         latents = latents + data.latent_std[rows] * torch.randn(latents.shape, generator=generator)
     return (latents, noise, timesteps, data.c1_ids[rows], data.c2_ids[rows], data.push_ids[rows],

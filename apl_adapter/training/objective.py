@@ -39,51 +39,45 @@ def name_share(residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
 
 
 def attribute_pulls(
-    unet,
-    text_encoder: PeftModel,
-    noisy: torch.Tensor,
-    timesteps: torch.Tensor,
-    described: torch.Tensor,
-    contrast_ids: torch.Tensor,
+    unet, noisy: torch.Tensor, timesteps: torch.Tensor, described: torch.Tensor, contrast_states: torch.Tensor,
     contrast_groups: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each stated attribute's own pull ``a_k = eps(c2) - mean eps(c2 with attribute k changed)``, no gradient.
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each stated attribute's own pull ``a_k = eps(c2) - mean eps(c2 with attribute k changed)``; call it under
+    ``torch.no_grad()``.
 
     Args:
         noisy, timesteps: ``(n, 4, h, w)`` and ``(n,)`` of the identity rows; described: their ``eps(c2)``.
-        contrast_ids: ``(n, J, 77)``; contrast_groups: ``(n, J)`` attribute indices, -1 = padding.
+        contrast_states: ``(n * J, 77, D)`` plain text-encoder states of the contrast prompts (row-major);
+        contrast_groups: ``(n, J)`` their attribute indices, -1 = padding.
 
     Returns:
         ``(n, K, 4 * h * w)`` float pulls, one per attribute index in the batch (zeros where a row has none of that
         attribute's contrasts), and the ``(n, K)`` mask of the rows that have them.
     """
     n, width = contrast_groups.shape
-    with torch.no_grad(), text_encoder.disable_adapter():
-        states = text_encoder(contrast_ids.flatten(0, 1))[0]
-        changed = unet(
-            noisy.repeat_interleave(width, dim=0), timesteps.repeat_interleave(width), encoder_hidden_states=states
-        ).sample
+    changed = unet(
+        noisy.repeat_interleave(width, dim=0), timesteps.repeat_interleave(width), encoder_hidden_states=contrast_states
+    ).sample
     return _group_pulls(described.float().flatten(1), changed.float().view(n, width, -1), contrast_groups)
 
 
 def text_attribute_pulls(
-    text_encoder: PeftModel, described_states: torch.Tensor, contrast_ids: torch.Tensor, contrast_groups: torch.Tensor
+    described_summary: torch.Tensor, contrast_states: torch.Tensor, contrast_groups: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each stated attribute's pull in the *text encoder's output*, no gradient: ``b_k = m(tau(c2)) - mean
-    m(tau(c2 with attribute k changed))``, ``m`` the mean over the sequence positions (the UNet's cross-attention
-    reads the states as a set, so a summary that ignores where a word sits).
+    """Each stated attribute's pull in the *text encoder's output*: ``b_k = m(tau(c2)) - mean m(tau(c2 with
+    attribute k changed))``, ``m`` the mean over the sequence positions (the UNet's cross-attention reads the states
+    as a set, so a summary that ignores where a word sits).
 
     Args:
-        described_states: ``(n, 77, D)`` ``tau(c2)`` of the identity rows; contrast_ids / contrast_groups: as
+        described_summary: ``(n, D)`` ``m(tau(c2))`` of the identity rows; contrast_states / contrast_groups: as
             :func:`attribute_pulls`.
 
     Returns:
         ``(n, K, D)`` float pulls and the ``(n, K)`` mask of the rows that have them, as :func:`attribute_pulls`.
     """
     n, width = contrast_groups.shape
-    with torch.no_grad(), text_encoder.disable_adapter():
-        changed = text_encoder(contrast_ids.flatten(0, 1))[0].float().mean(dim=1)
-    return _group_pulls(described_states.float().mean(dim=1), changed.view(n, width, -1), contrast_groups)
+    changed = contrast_states.float().mean(dim=1).view(n, width, -1)
+    return _group_pulls(described_summary, changed, contrast_groups)
 
 
 def _group_pulls(
@@ -230,20 +224,22 @@ def apl_loss(
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
         name_direction = guidance = pulls = None
         described = target[identity]  # eps(c2) of the identity rows, before any push (a copy)
-        text_pulls = None
+        text_hold = None
         if (attribute_hold or push_without_attributes or text_attribute_hold) and bool(identity.any()):
             if contrast_ids is None or contrast_groups is None or contrast_ids.shape[1] == 0:
                 raise ValueError(
                     "attribute_hold, push_without_attributes and text_attribute_hold need contrast_ids and "
                     "contrast_groups (the data's c2_contrasts)"
                 )
-            row_ids = contrast_ids[identity].to(c1_ids.device)
             row_groups = contrast_groups[identity].to(c1_ids.device)
+            # encoded once for both holds (the plain encoder: this block runs with the adapter off)
+            contrast_states = text_encoder(contrast_ids[identity].to(c1_ids.device).flatten(0, 1))[0]
             if text_attribute_hold:
-                text_pulls = text_attribute_pulls(text_encoder, target_states[identity], row_ids, row_groups)
+                described_summary = target_states[identity].float().mean(dim=1)
+                text_hold = (described_summary, *text_attribute_pulls(described_summary, contrast_states, row_groups))
             if attribute_hold or push_without_attributes:
                 pulls = attribute_pulls(
-                    unet, text_encoder, noisy[identity], timesteps[identity], described, row_ids, row_groups
+                    unet, noisy[identity], timesteps[identity], described, contrast_states, row_groups
                 )
         if (push or boost or direction or guidance_relative) and bool(identity.any()):
             noisy_id, t_id = noisy[identity], timesteps[identity]
@@ -284,9 +280,9 @@ def apl_loss(
     if attribute_hold and pulls is not None:
         shares = attribute_shares(prediction[identity], described, *pulls)
         loss = loss + attribute_hold * shares.square().mean()
-    if text_attribute_hold and text_pulls is not None:
+    if text_attribute_hold and text_hold is not None:
         summary = prefixed_states[identity].float().mean(dim=1)
-        shares = attribute_shares(summary, target_states[identity].float().mean(dim=1), *text_pulls)
+        shares = attribute_shares(summary, *text_hold)  # (m(tau(c2)), pulls, present)
         loss = loss + text_attribute_hold * shares.square().mean()
     if guidance_relative and guidance is not None:
         error = (prediction[identity] - target[identity]).float().flatten(1).square().sum(dim=1)

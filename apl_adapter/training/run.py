@@ -166,3 +166,19 @@ def record_loss(
     losses.append((done, value))
     progress.set_postfix(loss=f"{value:.4g}")
     return value
+
+
+def draw_rows(
+    config: TrainConfig, step: int, process: int, identity_rows: torch.Tensor, preservation_rows: torch.Tensor
+) -> tuple[torch.Generator, list[int]]:
+    """The data rows of one step's batch, a pure function of ``(seed, step, process)``: each row is an identity
+    triplet with probability ``identity_fraction``, else a preservation pair. Returns the step's generator too, for
+    the loop to draw the rest of the batch (noise, timesteps) from the same stream."""
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + process)
+    is_identity = torch.rand(config.batch_size, generator=generator) < config.identity_fraction
+    position = torch.rand(config.batch_size, generator=generator)
+    rows = []
+    for identity, where in zip(is_identity.tolist(), position.tolist()):
+        pool = identity_rows if identity else preservation_rows  # check_mixture: never empty here
+        rows.append(int(pool[int(where * len(pool))]))
+    return generator, rows
