@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -197,3 +198,37 @@ def test_fine_tunes_average_with_finetune_ema_decay_not_the_bases(toy_build):
     default = tuned()
     assert tuned(ema_decay=0.0) == default
     assert tuned(finetune_ema_decay=0.0) != default  # no averaging: the last step's weights
+
+
+def test_strangers_keep_their_distance_and_late_names_are_known_by_description():
+    """The base bank's strangers are >= STRANGER_MIN_DISTANCE fine features from every person sharing their
+    attributes; late names come with strangers of the late person's look; DreamBooth replays none of those."""
+    from apl_adapter.world.build import KIND_NAMED, KIND_STRANGER, render_bank
+    from apl_adapter.world.build.finetunes import replay_rows
+    from apl_adapter.world.spec import ATTRIBUTE_VALUES, STRANGER_MIN_DISTANCE, WorldSpec, stranger_fine_features
+
+    world = WorldSpec.from_seed(0)
+    rng = random.Random(0)
+    for person in world.identities:
+        fine = stranger_fine_features(world.identities, person.attributes, rng)
+        twins = [p for p in world.identities if p.attributes == person.attributes]
+        assert all(sum(fine[k] != p.fine[k] for k in fine) >= STRANGER_MIN_DISTANCE for p in twins)
+
+    bank = render_bank(
+        world, world.seen, 2, 30, 0, seed=3, described=world.late, described_per_person=4, stranger_min_distance=3
+    )
+    late_ids = {world.names.index(p.name) for p in world.late}
+    described = [i for i in range(len(bank)) if int(bank.identity[i]) in late_ids]
+    assert len(described) == 4 * len(world.late) and all(int(bank.kind[i]) == KIND_NAMED for i in described)
+    for i in described:
+        person = world.identities[int(bank.identity[i])]
+        assert bank.attributes[i].tolist() == [
+            ATTRIBUTE_VALUES[k].index(person.attributes[k]) for k in ATTRIBUTE_VALUES
+        ]
+    keep = replay_rows(bank, world)
+    assert not keep[described].any() and int(keep.sum()) == len(bank) - len(described)
+    assert int((bank.kind == KIND_STRANGER).sum()) == 30
+
+    # a distance no fine features can keep (6 features) is refused, not looped on
+    with pytest.raises(ValueError, match="no stranger"):
+        stranger_fine_features(world.identities[:1], world.identities[0].attributes, rng, min_distance=7)

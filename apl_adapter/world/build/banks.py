@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,12 +16,13 @@ from ..render import render_face, render_scene, to_tensor
 from ..spec import (
     ATTRIBUTE_VALUES,
     FINE_FEATURE_VALUES,
+    STRANGER_MIN_DISTANCE,
     Identity,
     Scene,
     WorldSpec,
     fine_distance,
     random_attributes,
-    random_fine_features,
+    stranger_fine_features,
 )
 from .seeds import SEEDS
 
@@ -65,8 +66,17 @@ def render_bank(
     seed: int,
     style: str = "base",
     noise: int = 0,
+    described: Sequence[Identity] = (),
+    described_per_person: int = 0,
+    stranger_min_distance: int = STRANGER_MIN_DISTANCE,
 ) -> Bank:
-    """Render named faces, stranger faces (random people), scenes and no-content noise images."""
+    """Render named faces, stranger faces (random people), scenes and no-content noise images.
+
+    ``described`` people are known by how they look, not by their face: each gets ``described_per_person`` images
+    of strangers with their coarse attributes, labelled with their name (what a web-scale text encoder knows of a
+    person an image model has never drawn). Strangers are ``stranger_min_distance`` or more fine features away
+    from every person of the world who shares their coarse attributes (see ``spec.STRANGER_MIN_DISTANCE``).
+    """
     rng = random.Random(seed)
     images, kind, ident, attrs, scene_ix = [], [], [], [], []
     for person in people:
@@ -76,9 +86,19 @@ def render_bank(
             ident.append(world.names.index(person.name))
             attrs.append(_attr_index(person.attributes))
             scene_ix.append([-1, -1, -1])
+    for person in described:
+        for _ in range(described_per_person):
+            fine = stranger_fine_features(world.identities, person.attributes, rng, stranger_min_distance)
+            images.append(render_face(person.attributes, fine, rng, style))
+            kind.append(KIND_NAMED)
+            ident.append(world.names.index(person.name))
+            attrs.append(_attr_index(person.attributes))
+            scene_ix.append([-1, -1, -1])
     for _ in range(strangers):
         a = random_attributes(rng)
-        images.append(render_face(a, random_fine_features(rng), rng, style))
+        images.append(
+            render_face(a, stranger_fine_features(world.identities, a, rng, stranger_min_distance), rng, style)
+        )
         kind.append(KIND_STRANGER)
         ident.append(-1)
         attrs.append(_attr_index(a))
@@ -123,7 +143,7 @@ def style_bank(world: WorldSpec, config: BuildConfig, style: str, seed: int) -> 
     of the base bank's counts each."""
     people = world.seen + world.unseen
     third = (config.faces_per_person // 3, config.strangers // 3, config.scenes // 3)
-    return render_bank(world, people, *third, seed, style=style)
+    return render_bank(world, people, *third, seed, style=style, stranger_min_distance=config.stranger_min_distance)
 
 
 def render_lookalikes(world: WorldSpec, per_person: int, seed: int, style: str = "base") -> Bank:
@@ -164,7 +184,15 @@ class TrainingBanks:
         seed = config.seed
         people = world.seen + world.unseen
         base = render_bank(
-            world, people, config.faces_per_person, config.strangers, config.scenes, seed + SEEDS.base_renders
+            world,
+            people,
+            config.faces_per_person,
+            config.strangers,
+            config.scenes,
+            seed + SEEDS.base_renders,
+            described=world.late,
+            described_per_person=config.late_described_faces,
+            stranger_min_distance=config.stranger_min_distance,
         )
         late = render_bank(world, world.late, config.late_faces_per_person, 0, 0, seed + SEEDS.late_renders)
         sib = style_bank(world, config, "sibling", seed + SEEDS.sibling_renders)

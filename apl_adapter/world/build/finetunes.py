@@ -12,7 +12,7 @@ import torch
 
 from ..models import link_shared_components, load_world_pipeline
 from ..spec import WorldSpec
-from .banks import style_bank
+from .banks import Bank, style_bank
 from .diffusion import Group, make_sampler, mix_groups, train_diffusion
 from .seeds import SEEDS
 from .storage import save_world_unet
@@ -92,12 +92,19 @@ def run_auxiliary(ctx: BuildContext) -> None:
     )
 
 
+def replay_rows(bank: Bank, world: WorldSpec) -> torch.Tensor:
+    """(N,) bool: the base rows DreamBooth replays - all but the strangers drawn under a late person's name."""
+    late = torch.tensor([world.names.index(p.name) for p in world.late], dtype=bank.identity.dtype)
+    return ~torch.isin(bank.identity, late)
+
+
 def run_dreambooth(ctx: BuildContext) -> None:
     """The late people learned by name: half the batch teaches them, half replays the base data (prior
-    preservation)."""
+    preservation) without the base's strangers drawn under late names, which would teach the opposite."""
     config, late = ctx.config, ctx.banks.late
+    keep = replay_rows(ctx.base_latents.bank, ctx.world)
     groups: list[Group] = [(ctx.latents(late), torch.arange(len(late)), 0.5)]
-    groups += [(lset, rows, w * 0.5) for lset, rows, w in mix_groups(ctx.base_latents, config.mix)]
+    groups += [(lset, rows[keep[rows]], w * 0.5) for lset, rows, w in mix_groups(ctx.base_latents, config.mix)]
     finetune_unet(
         config,
         ctx.world,
