@@ -93,6 +93,16 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
     assert "apl-world build: error: unknown stage" in capsys.readouterr().err
     assert main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--base-steps", "0"]) == 2
     assert "apl-world build: error: --base-steps must be >= 1" in capsys.readouterr().err
+    assert (
+        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stranger-min-distance", "7"])
+        == 2
+    )
+    assert "--stranger-min-distance 7 is more than the 6 fine features" in capsys.readouterr().err
+    assert (
+        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--late-described-faces", "-1"])
+        == 2
+    )
+    assert "--late-described-faces must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -201,18 +211,24 @@ def test_fine_tunes_average_with_finetune_ema_decay_not_the_bases(toy_build):
 
 
 def test_strangers_keep_their_distance_and_late_names_are_known_by_description():
-    """The base bank's strangers are >= STRANGER_MIN_DISTANCE fine features from every person sharing their
-    attributes; late names come with strangers of the late person's look; DreamBooth replays none of those."""
+    """With the options on, strangers are >= stranger_min_distance fine features from every person sharing their
+    attributes, late names come with strangers of the late person's look, and DreamBooth replays none of those;
+    with them off (the shipped world's config) the bank is exactly the one drawn before the options existed."""
     from apl_adapter.world.build import KIND_NAMED, KIND_STRANGER, render_bank
     from apl_adapter.world.build.finetunes import replay_rows
-    from apl_adapter.world.spec import ATTRIBUTE_VALUES, STRANGER_MIN_DISTANCE, WorldSpec, stranger_fine_features
+    from apl_adapter.world.spec import ATTRIBUTE_VALUES, WorldSpec, random_fine_features, stranger_fine_features
 
     world = WorldSpec.from_seed(0)
     rng = random.Random(0)
     for person in world.identities:
-        fine = stranger_fine_features(world.identities, person.attributes, rng)
+        fine = stranger_fine_features(world.identities, person.attributes, rng, min_distance=3)
         twins = [p for p in world.identities if p.attributes == person.attributes]
-        assert all(sum(fine[k] != p.fine[k] for k in fine) >= STRANGER_MIN_DISTANCE for p in twins)
+        assert all(sum(fine[k] != p.fine[k] for k in fine) >= 3 for p in twins)
+    a, b = random.Random(4), random.Random(4)  # off: the same draws as random fine features
+    assert [stranger_fine_features(world.identities, p.attributes, a) for p in world.identities] == [
+        random_fine_features(b) for _ in world.identities
+    ]
+    assert BuildConfig().late_described_faces == 0 and BuildConfig().stranger_min_distance == 0  # the shipped world
 
     bank = render_bank(
         world, world.seen, 2, 30, 0, seed=3, described=world.late, described_per_person=4, stranger_min_distance=3

@@ -141,21 +141,15 @@ def fine_distance(a: dict[str, int], b: dict[str, int]) -> int:
     return sum(a[k] != b[k] for k in a)
 
 
-#: A *stranger* - the face an attribute prompt draws - differs from every person who shares its coarse attributes in
-#: at least this many fine features. Random fine features put 1 stranger in 9 within 2 of the person it is
-#: described like, and the recognizer took such a face for that person 12-100% of the time (2026-12-05): a floor
-#: under any anonymization that no prefix could go below. Look-alikes (the recognizer's hard negatives) are 2-3 apart.
-STRANGER_MIN_DISTANCE = 3
-
-
 def stranger_fine_features(
     people: Sequence[Identity],
     attributes: dict[str, str],
     rng: random.Random,
-    min_distance: int = STRANGER_MIN_DISTANCE,
+    min_distance: int = 0,
 ) -> dict[str, int]:
     """Fine features of a stranger with ``attributes``: >= ``min_distance`` from every person in ``people`` who
-    shares those attributes (0 = any fine features)."""
+    shares those attributes. 0 (the shipped world's strangers) takes the first draw, as :func:`random_fine_features`
+    does, so a build with 0 draws exactly what it drew before the option existed."""
     twins = [p.fine for p in people if p.attributes == attributes]
     for _ in range(10_000):
         fine = random_fine_features(rng)

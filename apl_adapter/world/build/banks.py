@@ -16,7 +16,6 @@ from ..render import render_face, render_scene, to_tensor
 from ..spec import (
     ATTRIBUTE_VALUES,
     FINE_FEATURE_VALUES,
-    STRANGER_MIN_DISTANCE,
     Identity,
     Scene,
     WorldSpec,
@@ -68,14 +67,14 @@ def render_bank(
     noise: int = 0,
     described: Sequence[Identity] = (),
     described_per_person: int = 0,
-    stranger_min_distance: int = STRANGER_MIN_DISTANCE,
+    stranger_min_distance: int = 0,
 ) -> Bank:
     """Render named faces, stranger faces (random people), scenes and no-content noise images.
 
     ``described`` people are known by how they look, not by their face: each gets ``described_per_person`` images
     of strangers with their coarse attributes, labelled with their name (what a web-scale text encoder knows of a
     person an image model has never drawn). Strangers are ``stranger_min_distance`` or more fine features away
-    from every person of the world who shares their coarse attributes (see ``spec.STRANGER_MIN_DISTANCE``).
+    from every person of the world who shares their coarse attributes (0: any fine features).
     """
     rng = random.Random(seed)
     images, kind, ident, attrs, scene_ix = [], [], [], [], []

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..spec import STRANGER_MIN_DISTANCE
-
 #: what a build runs unless told, in the stage table's names (:mod:`.stages`, which checks them against its rows): the
 #: shipped world has no auxiliary model; ``--stages auxiliary`` makes it. Kept here so the config imports no stage.
 DEFAULT_STAGES: tuple[str, ...] = ("vae", "recognizer", "base", "sibling", "dreambooth", "evaluate")
@@ -45,14 +43,16 @@ class BuildConfig:
     strangers: int = 3000
     scenes: int = 3000
     late_faces_per_person: int = 40
-    #: faces of *strangers* with a late person's coarse attributes that the base model sees under the late name
-    #: (2026-12-05): the base text encoder learns how a late person is described, as a web-scale encoder knows of
-    #: people no image model has drawn, and only DreamBooth teaches the face. Without them a late name is an
-    #: unknown string to the encoder, so no text prefix can keep a late person's attributes. 0 = the earlier world.
-    late_described_faces: int = 60
+    #: faces of *strangers* with a late person's coarse attributes that the base model sees under the late name, so
+    #: its text encoder learns how a late person is described (as a web-scale encoder knows of people no image model
+    #: has drawn) and only DreamBooth teaches the face. 0 in the shipped world, where a late name is a string the
+    #: encoder never read and no text prefix can keep a late person's attributes. A world built with 60 kept them
+    #: (85% with the shipped recipe, 12.5% before) but needs its own recipe: docs/experiments/2026-12-05-world-v3.md
+    late_described_faces: int = 0
     #: strangers (attribute-prompt faces) are this many fine features or more from every person sharing their
-    #: coarse attributes (``spec.STRANGER_MIN_DISTANCE``; 0 = random fine features, the earlier world)
-    stranger_min_distance: int = STRANGER_MIN_DISTANCE
+    #: coarse attributes; 0 (the shipped world) = any. 3 removes the *rendered* floor (1.9% -> 0 of 320), not the
+    #: sampled one, which is a few people whose description the base model draws as them (same file)
+    stranger_min_distance: int = 0
     vae_steps: int = 300
     #: the first world's scene head (freely turned shapes) needed 4,800; upright shapes learn faster, and 3,600
     #: sufficed without look-alikes; with them 5,400 (3,600 gave 98.1% / 96.3% identity top-1 at seeds 1234 /
@@ -66,9 +66,9 @@ class BuildConfig:
     #: 0 -> identity top-1 97.5% / 96.6%, floor 6/160; 1 -> 98.8% / 98.4%, floor 7/160; 2 -> 99.4% / 99.4%, 8/160
     stranger_margin: float = 1.0
     base_phases: tuple[BasePhase, ...] = SHIPPED_BASE_PHASES
-    #: 120 until 2026-12-05: the sibling then drew orange as yellow (12 of 192 scene images; 88.5% of scenes right);
-    #: 360 steps on the same base: 2 of 192, 91.1%
-    sibling_steps: int = 360
+    #: at 120 the sibling draws orange as yellow (12 of its 22 misses on 192 scene images, 88.5% right); 360 steps on
+    #: the same base: 2 of 17 misses, 91.1% (2026-12-05; the shipped sibling is the 120-step one)
+    sibling_steps: int = 120
     dreambooth_steps: int = 1000
     batch_size: int = 32
     finetune_lr: float = 5e-4
