@@ -245,6 +245,13 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
     assert not keep[described].any() and int(keep.sum()) == len(bank) - len(described)
     assert int((bank.kind == KIND_STRANGER).sum()) == 30
 
+    # strangers like each person: that person's attributes, not that person's face
+    like = render_bank(world, world.seen, 0, 0, 0, seed=3, strangers_like=3, stranger_min_distance=3)
+    assert len(like) == 3 * len(world.seen) and bool((like.kind == KIND_STRANGER).all())
+    for k, person in enumerate(world.seen):
+        expected = [ATTRIBUTE_VALUES[a].index(person.attributes[a]) for a in ATTRIBUTE_VALUES]
+        assert like.attributes[3 * k : 3 * k + 3].tolist() == [expected] * 3
+
     # a distance no fine features can keep (6 features) is refused, not looped on
     with pytest.raises(ValueError, match="no stranger"):
         stranger_fine_features(world.identities[:1], world.identities[0].attributes, rng, min_distance=7)

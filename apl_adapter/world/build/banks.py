@@ -68,13 +68,16 @@ def render_bank(
     described: Sequence[Identity] = (),
     described_per_person: int = 0,
     stranger_min_distance: int = 0,
+    strangers_like: int = 0,
 ) -> Bank:
     """Render named faces, stranger faces (random people), scenes and no-content noise images.
 
     ``described`` people are known by how they look, not by their face: each gets ``described_per_person`` images
     of strangers with their coarse attributes, labelled with their name (what a web-scale text encoder knows of a
     person an image model has never drawn). Strangers are ``stranger_min_distance`` or more fine features away
-    from every person of the world who shares their coarse attributes (0: any fine features).
+    from every person of the world who shares their coarse attributes (0: any fine features). ``strangers_like``
+    more strangers per person of ``people`` take that person's coarse attributes, so a description is drawn as many
+    people, not mostly as the one person of the world who has that look.
     """
     rng = random.Random(seed)
     images, kind, ident, attrs, scene_ix = [], [], [], [], []
@@ -102,6 +105,14 @@ def render_bank(
         ident.append(-1)
         attrs.append(_attr_index(a))
         scene_ix.append([-1, -1, -1])
+    for person in people if strangers_like else ():
+        for _ in range(strangers_like):
+            fine = stranger_fine_features(world.identities, person.attributes, rng, stranger_min_distance)
+            images.append(render_face(person.attributes, fine, rng, style))
+            kind.append(KIND_STRANGER)
+            ident.append(-1)
+            attrs.append(_attr_index(person.attributes))
+            scene_ix.append([-1, -1, -1])
     for _ in range(scenes):
         sc = rng.choice(world.scenes)
         images.append(render_scene(sc, rng, style))
@@ -192,6 +203,7 @@ class TrainingBanks:
             described=world.late,
             described_per_person=config.late_described_faces,
             stranger_min_distance=config.stranger_min_distance,
+            strangers_like=config.strangers_like_people,
         )
         late = render_bank(world, world.late, config.late_faces_per_person, 0, 0, seed + SEEDS.late_renders)
         sib = style_bank(world, config, "sibling", seed + SEEDS.sibling_renders)

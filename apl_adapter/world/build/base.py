@@ -30,6 +30,7 @@ def leg_stamp(config: BuildConfig, k: int) -> dict[str, object]:
         "data": [config.faces_per_person, config.strangers, config.scenes],
         "late_described_faces": config.late_described_faces,
         "stranger_min_distance": config.stranger_min_distance,
+        "strangers_like_people": config.strangers_like_people,
         "batch_size": config.batch_size,
         "prompt_dropout": config.prompt_dropout,
         "position_jitter": config.position_jitter,

@@ -53,6 +53,10 @@ class BuildConfig:
     #: coarse attributes; 0 (the shipped world) = any. 3 removes the *rendered* floor (1.9% -> 0 of 320), not the
     #: sampled one, which is a few people whose description the base model draws as them (same file)
     stranger_min_distance: int = 0
+    #: strangers per seen / unseen person drawn with that person's coarse attributes, beside the ``strangers`` of
+    #: random attributes: the sampled floor is a few people the base model draws for their own description, the only
+    #: ones of the world with that look (docs/experiments/2026-12-05-world-v3.md). 0 in the shipped world.
+    strangers_like_people: int = 0
     vae_steps: int = 300
     #: the first world's scene head (freely turned shapes) needed 4,800; upright shapes learn faster, and 3,600
     #: sufficed without look-alikes; with them 5,400 (3,600 gave 98.1% / 96.3% identity top-1 at seeds 1234 /
