@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -94,10 +95,11 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
     assert main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--base-steps", "0"]) == 2
     assert "apl-world build: error: --base-steps must be >= 1" in capsys.readouterr().err
     assert (
-        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stranger-min-distance", "7"])
+        main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stranger-min-distance", "6"])
         == 2
-    )
-    assert "--stranger-min-distance 7 is more than the 6 fine features" in capsys.readouterr().err
+    )  # world seed 0 has looks shared by people whose fine features leave no face 6 from all of them
+    err = capsys.readouterr().err
+    assert "--stranger-min-distance 6 leaves no stranger for some look of world seed 0" in err and "use 0-5" in err
     assert (
         main(["build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--late-described-faces", "-1"])
         == 2
@@ -215,7 +217,7 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
     attributes, late names come with strangers of the late person's look, and DreamBooth replays none of those;
     with them off (the shipped world's config) the bank is exactly the one drawn before the options existed."""
     from apl_adapter.world.build import KIND_NAMED, KIND_STRANGER, render_bank
-    from apl_adapter.world.build.finetunes import replay_rows
+    from apl_adapter.world.build.finetunes import replay_mask
     from apl_adapter.world.spec import ATTRIBUTE_VALUES, WorldSpec, random_fine_features, stranger_fine_features
 
     world = WorldSpec.from_seed(0)
@@ -228,7 +230,8 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
     assert [stranger_fine_features(world.identities, p.attributes, a) for p in world.identities] == [
         random_fine_features(b) for _ in world.identities
     ]
-    assert BuildConfig().late_described_faces == 0 and BuildConfig().stranger_min_distance == 0  # the shipped world
+    shipped = BuildConfig()  # the shipped world's build: every option off
+    assert shipped.late_described_faces == shipped.stranger_min_distance == shipped.strangers_like_people == 0
 
     bank = render_bank(
         world, world.seen, 2, 30, 0, seed=3, described=world.late, described_per_person=4, stranger_min_distance=3
@@ -241,7 +244,7 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
         assert bank.attributes[i].tolist() == [
             ATTRIBUTE_VALUES[k].index(person.attributes[k]) for k in ATTRIBUTE_VALUES
         ]
-    keep = replay_rows(bank, world)
+    keep = replay_mask(bank, world)
     assert not keep[described].any() and int(keep.sum()) == len(bank) - len(described)
     assert int((bank.kind == KIND_STRANGER).sum()) == 30
 
@@ -251,6 +254,12 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
     for k, person in enumerate(world.seen):
         expected = [ATTRIBUTE_VALUES[a].index(person.attributes[a]) for a in ATTRIBUTE_VALUES]
         assert like.attributes[3 * k : 3 * k + 3].tolist() == [expected] * 3
+
+    # with the options off a bank draws exactly what it drew before they existed: its labels (stranger attributes,
+    # scene picks, both after the fine-feature draws) hashed from the code of d027952
+    old = render_bank(world, world.seen, 2, 40, 12, seed=7)
+    labels = torch.cat([old.kind[:, None], old.identity[:, None], old.attributes, old.scene], 1)
+    assert hashlib.sha1(labels.numpy().tobytes()).hexdigest()[:16] == "85f287d34566def7"
 
     # a distance no fine features can keep (6 features) is refused, not looped on
     with pytest.raises(ValueError, match="no stranger"):

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..console import add_common_options, add_version_option, run_cli
 from ..errors import APLAdapterError, check_at_least
 from ..sampling import PAPER_GUIDANCE_SCALE, PAPER_STEPS
-from .spec import FINE_FEATURE_VALUES, WorldSpec
+from .spec import WorldSpec, stranger_distance_limit
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -92,13 +92,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if unknown:
         raise APLAdapterError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}.")
     overrides = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
-    check_at_least(("--late-described-faces", args.late_described_faces or 0, 0))
-    check_at_least(("--stranger-min-distance", args.stranger_min_distance or 0, 0))
-    if (args.stranger_min_distance or 0) > len(FINE_FEATURE_VALUES):
-        raise APLAdapterError(
-            f"--stranger-min-distance {args.stranger_min_distance} is more than the {len(FINE_FEATURE_VALUES)} fine "
-            f"features a face has; use 0-{len(FINE_FEATURE_VALUES)} (the world's people are >= 2 apart)."
-        )
+    for flag in ("late_described_faces", "stranger_min_distance", "strangers_like_people"):
+        if getattr(args, flag) is not None:
+            check_at_least(("--" + flag.replace("_", "-"), getattr(args, flag), 0))
+    if args.stranger_min_distance is not None:
+        world = WorldSpec.from_seed(args.seed or 0)
+        limit = stranger_distance_limit(world.identities)
+        if args.stranger_min_distance > limit:
+            raise APLAdapterError(
+                f"--stranger-min-distance {args.stranger_min_distance} leaves no stranger for some look of world "
+                f"seed {world.seed} (people who share their attributes cover the fine features); use 0-{limit}."
+            )
     if args.base_steps is not None:
         check_at_least(("--base-steps", args.base_steps, 1))
         shipped = SHIPPED_BASE_PHASES[-1]
@@ -204,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "faces_per_person",
         "late_described_faces",
         "stranger_min_distance",
+        "strangers_like_people",
     ):
         b.add_argument(
             "--" + name.replace("_", "-"),

@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -150,12 +151,31 @@ def stranger_fine_features(
     """Fine features of a stranger with ``attributes``: >= ``min_distance`` from every person in ``people`` who
     shares those attributes. 0 (the shipped world's strangers) takes the first draw, as :func:`random_fine_features`
     does, so a build with 0 draws exactly what it drew before the option existed."""
+    if min_distance <= 0:
+        return random_fine_features(rng)
     twins = [p.fine for p in people if p.attributes == attributes]
     for _ in range(10_000):
         fine = random_fine_features(rng)
         if all(fine_distance(fine, f) >= min_distance for f in twins):
             return fine
-    raise ValueError(f"no stranger with {attributes} is >= {min_distance} from its look-alikes; ask for less")
+    raise ValueError(
+        f"no stranger with {attributes} is >= {min_distance} fine features from every person with those attributes; "
+        f"use at most {stranger_distance_limit(people)}"
+    )
+
+
+def stranger_distance_limit(people: Sequence[Identity]) -> int:
+    """The largest ``min_distance`` :func:`stranger_fine_features` can meet for every attribute combination of
+    ``people``, counted over all fine-feature vectors (2 people with one look already leave none at 6)."""
+    keys = list(FINE_FEATURE_VALUES)
+    vectors = [dict(zip(keys, v)) for v in itertools.product(*(range(FINE_FEATURE_VALUES[k]) for k in keys))]
+    looks: dict[tuple, list[dict[str, int]]] = {}
+    for p in people:
+        looks.setdefault(tuple(sorted(p.attributes.items())), []).append(p.fine)
+    return min(
+        (max(min(fine_distance(v, f) for f in twins) for v in vectors) for twins in looks.values()),
+        default=len(keys),
+    )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # config imports the stage table, which imports this module
     from .config import BuildConfig
 
 KIND_NAMED, KIND_STRANGER, KIND_SCENE, KIND_NOISE = 0, 1, 2, 3
+#: the faces a described (late) person's name is drawn with are at least this far from every person of that look:
+#: a random one is the person's own face 1 time in 864 and within 2 about 1 time in 10
+DESCRIBED_MIN_DISTANCE = 3
 
 
 @dataclass
@@ -73,11 +76,12 @@ def render_bank(
     """Render named faces, stranger faces (random people), scenes and no-content noise images.
 
     ``described`` people are known by how they look, not by their face: each gets ``described_per_person`` images
-    of strangers with their coarse attributes, labelled with their name (what a web-scale text encoder knows of a
-    person an image model has never drawn). Strangers are ``stranger_min_distance`` or more fine features away
-    from every person of the world who shares their coarse attributes (0: any fine features). ``strangers_like``
-    more strangers per person of ``people`` take that person's coarse attributes, so a description is drawn as many
-    people, not mostly as the one person of the world who has that look.
+    of strangers with their coarse attributes (:data:`DESCRIBED_MIN_DISTANCE` or more away), labelled with their
+    name (what a web-scale text encoder knows of a person an image model has never drawn). Strangers are
+    ``stranger_min_distance`` or more fine features away from every person of the world who shares their coarse
+    attributes (0: any fine features). ``strangers_like`` more strangers per person of ``people`` take that
+    person's coarse attributes, so a description is drawn as many people, not mostly as the one person of the world
+    who has that look (the build passes it to the base bank only: the base model is where descriptions are learned).
     """
     rng = random.Random(seed)
     images, kind, ident, attrs, scene_ix = [], [], [], [], []
@@ -88,9 +92,10 @@ def render_bank(
             ident.append(world.names.index(person.name))
             attrs.append(_attr_index(person.attributes))
             scene_ix.append([-1, -1, -1])
-    for person in described:
+    for person in described:  # never the person's own face, nor one the recognizer would take for it
         for _ in range(described_per_person):
-            fine = stranger_fine_features(world.identities, person.attributes, rng, stranger_min_distance)
+            far = max(stranger_min_distance, DESCRIBED_MIN_DISTANCE)
+            fine = stranger_fine_features(world.identities, person.attributes, rng, far)
             images.append(render_face(person.attributes, fine, rng, style))
             kind.append(KIND_NAMED)
             ident.append(world.names.index(person.name))
@@ -105,7 +110,7 @@ def render_bank(
         ident.append(-1)
         attrs.append(_attr_index(a))
         scene_ix.append([-1, -1, -1])
-    for person in people if strangers_like else ():
+    for person in people:
         for _ in range(strangers_like):
             fine = stranger_fine_features(world.identities, person.attributes, rng, stranger_min_distance)
             images.append(render_face(person.attributes, fine, rng, style))

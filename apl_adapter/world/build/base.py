@@ -28,15 +28,16 @@ def leg_stamp(config: BuildConfig, k: int) -> dict[str, object]:
         "seed": config.seed,
         "vae_steps": config.vae_steps,
         "data": [config.faces_per_person, config.strangers, config.scenes],
-        "late_described_faces": config.late_described_faces,
-        "stranger_min_distance": config.stranger_min_distance,
-        "strangers_like_people": config.strangers_like_people,
         "batch_size": config.batch_size,
         "prompt_dropout": config.prompt_dropout,
         "position_jitter": config.position_jitter,
         "ema_decay": config.ema_decay,
         "legs": [asdict(p) for p in config.base_phases[: k + 1]],
     }
+    # the data options, only when on: a shipped-world build still reuses legs stamped before they existed
+    for option in ("late_described_faces", "stranger_min_distance", "strangers_like_people"):
+        if getattr(config, option):
+            stamp[option] = getattr(config, option)
     return json.loads(json.dumps(stamp))
 
 

@@ -50,8 +50,8 @@ class BuildConfig:
     #: (85% with the shipped recipe, 12.5% before) but needs its own recipe: docs/experiments/2026-12-05-world-v3.md
     late_described_faces: int = 0
     #: strangers (attribute-prompt faces) are this many fine features or more from every person sharing their
-    #: coarse attributes; 0 (the shipped world) = any. 3 removes the *rendered* floor (1.9% -> 0 of 320), not the
-    #: sampled one, which is a few people whose description the base model draws as them (same file)
+    #: coarse attributes; 0 (the shipped world) = any. 3 removed the *rendered* floor (6 -> 0 of 320 strangers drawn
+    #: by the same rule), not the sampled one: a few people whose description the base model draws as them (same file)
     stranger_min_distance: int = 0
     #: strangers per seen / unseen person drawn with that person's coarse attributes, beside the ``strangers`` of
     #: random attributes: the sampled floor is a few people the base model draws for their own description, the only

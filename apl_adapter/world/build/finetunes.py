@@ -92,7 +92,7 @@ def run_auxiliary(ctx: BuildContext) -> None:
     )
 
 
-def replay_rows(bank: Bank, world: WorldSpec) -> torch.Tensor:
+def replay_mask(bank: Bank, world: WorldSpec) -> torch.Tensor:
     """(N,) bool: the base rows DreamBooth replays - all but the strangers drawn under a late person's name."""
     late = torch.tensor([world.names.index(p.name) for p in world.late], dtype=bank.identity.dtype)
     return ~torch.isin(bank.identity, late)
@@ -102,7 +102,7 @@ def run_dreambooth(ctx: BuildContext) -> None:
     """The late people learned by name: half the batch teaches them, half replays the base data (prior
     preservation) without the base's strangers drawn under late names, which would teach the opposite."""
     config, late = ctx.config, ctx.banks.late
-    keep = replay_rows(ctx.base_latents.bank, ctx.world)
+    keep = replay_mask(ctx.base_latents.bank, ctx.world)
     groups: list[Group] = [(ctx.latents(late), torch.arange(len(late)), 0.5)]
     groups += [(lset, rows[keep[rows]], w * 0.5) for lset, rows, w in mix_groups(ctx.base_latents, config.mix)]
     finetune_unet(
