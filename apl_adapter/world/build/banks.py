@@ -85,39 +85,31 @@ def render_bank(
     """
     rng = random.Random(seed)
     images, kind, ident, attrs, scene_ix = [], [], [], [], []
+
+    def face(attributes: dict[str, str], fine: dict[str, int], name: str | None = None) -> None:
+        """Render one face; ``name`` labels it as that person, ``None`` as a stranger."""
+        images.append(render_face(attributes, fine, rng, style))
+        kind.append(KIND_STRANGER if name is None else KIND_NAMED)
+        ident.append(-1 if name is None else world.names.index(name))
+        attrs.append(_attr_index(attributes))
+        scene_ix.append([-1, -1, -1])
+
     for person in people:
         for _ in range(faces_per_person):
-            images.append(render_face(person.attributes, person.fine, rng, style))
-            kind.append(KIND_NAMED)
-            ident.append(world.names.index(person.name))
-            attrs.append(_attr_index(person.attributes))
-            scene_ix.append([-1, -1, -1])
-    for person in described:  # never the person's own face, nor one the recognizer would take for it
+            face(person.attributes, person.fine, person.name)
+    far = max(stranger_min_distance, DESCRIBED_MIN_DISTANCE)  # never the person's face, nor one taken for it
+    for person in described:
         for _ in range(described_per_person):
-            far = max(stranger_min_distance, DESCRIBED_MIN_DISTANCE)
-            fine = stranger_fine_features(world.identities, person.attributes, rng, far)
-            images.append(render_face(person.attributes, fine, rng, style))
-            kind.append(KIND_NAMED)
-            ident.append(world.names.index(person.name))
-            attrs.append(_attr_index(person.attributes))
-            scene_ix.append([-1, -1, -1])
+            face(person.attributes, stranger_fine_features(world.identities, person.attributes, rng, far), person.name)
     for _ in range(strangers):
         a = random_attributes(rng)
-        images.append(
-            render_face(a, stranger_fine_features(world.identities, a, rng, stranger_min_distance), rng, style)
-        )
-        kind.append(KIND_STRANGER)
-        ident.append(-1)
-        attrs.append(_attr_index(a))
-        scene_ix.append([-1, -1, -1])
+        face(a, stranger_fine_features(world.identities, a, rng, stranger_min_distance))
     for person in people:
         for _ in range(strangers_like):
-            fine = stranger_fine_features(world.identities, person.attributes, rng, stranger_min_distance)
-            images.append(render_face(person.attributes, fine, rng, style))
-            kind.append(KIND_STRANGER)
-            ident.append(-1)
-            attrs.append(_attr_index(person.attributes))
-            scene_ix.append([-1, -1, -1])
+            face(
+                person.attributes,
+                stranger_fine_features(world.identities, person.attributes, rng, stranger_min_distance),
+            )
     for _ in range(scenes):
         sc = rng.choice(world.scenes)
         images.append(render_scene(sc, rng, style))

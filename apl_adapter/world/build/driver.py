@@ -19,10 +19,11 @@ from .stages import STAGE_TABLE
 def build_world(config: BuildConfig, out: Path, work: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the requested stages; models go to ``out`` (a diffusers folder per model), caches to ``work``."""
     out, work = Path(out), Path(work)
+    world = WorldSpec.from_seed(config.seed)
+    banks = TrainingBanks.render(world, config, log)  # first: a setting no render can meet fails with nothing written
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    world = WorldSpec.from_seed(config.seed)
-    ctx = BuildContext(config, world, out, work, log, TrainingBanks.render(world, config, log))
+    ctx = BuildContext(config, world, out, work, log, banks)
     timings: dict[str, float] = {}
     for stage in STAGE_TABLE:
         if stage.name in config.stages:
