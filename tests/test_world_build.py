@@ -105,6 +105,11 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
         == 2
     )
     assert "--late-described-faces must be >= 0" in capsys.readouterr().err
+    where = ["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
+    assert main(["build", *where, "--name-contrast", "-0.5"]) == 2
+    assert "--name-contrast must be >= 0 (0 = off); got -0.5" in capsys.readouterr().err
+    assert main(["build", *where, "--recognizer-faces-per-person", "0"]) == 2
+    assert "--recognizer-faces-per-person must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -264,3 +269,96 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
     # a distance no fine features can keep (6 features) is refused, not looped on
     with pytest.raises(ValueError, match="no stranger"):
         stranger_fine_features(world.identities[:1], world.identities[0].attributes, rng, min_distance=7)
+
+
+def test_name_description_contrast_is_the_hinge_it_documents_and_pulls_the_two_apart():
+    """The contrast equals a hand-computed hinge on the same draws, trains only what it should, and a few steps
+    of it alone lower the description-to-name similarity it measures."""
+    import torch.nn.functional as F
+
+    from apl_adapter.world.build.contrast import name_description_contrast
+    from apl_adapter.world.build.diffusion import PromptEncoder
+    from apl_adapter.world.models import world_text_encoder
+    from apl_adapter.world.spec import WorldSpec
+
+    world = WorldSpec.from_seed(0)
+    ids = PromptEncoder().ids
+    text = world_text_encoder(0)
+    loss = name_description_contrast(world, ids, weight=2.0, margin=-1.0, people_per_step=4, seed=5)
+
+    # the reference: the same people and templates, drawn from the same seed, encoded one prompt at a time
+    rng = random.Random(5)
+    names = [p.name for p in world.seen + world.unseen]
+    picks = [(rng.choice(names), rng.randrange(len(world.person_templates))) for _ in range(4)]
+    late = {p.name for p in world.late}
+    assert not late & {n for n, _ in picks}, "late names are learnt as their description; the contrast skips them"
+    with torch.no_grad():
+        sims = [
+            F.cosine_similarity(
+                text(ids([world.identity_prompt(n, k)]))[0].flatten(1),
+                text(ids([world.attribute_prompt(n, k)]))[0].flatten(1),
+            )
+            for n, k in picks
+        ]
+        expected = 2.0 * (torch.cat(sims) + 1.0).mean()
+        assert torch.allclose(loss(text), expected, atol=1e-5)
+
+    # above the margin the hinge is zero and gives no gradient
+    quiet = name_description_contrast(world, ids, weight=1.0, margin=0.999, people_per_step=4, seed=5)
+    with torch.no_grad():
+        assert quiet(text).item() == 0.0
+
+    def mean_similarity() -> float:
+        with torch.no_grad():
+            n = text(ids([world.identity_prompt(p, 0) for p in names]))[0].flatten(1)
+            d = text(ids([world.attribute_prompt(p, 0) for p in names]))[0].flatten(1)
+            return float(F.cosine_similarity(n, d).mean())
+
+    before = mean_similarity()
+    push = name_description_contrast(world, ids, weight=1.0, margin=0.0, people_per_step=8, seed=1)
+    opt = torch.optim.Adam(text.parameters(), lr=1e-3)
+    for _ in range(10):
+        opt.zero_grad()
+        push(text).backward()
+        opt.step()
+    assert mean_similarity() < before - 0.05
+
+    for bad in ({"weight": 0.0}, {"margin": 1.0}, {"people_per_step": 0}):
+        kwargs = {"weight": 1.0, "margin": 0.6, "people_per_step": 8, **bad}
+        with pytest.raises(ValueError, match="name-description contrast needs"):
+            name_description_contrast(world, ids, seed=0, **kwargs)
+
+
+def test_a_leg_without_the_contrast_keeps_its_old_stamp_and_one_with_it_is_stamped():
+    from apl_adapter.world.build.base import leg_stamp
+    from apl_adapter.world.build.diffusion import train_diffusion
+
+    plain = leg_stamp(BuildConfig(), 0)["legs"][0]
+    assert "name_contrast" not in plain and set(plain) == {"steps", "lr", "mix", "seed", "sampler_seed", "offset_noise"}
+    on = BuildConfig(base_phases=(BasePhase(10, 1e-3, name_contrast=1.0),))
+    assert leg_stamp(on, 0)["legs"][0]["name_contrast"] == 1.0
+    with pytest.raises(ValueError, match="name contrast of a base leg needs"):
+        BasePhase(10, 1e-3, name_contrast=-1.0)
+    with pytest.raises(ValueError, match="name contrast of a base leg needs"):
+        BasePhase(10, 1e-3, name_contrast=1.0, name_contrast_people=0)
+    with pytest.raises(ValueError, match="train_text"):
+        train_diffusion(None, None, None, 1, 1, 1e-3, 0, train_text=False, desc="", ema_decay=0.9, text_loss=abs)
+
+
+def test_a_base_leg_with_the_contrast_trains_its_text_encoder_differently(toy_build, tmp_path):
+    """The contrast reaches the leg's training: the same leg with it on gives another text encoder, and stamps it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, _, _ = toy_build
+    encoders = {}
+    for weight in (0.0, 1.0):
+        work = tmp_path / f"work-{weight}"
+        shutil.copytree(root / "work" / "vae", work / "vae")
+        legs = (BasePhase(2, 1e-3, name_contrast=weight),)
+        build_world(_toy_config(("base",), legs), tmp_path / f"out-{weight}", work, log=lambda _: None)
+        encoders[weight] = load_file(work / "base-leg0" / "text_encoder" / "model.safetensors")
+        stamp = json.loads((work / "base-leg0" / LEG_STAMP).read_text())
+        assert ("name_contrast" in stamp["legs"][0]) == bool(weight)
+    assert any(not torch.equal(encoders[0.0][k], encoders[1.0][k]) for k in encoders[0.0])

@@ -103,10 +103,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 f"--stranger-min-distance {args.stranger_min_distance} leaves no stranger for some look of world "
                 f"seed {world.seed} (people who share their attributes cover the fine features); use 0-{limit}."
             )
+    if args.recognizer_faces_per_person is not None:
+        check_at_least(("--recognizer-faces-per-person", args.recognizer_faces_per_person, 1))
     if args.base_steps is not None:
         check_at_least(("--base-steps", args.base_steps, 1))
         shipped = SHIPPED_BASE_PHASES[-1]
         overrides["base_phases"] = (replace(shipped, steps=args.base_steps, lr=args.base_lr or shipped.lr),)
+    if args.name_contrast is not None:
+        if args.name_contrast < 0:
+            raise APLAdapterError(f"--name-contrast must be >= 0 (0 = off); got {args.name_contrast}.")
+        legs = overrides.get("base_phases", SHIPPED_BASE_PHASES)
+        overrides["base_phases"] = tuple(replace(leg, name_contrast=args.name_contrast) for leg in legs)
     config = BuildConfig(**{**overrides, "stages": stages, "eval_models": tuple(args.eval_models.split(","))})
     t0 = time.time()
     card = build_world(config, Path(args.out), Path(args.work))
@@ -209,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "late_described_faces",
         "stranger_min_distance",
         "strangers_like_people",
+        "recognizer_faces_per_person",
     ):
         b.add_argument(
             "--" + name.replace("_", "-"),
@@ -217,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"override BuildConfig.{name} (default: {getattr(BuildConfig, name)}, the shipped world's)",
         )
+    b.add_argument(
+        "--name-contrast",
+        type=float,
+        default=None,
+        help="weight of the text-side loss that keeps each person's description apart from their name in every "
+        "base leg (BasePhase.name_contrast; 0 = none, the shipped world's); it lowers the look-alike floor",
+    )
     add_common_options(b, version=False)
     return parser
 

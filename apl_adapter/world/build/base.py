@@ -14,11 +14,12 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from ...atomic import atomic_folder
 from ..models import assemble_pipeline, world_text_encoder, world_unet
 from ..spec import WorldSpec
-from .diffusion import LatentSet, make_sampler, mix_groups, train_diffusion
+from .contrast import name_description_contrast
+from .diffusion import LatentSet, PromptEncoder, make_sampler, mix_groups, train_diffusion
 from .storage import LEG_STAMP, save_world_pipeline
 
 if TYPE_CHECKING:  # config imports the stage table, which imports this module
-    from .config import BuildConfig
+    from .config import BasePhase, BuildConfig
     from .context import BuildContext
 
 
@@ -32,13 +33,22 @@ def leg_stamp(config: BuildConfig, k: int) -> dict[str, object]:
         "prompt_dropout": config.prompt_dropout,
         "position_jitter": config.position_jitter,
         "ema_decay": config.ema_decay,
-        "legs": [asdict(p) for p in config.base_phases[: k + 1]],
+        "legs": [_leg_settings(p) for p in config.base_phases[: k + 1]],
     }
     # the data options, only when on: a shipped-world build still reuses legs stamped before they existed
     for option in ("late_described_faces", "stranger_min_distance", "strangers_like_people"):
         if getattr(config, option):
             stamp[option] = getattr(config, option)
     return json.loads(json.dumps(stamp))
+
+
+def _leg_settings(phase: BasePhase) -> dict[str, object]:
+    """A leg's fields, the name contrast's only when it is on (legs stamped before it existed are reused)."""
+    settings = asdict(phase)
+    if not phase.name_contrast:
+        for key in ("name_contrast", "name_contrast_margin", "name_contrast_people"):
+            settings.pop(key)
+    return settings
 
 
 def train_base(
@@ -66,6 +76,16 @@ def train_base(
         else:
             groups = mix_groups(latents, phase.mix)
             sampler = make_sampler(groups, world, config.prompt_dropout, config.seed + phase.sampler_seed)
+            text_loss = None
+            if phase.name_contrast:
+                text_loss = name_description_contrast(
+                    world,
+                    PromptEncoder().ids,
+                    phase.name_contrast,
+                    phase.name_contrast_margin,
+                    phase.name_contrast_people,
+                    seed=config.seed + phase.sampler_seed + 1,
+                )
             unet, text = train_diffusion(
                 unet,
                 text,
@@ -79,6 +99,7 @@ def train_base(
                 ema_decay=config.ema_decay,
                 offset_noise=phase.offset_noise,
                 position_jitter=config.position_jitter,
+                text_loss=text_loss,
             )
             save_world_pipeline(assemble_pipeline(text, unet, vae), folder, stamp)
         # The next leg starts from the weights as stored (float16), exactly as a reload would.

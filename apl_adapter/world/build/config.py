@@ -26,6 +26,22 @@ class BasePhase:
     sampler_seed: int = 31
     #: strength of "offset noise" (see :func:`.diffusion.train_diffusion`); 0 = plain Gaussian noise
     offset_noise: float = 0.0
+    #: weight of the text-side loss that keeps each person's description apart from their name
+    #: (:mod:`.contrast`); 0 = none, as the shipped world's leg
+    name_contrast: float = 0.0
+    #: the contrast's hinge: description-to-name cosine similarities above it are pushed down
+    name_contrast_margin: float = 0.6
+    #: people whose name and description the contrast encodes each step
+    name_contrast_people: int = 8
+
+    def __post_init__(self) -> None:
+        # refused here, not when the leg starts: a build writes folders and trains earlier legs first
+        if self.name_contrast < 0 or not -1.0 <= self.name_contrast_margin < 1.0 or self.name_contrast_people < 1:
+            raise ValueError(
+                "the name contrast of a base leg needs name_contrast >= 0 (0 = off), name_contrast_margin in [-1, 1) "
+                f"and name_contrast_people >= 1; got {self.name_contrast}, {self.name_contrast_margin}, "
+                f"{self.name_contrast_people}"
+            )
 
 
 #: The leg that produced the shipped base model: one cosine schedule with 45% of the batch on
@@ -62,6 +78,9 @@ class BuildConfig:
     #: sufficed without look-alikes; with them 5,400 (3,600 gave 98.1% / 96.3% identity top-1 at seeds 1234 /
     #: 4321, 5,400 97.5% / 96.6%: the misses are people called strangers, hence the margin below)
     recognizer_steps: int = 5400
+    #: renders of each person in the recognizer's data (each also as a VAE round trip; the sibling style gets a
+    #: third as many)
+    recognizer_faces_per_person: int = 40
     #: look-alike strangers per person in the recognizer's data: the person's coarse attributes, fine features
     #: 2-3 apart (see render_lookalikes). Without them a stranger with X's attributes is called X 5.5-7.5% of the
     #: time, and attribute prompts read as the person they describe 16-19%: a floor under any anonymization.

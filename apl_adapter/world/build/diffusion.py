@@ -18,6 +18,7 @@ from ..models import world_scheduler
 from ..recognizers import SCENE_VALUES
 from ..spec import ATTRIBUTE_VALUES, Scene, WorldSpec
 from .banks import KIND_NAMED, KIND_SCENE, KIND_STRANGER, Bank
+from .contrast import TextLoss
 from .schedule import _cosine_lr
 
 #: draws a batch: latents and their prompts
@@ -94,6 +95,7 @@ def train_diffusion(
     ema_decay: float,
     offset_noise: float = 0.0,
     position_jitter: int = 0,
+    text_loss: TextLoss | None = None,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Epsilon-prediction training (as SD); returns EMA copies of the UNet (and text encoder when trained).
 
@@ -107,7 +109,12 @@ def train_diffusion(
     positions; an encoder trained only on short prompts at positions 1..20 has never seen a word
     at 11..30, which is where APL's 10-token prefix puts the prompt. Without this, a prefix changes
     every prompt - scenes included - by moving it into untrained positions.
+
+    ``text_loss`` (text encoder training only) is added to the diffusion loss each step, e.g. the name-description
+    contrast of :mod:`.contrast`.
     """
+    if text_loss is not None and not train_text:
+        raise ValueError("text_loss needs train_text=True: it trains the text encoder")
     torch.manual_seed(seed)
     scheduler = world_scheduler()
     prompts = PromptEncoder()
@@ -136,6 +143,8 @@ def train_diffusion(
         with torch.set_grad_enabled(train_text):
             cond = text_encoder(ids, position_ids=position_ids)[0]
         loss = F.mse_loss(unet(zt, t, cond).sample, noise)
+        if text_loss is not None:
+            loss = loss + text_loss(text_encoder)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -68,10 +68,11 @@ def recognizer_bank(ctx: BuildContext) -> Bank:
     """Both styles' faces of every person, strangers, look-alike strangers, scenes and noise, plus the late
     people's training renders; then each of them once more as a VAE round trip."""
     world, config, seed = ctx.world, ctx.config, ctx.config.seed
-    extra = render_bank(world, list(world.identities), 40, 1500, 1500, seed + SEEDS.recognizer_renders, noise=1500)
-    extra_sib = render_bank(
-        world, list(world.identities), 15, 500, 500, seed + SEEDS.recognizer_sibling_renders, style="sibling"
-    )
+    people, faces = list(world.identities), config.recognizer_faces_per_person
+    extra = render_bank(world, people, faces, 1500, 1500, seed + SEEDS.recognizer_renders, noise=1500)
+    sibling_faces = faces * 3 // 8  # 15 of 40
+    sibling_seed = seed + SEEDS.recognizer_sibling_renders
+    extra_sib = render_bank(world, people, sibling_faces, 500, 500, sibling_seed, style="sibling")
     bank = concat_banks(extra, extra_sib, ctx.banks.late)
     if config.lookalikes_per_person:
         bank = concat_banks(
