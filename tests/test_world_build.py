@@ -108,6 +108,8 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
     where = ["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
     assert main(["build", *where, "--name-contrast", "-0.5"]) == 2
     assert "--name-contrast must be >= 0 (0 = off); got -0.5" in capsys.readouterr().err
+    assert main(["build", *where, "--name-contrast", "nan"]) == 2
+    assert "--name-contrast must be >= 0 (0 = off); got nan" in capsys.readouterr().err
     assert main(["build", *where, "--recognizer-faces-per-person", "0"]) == 2
     assert "--recognizer-faces-per-person must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -272,8 +274,8 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
 
 
 def test_name_description_contrast_is_the_hinge_it_documents_and_pulls_the_two_apart():
-    """The contrast equals a hand-computed hinge on the same draws, trains only what it should, and a few steps
-    of it alone lower the description-to-name similarity it measures."""
+    """The contrast equals a hand-computed hinge on the same draws (seen and unseen people only), gives nothing
+    below its margin, and a few steps of it alone lower the description-to-name similarity it measures."""
     import torch.nn.functional as F
 
     from apl_adapter.world.build.contrast import name_description_contrast
@@ -286,12 +288,12 @@ def test_name_description_contrast_is_the_hinge_it_documents_and_pulls_the_two_a
     text = world_text_encoder(0)
     loss = name_description_contrast(world, ids, weight=2.0, margin=-1.0, people_per_step=4, seed=5)
 
-    # the reference: the same people and templates, drawn from the same seed, encoded one prompt at a time
+    # the reference: the same people and templates, drawn from the same seed, encoded one prompt at a time; it
+    # draws from seen + unseen only (late names are learnt as their description), so drawing from every person
+    # would pick other people and fail the comparison
     rng = random.Random(5)
     names = [p.name for p in world.seen + world.unseen]
     picks = [(rng.choice(names), rng.randrange(len(world.person_templates))) for _ in range(4)]
-    late = {p.name for p in world.late}
-    assert not late & {n for n, _ in picks}, "late names are learnt as their description; the contrast skips them"
     with torch.no_grad():
         sims = [
             F.cosine_similarity(
@@ -303,10 +305,12 @@ def test_name_description_contrast_is_the_hinge_it_documents_and_pulls_the_two_a
         expected = 2.0 * (torch.cat(sims) + 1.0).mean()
         assert torch.allclose(loss(text), expected, atol=1e-5)
 
-    # above the margin the hinge is zero and gives no gradient
+    # similarities below the margin give zero and no gradient
     quiet = name_description_contrast(world, ids, weight=1.0, margin=0.999, people_per_step=4, seed=5)
-    with torch.no_grad():
-        assert quiet(text).item() == 0.0
+    text.zero_grad()
+    value = quiet(text)
+    value.backward()
+    assert value.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in text.parameters())
 
     def mean_similarity() -> float:
         with torch.no_grad():
@@ -323,26 +327,37 @@ def test_name_description_contrast_is_the_hinge_it_documents_and_pulls_the_two_a
         opt.step()
     assert mean_similarity() < before - 0.05
 
-    for bad in ({"weight": 0.0}, {"margin": 1.0}, {"people_per_step": 0}):
+    for bad in ({"weight": 0.0}, {"weight": float("nan")}, {"margin": 1.0}, {"people_per_step": 0}):
         kwargs = {"weight": 1.0, "margin": 0.6, "people_per_step": 8, **bad}
         with pytest.raises(ValueError, match="name-description contrast needs"):
             name_description_contrast(world, ids, seed=0, **kwargs)
 
 
 def test_a_leg_without_the_contrast_keeps_its_old_stamp_and_one_with_it_is_stamped():
+    from apl_adapter.world.build import SHIPPED_BASE_PHASES
     from apl_adapter.world.build.base import leg_stamp
     from apl_adapter.world.build.diffusion import train_diffusion
+    from apl_adapter.world.models import ASSETS
 
-    plain = leg_stamp(BuildConfig(), 0)["legs"][0]
-    assert "name_contrast" not in plain and set(plain) == {"steps", "lr", "mix", "seed", "sampler_seed", "offset_noise"}
+    # the shipped world: no contrast, 40 renders per person for the recognizer, and the legs stamped as its card
+    assert all(leg.name_contrast == 0 for leg in SHIPPED_BASE_PHASES)
+    assert BuildConfig().recognizer_faces_per_person == 40
+    card = json.loads((ASSETS / "world_card.json").read_text())
+    assert leg_stamp(BuildConfig(), 0)["legs"] == card["build_config"]["base_phases"]
     on = BuildConfig(base_phases=(BasePhase(10, 1e-3, name_contrast=1.0),))
     assert leg_stamp(on, 0)["legs"][0]["name_contrast"] == 1.0
     with pytest.raises(ValueError, match="name contrast of a base leg needs"):
         BasePhase(10, 1e-3, name_contrast=-1.0)
     with pytest.raises(ValueError, match="name contrast of a base leg needs"):
         BasePhase(10, 1e-3, name_contrast=1.0, name_contrast_people=0)
+    with pytest.raises(ValueError, match="name contrast of a base leg needs"):
+        BasePhase(10, 1e-3, name_contrast=float("nan"))
+
+    def nothing(_):
+        return torch.zeros(())
+
     with pytest.raises(ValueError, match="train_text"):
-        train_diffusion(None, None, None, 1, 1, 1e-3, 0, train_text=False, desc="", ema_decay=0.9, text_loss=abs)
+        train_diffusion(None, None, None, 1, 1, 1e-3, 0, train_text=False, desc="", ema_decay=0.9, text_loss=nothing)
 
 
 def test_a_base_leg_with_the_contrast_trains_its_text_encoder_differently(toy_build, tmp_path):
@@ -362,3 +377,15 @@ def test_a_base_leg_with_the_contrast_trains_its_text_encoder_differently(toy_bu
         stamp = json.loads((work / "base-leg0" / LEG_STAMP).read_text())
         assert ("name_contrast" in stamp["legs"][0]) == bool(weight)
     assert any(not torch.equal(encoders[0.0][k], encoders[1.0][k]) for k in encoders[0.0])
+
+
+def test_the_cli_puts_the_contrast_on_every_base_leg(tmp_path, monkeypatch):
+    import apl_adapter.world.build as build
+
+    seen: list[BuildConfig] = []
+    monkeypatch.setattr(build, "build_world", lambda config, out, work: seen.append(config) or {})
+    where = ["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stages", "base"]
+    assert main(["build", *where, "--base-steps", "5", "--name-contrast", "0.5"]) == 0
+    assert main(["build", *where, "--name-contrast", "1", "--recognizer-faces-per-person", "120"]) == 0
+    assert [(leg.steps, leg.name_contrast) for leg in seen[0].base_phases] == [(5, 0.5)]
+    assert all(leg.name_contrast == 1.0 for leg in seen[1].base_phases) and seen[1].recognizer_faces_per_person == 120

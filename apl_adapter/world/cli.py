@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import fields
@@ -110,7 +111,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         shipped = SHIPPED_BASE_PHASES[-1]
         overrides["base_phases"] = (replace(shipped, steps=args.base_steps, lr=args.base_lr or shipped.lr),)
     if args.name_contrast is not None:
-        if args.name_contrast < 0:
+        if not (math.isfinite(args.name_contrast) and args.name_contrast >= 0):
             raise APLAdapterError(f"--name-contrast must be >= 0 (0 = off); got {args.name_contrast}.")
         legs = overrides.get("base_phases", SHIPPED_BASE_PHASES)
         overrides["base_phases"] = tuple(replace(leg, name_contrast=args.name_contrast) for leg in legs)

@@ -18,6 +18,7 @@ later stage can be re-run alone):
 
 Modules: :mod:`.config` (what a build does), :mod:`.seeds` (its random streams), :mod:`.banks` (the renders),
 :mod:`.vae`, :mod:`.recognizer`, :mod:`.diffusion` (the training loop of :mod:`.base` and :mod:`.finetunes`),
+:mod:`.contrast` (the base text encoder's name-description contrast),
 :mod:`.card` (``evaluate`` and the world card), :mod:`.storage`, :mod:`.context` and :mod:`.driver`.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 #: what a build runs unless told, in the stage table's names (:mod:`.stages`, which checks them against its rows): the
@@ -36,7 +37,8 @@ class BasePhase:
 
     def __post_init__(self) -> None:
         # refused here, not when the leg starts: a build writes folders and trains earlier legs first
-        if self.name_contrast < 0 or not -1.0 <= self.name_contrast_margin < 1.0 or self.name_contrast_people < 1:
+        weight, margin = self.name_contrast, self.name_contrast_margin
+        if not (math.isfinite(weight) and weight >= 0 and -1.0 <= margin < 1.0 and self.name_contrast_people >= 1):
             raise ValueError(
                 "the name contrast of a base leg needs name_contrast >= 0 (0 = off), name_contrast_margin in [-1, 1) "
                 f"and name_contrast_people >= 1; got {self.name_contrast}, {self.name_contrast_margin}, "
@@ -78,8 +80,9 @@ class BuildConfig:
     #: sufficed without look-alikes; with them 5,400 (3,600 gave 98.1% / 96.3% identity top-1 at seeds 1234 /
     #: 4321, 5,400 97.5% / 96.6%: the misses are people called strangers, hence the margin below)
     recognizer_steps: int = 5400
-    #: renders of each person in the recognizer's data (each also as a VAE round trip; the sibling style gets a
-    #: third as many)
+    #: renders of each person in the recognizer's data (each also as a VAE round trip; the sibling style gets 3/8 of
+    #: them: 15 of 40). More renders narrowed the few classes that took far strangers for a person (120: floor 3 of
+    #: 160 on a contrast world; docs/experiments/2026-12-05-name-contrast.md)
     recognizer_faces_per_person: int = 40
     #: look-alike strangers per person in the recognizer's data: the person's coarse attributes, fine features
     #: 2-3 apart (see render_lookalikes). Without them a stranger with X's attributes is called X 5.5-7.5% of the

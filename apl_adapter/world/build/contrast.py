@@ -9,11 +9,15 @@ all four attributes (docs/experiments/2026-12-05-name-contrast.md). A web-scale 
 their description because contrastive training saw both; this loss gives the world's encoder that separation.
 
 ``loss = weight * mean(relu(cos(flat(enc(name prompt)), flat(enc(description prompt))) - margin))`` over a few people
-per step, name and description in the same template. Flattened token states, since the UNet reads every position.
+per step (drawn with replacement), name and description in the same template. Flattened token states, since the
+UNet reads every position; they include the template's shared words and the padding, so the cosine never nears 0.
+The prompts sit at their usual positions (a prefix moves them right; the base's position jitter covers that for the
+diffusion loss, not for this one).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -40,7 +44,7 @@ def name_description_contrast(
 
     ``ids`` tokenizes prompts (``PromptEncoder.ids``). Returns a function of the text encoder being trained.
     """
-    if weight <= 0 or not -1.0 <= margin < 1.0 or people_per_step < 1:
+    if not (math.isfinite(weight) and weight > 0 and -1.0 <= margin < 1.0 and people_per_step >= 1):
         raise ValueError(
             f"name-description contrast needs weight > 0, margin in [-1, 1) and people_per_step >= 1; got weight="
             f"{weight}, margin={margin}, people_per_step={people_per_step}"

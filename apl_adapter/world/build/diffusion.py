@@ -143,8 +143,11 @@ def train_diffusion(
         with torch.set_grad_enabled(train_text):
             cond = text_encoder(ids, position_ids=position_ids)[0]
         loss = F.mse_loss(unet(zt, t, cond).sample, noise)
+        postfix = {"loss": f"{loss.item():.4f}"}  # the diffusion loss alone, comparable across runs
         if text_loss is not None:
-            loss = loss + text_loss(text_encoder)
+            extra = text_loss(text_encoder)
+            postfix["text"] = f"{extra.item():.4f}"
+            loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -157,7 +160,7 @@ def train_diffusion(
             if train_text:
                 for e, p in zip(ema_text.parameters(), text_encoder.parameters()):
                     e.lerp_(p, 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # the bar redraws at its own pace
+        bar.set_postfix(postfix, refresh=False)  # the bar redraws at its own pace
     return ema_unet, ema_text.eval()
 
 

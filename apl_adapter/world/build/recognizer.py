@@ -70,7 +70,7 @@ def recognizer_bank(ctx: BuildContext) -> Bank:
     world, config, seed = ctx.world, ctx.config, ctx.config.seed
     people, faces = list(world.identities), config.recognizer_faces_per_person
     extra = render_bank(world, people, faces, 1500, 1500, seed + SEEDS.recognizer_renders, noise=1500)
-    sibling_faces = faces * 3 // 8  # 15 of 40
+    sibling_faces = max(1, faces * 3 // 8)  # 15 of 40
     sibling_seed = seed + SEEDS.recognizer_sibling_renders
     extra_sib = render_bank(world, people, sibling_faces, 500, 500, sibling_seed, style="sibling")
     bank = concat_banks(extra, extra_sib, ctx.banks.late)

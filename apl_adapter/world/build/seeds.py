@@ -8,7 +8,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SeedOffsets:
     """What each random stream of a build adds to ``BuildConfig.seed``: distinct, so no two stages draw the same
-    numbers, and fixed, so a stage re-run alone draws what it drew in the full build."""
+    numbers, and fixed, so a stage re-run alone draws what it drew in the full build.
+
+    Base legs carry their own offsets (``BasePhase.seed``, ``BasePhase.sampler_seed``: 0 and 31 for the shipped leg);
+    a leg's name contrast draws its people from ``sampler_seed + 1``. Keep a leg's ``sampler_seed`` clear of the
+    offsets below and of ``x - 1`` for each of them."""
 
     base_renders: int = 11
     late_renders: int = 12
