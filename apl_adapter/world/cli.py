@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="weight of the text-side loss that keeps each person's description apart from their name in every "
-        "base leg (BasePhase.name_contrast; 0 = none, the shipped world's); it lowers the look-alike floor",
+        "base leg (BasePhase.name_contrast; 0 = none, the shipped world's); it lowers the look-alike floor on an "
+        "encoder that already knows names, but from the first step of a fresh base, weight 1 broke it "
+        "(docs/experiments/2026-12-05-name-contrast.md)",
     )
     add_common_options(b, version=False)
     return parser
