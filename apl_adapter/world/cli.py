@@ -93,9 +93,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if unknown:
         raise APLAdapterError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}.")
     overrides = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
-    for flag in ("late_described_faces", "stranger_min_distance", "strangers_like_people"):
-        if getattr(args, flag) is not None:
-            check_at_least(("--" + flag.replace("_", "-"), getattr(args, flag), 0))
+    floors = {
+        "late_described_faces": 0,
+        "stranger_min_distance": 0,
+        "strangers_like_people": 0,
+        "recognizer_faces_per_person": 1,
+    }
+    check_at_least(*(("--" + k.replace("_", "-"), overrides[k], floors[k]) for k in floors if k in overrides))
     if args.stranger_min_distance is not None:
         world = WorldSpec.from_seed(args.seed or 0)
         limit = stranger_distance_limit(world.identities)
@@ -104,8 +108,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 f"--stranger-min-distance {args.stranger_min_distance} leaves no stranger for some look of world "
                 f"seed {world.seed} (people who share their attributes cover the fine features); use 0-{limit}."
             )
-    if args.recognizer_faces_per_person is not None:
-        check_at_least(("--recognizer-faces-per-person", args.recognizer_faces_per_person, 1))
     if args.base_steps is not None:
         check_at_least(("--base-steps", args.base_steps, 1))
         shipped = SHIPPED_BASE_PHASES[-1]

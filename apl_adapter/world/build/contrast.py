@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextModel
 
 from ..spec import WorldSpec
-
-#: an extra loss of the text encoder, added to the diffusion loss each step
-TextLoss = Callable[[CLIPTextModel], torch.Tensor]
+from .diffusion import TextLoss
 
 
 def name_description_contrast(

@@ -18,11 +18,12 @@ from ..models import world_scheduler
 from ..recognizers import SCENE_VALUES
 from ..spec import ATTRIBUTE_VALUES, Scene, WorldSpec
 from .banks import KIND_NAMED, KIND_SCENE, KIND_STRANGER, Bank
-from .contrast import TextLoss
 from .schedule import _cosine_lr
 
 #: draws a batch: latents and their prompts
 Sampler = Callable[[int], tuple[torch.Tensor, list[str]]]
+#: an extra loss of the text encoder being trained, added to the diffusion loss each step (e.g. :mod:`.contrast`)
+TextLoss = Callable[[CLIPTextModel], torch.Tensor]
 
 
 class PromptEncoder:
