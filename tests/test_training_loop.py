@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import shutil
@@ -239,6 +240,21 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     assert text_shares.abs().min() > 1e-3  # the term is not vanishing in this check
     with pytest.raises(ValueError, match="contrast_ids"):
         apl_loss(pipe.unet, encoder, z_t, t, c1, c2, text_attribute_hold=0.5)
+    # text_preserve=lambda: + lambda * mean ||tau([AP] + c)[m+1:] - tau_m(c)[1:L-m]||^2 over the preservation row only,
+    # tau_m the plain encoder with the prompt at positions 1+m.. (here m = 3; BOS keeps position 0)
+    m, length = 3, c1.shape[1]
+    shifted = torch.tensor([[0] + [min(j + m, length - 1) for j in range(1, length)]])
+    with torch.no_grad(), encoder.disable_adapter():
+        moved_plain = encoder.base_model.model(input_ids=c1[1:], position_ids=shifted)[0]
+    kept = (prefixed_states[1, m + 1 :] - moved_plain[0, 1 : length - m]).square().mean()
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, text_preserve=0.5).detach()
+    torch.testing.assert_close(loss, (prefixed - target).square().mean() + 0.5 * kept, rtol=1e-4, atol=1e-7)
+    assert kept > 1e-3  # the term is not vanishing in this check
+    with torch.no_grad(), encoder.disable_adapter():
+        unshifted = encoder(input_ids=c1[1:])[0]
+    assert (prefixed_states[1, m + 1 :] - unshifted[0, 1 : length - m]).square().mean() > kept  # positions matter
+    identity_only = apl_loss(pipe.unet, encoder, z_t[:1], t[:1], c1[:1], c2[:1], text_preserve=0.5).detach()
+    torch.testing.assert_close(identity_only, (prefixed[:1] - target[:1]).square().mean(), rtol=1e-4, atol=1e-7)
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):
@@ -471,6 +487,11 @@ def test_attribute_hold_reads_the_data_contrasts_and_refuses_data_without_them(b
         train(TrainConfig(data=str(data_folder), out=str(tmp_path / "none"), text_attribute_hold=1.0, **common))
     with pytest.raises(APLAdapterError, match="--c2 attribute"):
         TrainConfig(base="b", data="d", out="o", text_attribute_hold=1.0, c2="empty")
+    # text_preserve reads the preservation rows (no contrasts needed) and reaches the prefix; the recipe records it
+    kept = train(TrainConfig(data=str(contrasted), out=str(tmp_path / "kept"), text_preserve=5.0, **common),
+                 show_progress=False)  # fmt: skip
+    assert not torch.allclose(_prefix(kept.adapter_dir), _prefix(plain.adapter_dir))
+    assert json.loads((tmp_path / "kept" / "train_config.json").read_text())["text_preserve"] == 5.0
     bad = write_data_folder(tmp_path / "bad", [(rows[1][0], {**rows[1][1], "c2_contrasts": {"sex": []}})])
     with pytest.raises(DataFormatError, match="non-empty list"):
         read_metadata(bad)

@@ -38,6 +38,8 @@ def summary_of(recipe: dict) -> str:
         parts.append(f"attribute hold {recipe['attribute_hold']:g}")
     if recipe.get("text_attribute_hold"):
         parts.append(f"text attribute hold {recipe['text_attribute_hold']:g}")
+    if recipe.get("text_preserve"):
+        parts.append(f"text preservation {recipe['text_preserve']:g}")
     if recipe.get("attribute_boost"):
         parts.append(f"attribute boost {recipe['attribute_boost']:g}")
     parts.append(f"{recipe['steps']} steps at lr {recipe['lr']:g}, batch {recipe['batch_size']}")

@@ -200,6 +200,17 @@ class TrainConfig:
             "sibling's scenes -2.5 points (experiments 2026-12-05-where-attributes-go)."
         },
     )
+    text_preserve: float = field(
+        default=0.0,
+        metadata={
+            "help": "lambda >= 0: also keep prompts without a name (the preservation rows) where they were in the "
+            "text encoder's output, lambda * mean ||tau([AP] + c)[m+1:] - tau_m(c)||^2 with tau_m the plain encoder "
+            "at the positions the prefix moves the prompt to (0 = the paper; the prefix's own rows are not compared). "
+            "Every prefix the eps loss trained moved scene captions' states about as far as changing their colour "
+            "word (the 10-position shift alone: 0.7 of one, and no scene lost to it); what the encoder keeps, every "
+            "UNet sharing it keeps (experiments 2026-12-05-text-preservation)."
+        },
+    )
     push_without_attributes: bool = field(
         default=False,
         metadata={
@@ -360,6 +371,7 @@ class TrainConfig:
             (self.guidance_relative >= 0, f"guidance_relative must be >= 0, got {self.guidance_relative}"),
             (self.attribute_hold >= 0, f"attribute_hold must be >= 0, got {self.attribute_hold}"),
             (self.text_attribute_hold >= 0, f"text_attribute_hold must be >= 0, got {self.text_attribute_hold}"),
+            (self.text_preserve >= 0, f"text_preserve must be >= 0, got {self.text_preserve}"),
             (
                 not (self.text_attribute_hold and self.c2 == "empty"),
                 "text_attribute_hold keeps the attributes c2 states, so it needs --c2 attribute",
@@ -468,6 +480,7 @@ SD_ONLY_OPTIONS: dict[str, str] = {
     "attribute_hold": "the attribute hold (written for the SD 1.x eps loss)",
     "push_without_attributes": "push_without_attributes (written for the SD 1.x eps loss)",
     "text_attribute_hold": "the text attribute hold (one encoder's output; SD3 / FLUX join several)",
+    "text_preserve": "the text preservation term (one CLIP encoder's output and positions; SD3 / FLUX join several)",
     "also_through": "training through other denoisers",
     "resume": "resuming (no SD3 / FLUX checkpoints are written yet)",
     "checkpoint_every": "intermediate checkpoints",

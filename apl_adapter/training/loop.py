@@ -267,7 +267,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                     guidance_relative=config.guidance_relative, attribute_hold=config.attribute_hold,
                     push_without_attributes=config.push_without_attributes,
                     contrast_ids=contrast_ids, contrast_groups=contrast_groups,
-                    text_attribute_hold=config.text_attribute_hold,
+                    text_attribute_hold=config.text_attribute_hold, text_preserve=config.text_preserve,
                 )
                 for unet in unets
             ) / len(unets)  # fmt: skip

@@ -121,6 +121,21 @@ def without_pulls(direction: torch.Tensor, pulls: torch.Tensor) -> torch.Tensor:
     return (flat - pulls.transpose(1, 2) @ coefficients).view_as(direction).to(direction.dtype)
 
 
+def preservation_gap(text_encoder: PeftModel, ids: torch.Tensor, prefixed_states: torch.Tensor) -> torch.Tensor:
+    """``mean ||tau([AP] + c)[m+1:] - tau_m(c)[1:L-m]||^2``: how far the prefix moves the states of prompts ``c``
+    (ids ``(B, L)``, their prefixed states ``(B, L, D)``), against the plain encoder with the prompt at the positions
+    the prefix puts it (``1+m..L-1``). Only the prompt's own positions count: the prefix's rows are the same for every
+    prompt, the empty one included, and a prompt position is what the prefix can change."""
+    m = text_encoder.active_peft_config.num_virtual_tokens
+    span = ids.shape[1] - m - 1
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids) + m
+    positions = positions.clamp(max=ids.shape[1] - 1)  # past the span: never compared (the encoder is causal)
+    positions[:, 0] = 0  # BOS stays first
+    with torch.no_grad(), text_encoder.disable_adapter():
+        plain = text_encoder(ids, position_ids=positions)[0][:, 1 : 1 + span]
+    return (prefixed_states[:, m + 1 : m + 1 + span].float() - plain.float()).square().mean()
+
+
 def noisy_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``z_t`` ``(B, C, h, w)`` from ``z0`` ``(B, C, h, w)``, noise of the same shape and ``t`` ``(B,)``."""
     return scheduler.add_noise(latents, noise, timesteps)
@@ -148,6 +163,7 @@ def apl_loss(
     contrast_ids: torch.Tensor | None = None,
     contrast_groups: torch.Tensor | None = None,
     text_attribute_hold: float = 0.0,
+    text_preserve: float = 0.0,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -196,6 +212,12 @@ def apl_loss(
             positions, :func:`text_attribute_pulls`) and ``s_k = <m(tau([AP] + c1)) - m(tau(c2)), b_k> / ||b_k||^2``.
             What the encoder writes, every UNet that shares it reads: the UNet-side hold keeps an attribute only as
             the training UNet reads it. Needs ``contrast_ids`` / ``contrast_groups``; beyond the paper.
+        text_preserve: ``lambda`` of a term that keeps prompts without a name where they were *in the text encoder's
+            output*: ``lambda * mean ||tau([AP] + c)[m+1:] - tau_m(c)[1:L-m]||^2`` over the preservation rows
+            (``c1 == c2``), ``tau_m`` the plain encoder with the prompt at the positions the prefix moves it to
+            (``1+m..``), so the term is 0 for a prefix nobody attends to and the shift itself costs nothing (0 = the
+            paper). The eps loss keeps a scene only as the training UNet reads it, one timestep a step; what the
+            encoder writes every UNet sharing it reads (beyond the paper).
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -284,6 +306,8 @@ def apl_loss(
         summary = prefixed_states[identity].float().mean(dim=1)
         shares = attribute_shares(summary, *text_hold)  # (m(tau(c2)), pulls, present)
         loss = loss + text_attribute_hold * shares.square().mean()
+    if text_preserve and not bool(identity.all()):
+        loss = loss + text_preserve * preservation_gap(text_encoder, c1_ids[~identity], prefixed_states[~identity])
     if guidance_relative and guidance is not None:
         error = (prediction[identity] - target[identity]).float().flatten(1).square().sum(dim=1)
         scale = guidance.float().flatten(1).square().sum(dim=1).clamp_min(1e-12)
