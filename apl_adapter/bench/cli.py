@@ -16,7 +16,8 @@ DESCRIPTION = textwrap.dedent(
     Measure an APL prefix with the paper's protocol on the shipped synthetic world.
 
     For seen / unseen / late identities x person templates x seeds, images are generated with and without
-    the prefix from the same seed (DDIM 20 steps, CFG 7, prefix on the positive prompt only) and measured by
+    the prefix from the same noise (each prompt of a seed draws its own; DDIM 20 steps, CFG 7, prefix on the
+    positive prompt only) and measured by
     the world's recognizers:
       - top-1 identity accuracy (no face = miss), mean identity score, face-presence rate;
       - attribute agreement: does the (anonymous) face keep the named person's sex, hair, skin, face shape;

@@ -131,8 +131,9 @@ def to_markdown(report: dict) -> str:
     lines = ["# apl-bench report", ""]
     lines.append(
         f"Adapter `{report['adapter']}`; {report['settings']['num_inference_steps']} DDIM steps, CFG "
-        f"{report['settings']['guidance_scale']:g}, seeds {report['settings']['seeds']}, prefix on the positive "
-        f"prompt only. Recognizers: {report['recognizers']}."
+        f"{report['settings']['guidance_scale']:g}, seeds {report['settings']['seeds']} (each prompt its own noise, "
+        "the same with and without APL), prefix on the positive prompt only. "
+        f"Recognizers: {report['recognizers']}."
     )
     lines += ["", "| measure | measured | goal | met |", "|---|---|---|---|"]
     for row in report["goals"]:
