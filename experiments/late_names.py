@@ -21,7 +21,7 @@ from pathlib import Path
 from peft import get_peft_model
 
 from apl_adapter import APLConfig
-from apl_adapter.bench.protocol import generate_pair
+from apl_adapter.bench.protocol import generate_pair, image_seed
 from apl_adapter.bench.world import world_bench_inputs
 from apl_adapter.world.models import load_world_pipeline, model_path
 from apl_adapter.world.spec import WorldSpec
@@ -55,7 +55,8 @@ def late_faces(adapter: str, num_seeds: int = 1) -> dict[str, int]:
         for template in spec.person_templates
     ]
     prompts = [template.format(person.name) for person, template, _ in cases]
-    plain, prefixed = generate_pair(models.dreambooth, adapter, prompts, [s for *_, s in cases], spec, "late names")
+    seeds = [image_seed(seed, prompt) for (*_, seed), prompt in zip(cases, prompts)]  # each prompt its own noise
+    plain, prefixed = generate_pair(models.dreambooth, adapter, prompts, seeds, spec, "late names")
     counts = {"faces": len(cases)}
     for label, images in (("plain_", plain), ("", prefixed)):
         seen, attributes = readers.identity.observe(images), readers.attributes.read_attributes(images)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from apl_adapter.bench.protocol import BenchReaders, BenchSpec, paired_change
+from apl_adapter.bench.protocol import BenchReaders, BenchSpec, image_seed, paired_change
 from apl_adapter.console import seed_list
 from apl_adapter.errors import APLAdapterError
 from apl_adapter.metrics.base import identity_metrics
@@ -128,8 +128,8 @@ def measure_step_bands(
         raise APLAdapterError("Step bands need seen persons and scene prompts in the bench spec.")
     person_ctx = encode_contexts(pipe, adapter, [prompt for _, _, prompt, _ in persons])
     scene_ctx = encode_contexts(pipe, adapter, [scene.prompt for scene, _ in scenes])
-    person_seeds = [seed for *_, seed in persons]
-    scene_seeds = [seed for _, seed in scenes]
+    person_seeds = [image_seed(seed, prompt) for _, _, prompt, seed in persons]  # each prompt its own noise
+    scene_seeds = [image_seed(seed, scene.prompt) for scene, seed in scenes]
     targets = [person.name for person, *_ in persons]
     labels = [scene.label for scene, _ in scenes]
 

@@ -25,6 +25,7 @@ from apl_adapter.training import TrainConfig, apl_loss, train
 from apl_adapter.training.data import DataFormatError, read_metadata, write_data_folder
 from apl_adapter.training.loop import lr_scheduler, tokenize
 from apl_adapter.training.objective import noisy_latents
+from apl_adapter.tuners.apl.prefix import clip_eos_token_id, insert_prefix_ids
 
 from .reference import reference_encode
 
@@ -247,6 +248,9 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     with torch.no_grad(), encoder.disable_adapter():
         moved_plain = encoder.base_model.model(input_ids=c1[1:], position_ids=shifted)[0]
     kept = (prefixed_states[1, m + 1 :] - moved_plain[0, 1 : length - m]).square().mean()
+    # the alignment itself, from the layout's own code: prefixed position m + j holds the prompt's token j
+    laid_out = insert_prefix_ids(c1[1:], m, clip_eos_token_id(pipe.text_encoder.config))
+    assert torch.equal(laid_out[0, m + 1 :], c1[1, 1 : length - m])  # a short caption: only padding is cut
     loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, text_preserve=0.5).detach()
     torch.testing.assert_close(loss, (prefixed - target).square().mean() + 0.5 * kept, rtol=1e-4, atol=1e-7)
     assert kept > 1e-3  # the term is not vanishing in this check

@@ -45,6 +45,9 @@ def run_bench(
         "recognizers": getattr(readers.identity, "name", type(readers.identity).__name__),
         "settings": {
             "seeds": spec.seeds,
+            # how an image's noise follows from its seed: "per-prompt" = image_seed(seed, prompt); reports without
+            # the field are from the bench before 2026-12-05, where every image of a seed shared the seed's noise
+            "noise": "per-prompt",
             "num_inference_steps": spec.num_inference_steps,
             "guidance_scale": spec.guidance_scale,
             "person_templates": spec.person_templates,
