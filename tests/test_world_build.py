@@ -389,3 +389,30 @@ def test_the_cli_puts_the_contrast_on_every_base_leg(tmp_path, monkeypatch):
     assert main(["build", *where, "--name-contrast", "1", "--recognizer-faces-per-person", "120"]) == 0
     assert [(leg.steps, leg.name_contrast) for leg in seen[0].base_phases] == [(5, 0.5)]
     assert all(leg.name_contrast == 1.0 for leg in seen[1].base_phases) and seen[1].recognizer_faces_per_person == 120
+
+
+def test_the_no_floor_preset_is_the_documented_world_and_options_override_it(tmp_path, monkeypatch):
+    import apl_adapter.world.build as build
+    from apl_adapter.world.build import NO_FLOOR_BASE_PHASES, PRESETS, SHIPPED_BASE_PHASES
+
+    # the legs the floor measurements used: the shipped leg, then 1,200 contrast steps at a third of its rate
+    assert NO_FLOOR_BASE_PHASES[0] == SHIPPED_BASE_PHASES[0]
+    contrast = NO_FLOOR_BASE_PHASES[1]
+    assert (contrast.steps, contrast.lr, contrast.name_contrast) == (1200, 5e-4, 1.0)
+    assert PRESETS["shipped"] == {}
+    seen: list[BuildConfig] = []
+    monkeypatch.setattr(build, "build_world", lambda config, out, work: seen.append(config) or {})
+    where = ["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stages", "base"]
+    assert main(["build", *where, "--preset", "no-floor"]) == 0
+    assert main(["build", *where, "--preset", "no-floor", "--dreambooth-steps", "1000", "--card-scenes", "48"]) == 0
+    assert main(["build", *where]) == 0
+    no_floor, overridden, shipped = seen
+    for name, value in PRESETS["no-floor"].items():
+        assert getattr(no_floor, name) == value, name
+    assert (no_floor.stranger_min_distance, no_floor.dreambooth_steps, no_floor.card_scenes) == (3, 600, 192)
+    assert no_floor.mix == SHIPPED_BASE_PHASES[0].mix  # the fine-tunes replay the base leg's mix
+    assert (overridden.dreambooth_steps, overridden.card_scenes, overridden.sibling_steps) == (1000, 48, 360)
+    assert shipped == BuildConfig(stages=("base",))
+    # options on top of a preset are still checked, before anything is built
+    assert main(["build", *where, "--preset", "no-floor", "--card-scenes", "0"]) == 2
+    assert len(seen) == 3 and not (tmp_path / "o").exists()

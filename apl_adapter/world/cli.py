@@ -86,26 +86,29 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .build import SHIPPED_BASE_PHASES, STAGES, BuildConfig, build_world
+    from .build import PRESETS, SHIPPED_BASE_PHASES, STAGES, BuildConfig, build_world
 
     stages = tuple(s.strip() for s in args.stages.split(","))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise APLAdapterError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}.")
-    overrides = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
+    overrides = {**PRESETS[args.preset], **given}
     floors = {
         "late_described_faces": 0,
         "stranger_min_distance": 0,
         "strangers_like_people": 0,
         "recognizer_faces_per_person": 1,
+        "card_scenes": 1,
     }
     check_at_least(*(("--" + k.replace("_", "-"), overrides[k], floors[k]) for k in floors if k in overrides))
-    if args.stranger_min_distance is not None:
+    min_distance = overrides.get("stranger_min_distance", 0)
+    if min_distance:
         world = WorldSpec.from_seed(args.seed or 0)
         limit = stranger_distance_limit(world.identities)
-        if args.stranger_min_distance > limit:
+        if min_distance > limit:
             raise APLAdapterError(
-                f"--stranger-min-distance {args.stranger_min_distance} leaves no stranger for some look of world "
+                f"--stranger-min-distance {min_distance} leaves no stranger for some look of world "
                 f"seed {world.seed} (people who share their attributes cover the fine features); use 0-{limit}."
             )
     if args.base_steps is not None:
@@ -126,7 +129,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build import DEFAULT_STAGES, STAGES, BuildConfig
+    from .build import DEFAULT_STAGES, PRESETS, STAGES, BuildConfig
     from .models import ASSETS, MODEL_KINDS
 
     parser = argparse.ArgumentParser(
@@ -198,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--eval-models", default="base,sibling,dreambooth", help="models the evaluate stage samples (comma-separated)"
     )
+    b.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="shipped",
+        help="named build to start from; the options below override its fields. shipped: the package's assets; "
+        "no-floor: an attempt at a world without a look-alike floor (a contrast leg after the shipped base leg, far "
+        "strangers, late people known by description, a recognizer with more renders; its floor is not "
+        "reproducible yet: see docs/world.md)",
+    )
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
     b.add_argument(
         "--base-steps",
@@ -220,13 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
         "stranger_min_distance",
         "strangers_like_people",
         "recognizer_faces_per_person",
+        "card_scenes",
     ):
         b.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             type=int,
             default=None,
-            help=f"override BuildConfig.{name} (default: {getattr(BuildConfig, name)}, the shipped world's)",
+            help=f"override BuildConfig.{name} (shipped: {getattr(BuildConfig, name)}; no-floor: "
+            f"{PRESETS['no-floor'].get(name, 'the same')})",
         )
     b.add_argument(
         "--name-contrast",

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 def run_evaluate(ctx: BuildContext) -> None:
     """Sample ``config.eval_models`` and measure the world's bars with the recognizers."""
     publish_recognizer(ctx)  # the measurements use out/recognizer
-    ctx.metrics.update(evaluate_world(ctx.out, ctx.world, kinds=ctx.config.eval_models, log=ctx.log))
+    ctx.metrics.update(
+        evaluate_world(ctx.out, ctx.world, num_scenes=ctx.config.card_scenes, kinds=ctx.config.eval_models, log=ctx.log)
+    )
 
 
 def write_world_card(ctx: BuildContext, timings: dict[str, float]) -> dict[str, Any]:
