@@ -50,7 +50,7 @@ def train_recognizer(bank: Bank, num_names: int, steps: int, seed: int, batch_si
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = WorldRecognizerNet(num_names)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4, fused=True)  # one kernel: ~10% a step
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4, fused=True)  # one kernel, as train_diffusion
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
     net.train()
     for _ in (bar := tqdm(range(steps), desc="recognizer", mininterval=5)):
