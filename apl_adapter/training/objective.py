@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from ..tuners.apl.prefix import shifted_position_ids
+
 
 def name_share(residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Per row ``<residual, direction> / ||direction||^2`` (rows flattened): the share of ``direction`` in
@@ -128,11 +130,8 @@ def preservation_gap(text_encoder: PeftModel, ids: torch.Tensor, prefixed_states
     prompt, the empty one included, and a prompt position is what the prefix can change."""
     m = text_encoder.active_peft_config.num_virtual_tokens
     span = ids.shape[1] - m - 1
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids) + m
-    positions = positions.clamp(max=ids.shape[1] - 1)  # past the span: never compared (the encoder is causal)
-    positions[:, 0] = 0  # BOS stays first
     with torch.no_grad(), text_encoder.disable_adapter():
-        plain = text_encoder(ids, position_ids=positions)[0][:, 1 : 1 + span]
+        plain = text_encoder(ids, position_ids=shifted_position_ids(ids, m))[0][:, 1 : 1 + span]
     return (prefixed_states[:, m + 1 : m + 1 + span].float() - plain.float()).square().mean()
 
 

@@ -88,6 +88,18 @@ def insert_prefix_ids(
     return torch.cat([ids[:, :-1], last[:, None]], dim=1)
 
 
+def shifted_position_ids(input_ids: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
+    """Position ids ``(B, L)`` of prompts moved right by ``shift`` (an int, or ``(B, 1)`` per row), BOS kept at 0
+    and the tail clamped to the last position: with ``shift = m``, where a prompt sits behind the prefix. The plain
+    encoder given these positions states a prompt where the prefixed one places it (``apl-train --text-preserve``),
+    and an encoder trained with random shifts has seen words there (the world's ``position_jitter``)."""
+    seq_len = input_ids.shape[1]
+    positions = torch.arange(seq_len, device=input_ids.device).expand_as(input_ids) + shift
+    positions = positions.clamp(max=seq_len - 1)  # past the prompt: the encoder is causal, so never read back
+    positions[:, 0] = 0  # BOS stays first
+    return positions
+
+
 def insert_prefix_mask(
     attention_mask: torch.Tensor, num_virtual_tokens: int, max_positions: int = MAX_CLIP_POSITIONS
 ) -> torch.Tensor:

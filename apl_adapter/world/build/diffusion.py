@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from ...tokenizer import load_clip_tokenizer
+from ...tuners.apl.prefix import shifted_position_ids
 from ..models import world_scheduler
 from ..recognizers import SCENE_VALUES
 from ..spec import ATTRIBUTE_VALUES, Scene, WorldSpec
@@ -139,9 +140,7 @@ def train_diffusion(
         position_ids = None
         if position_jitter and train_text:
             shift = torch.randint(1, position_jitter + 1, (batch_size, 1)) * (torch.rand(batch_size, 1) < 0.5)
-            position_ids = torch.arange(ids.shape[1]).expand_as(ids) + shift
-            position_ids[:, 0] = 0  # BOS stays first
-            position_ids = position_ids.clamp(max=ids.shape[1] - 1)
+            position_ids = shifted_position_ids(ids, shift)
         with torch.set_grad_enabled(train_text):
             cond = text_encoder(ids, position_ids=position_ids)[0]
         loss = F.mse_loss(unet(zt, t, cond).sample, noise)
