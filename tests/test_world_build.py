@@ -112,7 +112,39 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
     assert "--name-contrast must be >= 0 (0 = off); got nan" in capsys.readouterr().err
     assert main(["build", *where, "--recognizer-faces-per-person", "0"]) == 2
     assert "--recognizer-faces-per-person must be >= 1" in capsys.readouterr().err
+    for rate in ("0.5", "-0.01", "nan"):
+        assert main(["build", *where, "--recognizer-false-reject", rate]) == 2
+        assert "--recognizer-false-reject is a rate in (0, 0.5), or 0 to keep" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_recognizer_stage_ships_the_threshold_calibrated_on_renders(tmp_path, monkeypatch):
+    """With ``recognizer_false_reject`` the stage writes the calibrated margin into the recognizer it ships; a
+    recognizer that misnames more renders than the rate allows is refused with the fix."""
+    from dataclasses import replace
+
+    import apl_adapter.world.build.recognizer as stage
+    from apl_adapter.world.recognizers import RECOGNIZER_DIR, WorldIdentityRecognizer
+    from apl_adapter.world.spec import WorldSpec
+
+    torch.set_num_threads(1)
+    config = replace(
+        _toy_config(("vae", "recognizer")),
+        recognizer_false_reject=0.02,
+        recognizer_faces_per_person=2,
+        lookalikes_per_person=0,
+    )
+    with pytest.raises(ValueError, match=r"calls more than 2\.0% of fresh renders by another name"):
+        build_world(config, tmp_path / "toy", tmp_path / "toy-work", log=lambda _: None)  # 2 steps: misnames most
+    # the same stage around a trained network (the shipped one: training it again takes minutes)
+    shipped = WorldIdentityRecognizer.from_pretrained(RECOGNIZER_DIR)
+    monkeypatch.setattr(stage, "train_recognizer", lambda *args, **kwargs: shipped.net)
+    logs: list[str] = []
+    build_world(config, tmp_path / "out", tmp_path / "work", log=logs.append)
+    written = json.loads((tmp_path / "out" / "recognizer" / "config.json").read_text())["stranger_margin"]
+    seed = config.seed + stage.SEEDS.recognizer_calibration
+    assert written == pytest.approx(stage.calibrated_stranger_margin(shipped, WorldSpec.from_seed(0), 0.02, seed))
+    assert written < 1.0 and any("set to name all but 2.0% of fresh renders" in line for line in logs)
 
 
 def test_a_base_without_legs_is_refused_before_any_training(toy_build):

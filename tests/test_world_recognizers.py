@@ -82,3 +82,36 @@ def test_the_stranger_margin_is_the_open_set_threshold(world, tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, "stranger_margin": margin}))
         obs = WorldIdentityRecognizer.from_pretrained(folder).observe(faces)
         assert sum(o.top1 is not None for o in obs) == named
+
+
+def test_a_calibrated_threshold_names_all_but_the_chosen_share_of_fresh_renders(world, tmp_path):
+    """The verifier's operating point: at the calibrated margin no more than 5% of the calibration renders lose
+    their name, and a hair stricter more than 5% do (it is the tightest such threshold)."""
+    import json
+    import shutil
+
+    from apl_adapter.world.build.recognizer import calibrated_stranger_margin
+
+    rec = WorldIdentityRecognizer.from_pretrained()
+    margin = calibrated_stranger_margin(rec, world, 0.05, seed=4321, per_person=5)
+    assert margin < 1.0  # stricter than the shipped margin: names need to beat the stranger class
+    rng = random.Random(4321)  # the function's renders: both styles, every person, 5 each
+    faces, names = [], []
+    for style in ("base", "sibling"):
+        for person in world.identities:
+            faces += [render_face(person.attributes, person.fine, rng, style) for _ in range(5)]
+            names += [person.name] * 5
+    assert len(faces) == 400
+    rejected = {}
+    for label, shift in (("looser", 1e-3), ("stricter", -1e-3)):
+        folder = tmp_path / label
+        shutil.copytree(RECOGNIZER_DIR, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "stranger_margin": margin + shift}))
+        obs = WorldIdentityRecognizer.from_pretrained(folder).observe(faces)
+        rejected[label] = sum(o.top1 != n for o, n in zip(obs, names))
+    assert rejected["looser"] <= 20 < rejected["stricter"], rejected
+    with pytest.raises(ValueError, match="rate in"):
+        calibrated_stranger_margin(rec, world, 0.0, seed=4321)
+    with pytest.raises(ValueError, match="one name per image"):
+        rec.name_margins(faces[:2], names[:1])

@@ -111,6 +111,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 f"--stranger-min-distance {min_distance} leaves no stranger for some look of world "
                 f"seed {world.seed} (people who share their attributes cover the fine features); use 0-{limit}."
             )
+    false_reject = overrides.get("recognizer_false_reject", 0.0)
+    if not (math.isfinite(false_reject) and (false_reject == 0 or 0 < false_reject < 0.5)):
+        raise APLAdapterError(
+            "--recognizer-false-reject is a rate in (0, 0.5), or 0 to keep the fixed stranger margin; "
+            f"got {false_reject}."
+        )
     if args.base_steps is not None:
         check_at_least(("--base-steps", args.base_steps, 1))
         shipped = SHIPPED_BASE_PHASES[-1]
@@ -207,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="shipped",
         help="named build to start from; the options below override its fields. shipped: the package's assets; "
         "no-floor: an attempt at a world without a look-alike floor (a contrast leg after the shipped base leg, far "
-        "strangers, late people known by description, a recognizer with more renders; its floor is not "
-        "reproducible yet: see docs/world.md)",
+        "strangers, late people known by description, a recognizer with more renders and a threshold calibrated "
+        "on renders; its floor is not under the bar yet: see docs/world.md)",
     )
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
     b.add_argument(
@@ -242,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"override BuildConfig.{name} (shipped: {getattr(BuildConfig, name)}; no-floor: "
             f"{PRESETS['no-floor'].get(name, 'the same')})",
         )
+    b.add_argument(
+        "--recognizer-false-reject",
+        type=float,
+        default=None,
+        help="set the recognizer's open-set threshold so it names all but this share of fresh renders of the world's "
+        "people (a face verifier's operating point; 0 = keep the fixed stranger margin, the shipped world's; "
+        f"no-floor: {PRESETS['no-floor']['recognizer_false_reject']})",
+    )
     b.add_argument(
         "--name-contrast",
         type=float,

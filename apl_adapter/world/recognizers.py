@@ -28,6 +28,7 @@ True
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,6 +166,22 @@ class WorldIdentityRecognizer(_WorldRecognizerBase, Recognizer):
             scores = dict(zip(self.names, probs[: len(self.names)].tolist()))
             observations.append(FaceObservation(True, presence, top1, scores))
         return observations
+
+    def name_margins(self, images: Sequence[Image.Image], names: Sequence[str]) -> torch.Tensor:
+        """Per image: how many nats the expected name's log-probability beats the stranger class by, ``-inf`` where
+        another name is likelier (or no face is seen). ``observe`` names the person where this is
+        ``>= -stranger_margin``; :func:`~apl_adapter.world.build.recognizer.calibrated_stranger_margin` sets that
+        threshold from these values on renders."""
+        if len(images) != len(names):
+            raise ValueError(f"name_margins needs one name per image; got {len(images)} images, {len(names)} names")
+        if not images:
+            return torch.zeros(0)
+        out = self._run(images)
+        logp = out.identity.clamp_min(1e-30).log()
+        target = torch.tensor([self.names.index(n) for n in names])
+        margins = logp[torch.arange(len(names)), target] - logp[:, len(self.names)]
+        named = (logp[:, : len(self.names)].argmax(-1) == target) & (out.presence > 0.5)
+        return torch.where(named, margins, torch.full_like(margins, -math.inf))
 
 
 class WorldAttributeRecognizer(_WorldRecognizerBase):

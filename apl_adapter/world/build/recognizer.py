@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 import shutil
 from typing import TYPE_CHECKING
 
@@ -10,8 +12,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...atomic import atomic_folder
-from ..recognizers import SCENE_VALUES, WorldRecognizerNet, save_recognizer
-from ..spec import ATTRIBUTE_VALUES
+from ..recognizers import SCENE_VALUES, WorldIdentityRecognizer, WorldRecognizerNet, save_recognizer
+from ..render import render_face
+from ..spec import ATTRIBUTE_VALUES, WorldSpec
 from .banks import KIND_NAMED, KIND_SCENE, KIND_STRANGER, Bank, concat_banks, render_bank, render_lookalikes
 from .latents import roundtrip
 from .schedule import _cosine_lr
@@ -87,10 +90,51 @@ def recognizer_bank(ctx: BuildContext) -> Bank:
     return concat_banks(bank, roundtrips)
 
 
+def calibrated_stranger_margin(
+    recognizer: WorldIdentityRecognizer, world: WorldSpec, false_reject: float, seed: int, per_person: int = 20
+) -> float:
+    """The open-set threshold at which ``false_reject`` of fresh renders of the world's people lose their name.
+
+    A face verifier is run at a chosen false-reject rate, not at "whichever class is likeliest": a generated face of
+    a person's look whose fine features the recognizer can hardly read beats the stranger class by a nat or two,
+    while the person's own renders and name-prompt images beat it by five to ten. Renders of every person in both
+    styles (``per_person`` each, from ``seed``, which no training stage draws) give the margins; the returned
+    ``stranger_margin`` (``WorldIdentityRecognizer``: a name needs a margin ``>= -stranger_margin``) names all but
+    ``false_reject`` of them. Calibrated on renders only, never on a diffusion model's images.
+    """
+    if not 0 < false_reject < 0.5:
+        raise ValueError(f"false_reject is a rate in (0, 0.5); got {false_reject}")
+    rng = random.Random(seed)
+    faces, names = [], []
+    for style in ("base", "sibling"):
+        for person in world.identities:
+            faces += [render_face(person.attributes, person.fine, rng, style) for _ in range(per_person)]
+            names += [person.name] * per_person
+    margins = recognizer.name_margins(faces, names).sort().values
+    threshold = margins[int(false_reject * len(margins))].item()  # the renders below it are the rejected share
+    if not math.isfinite(threshold):
+        raise ValueError(
+            f"the recognizer calls more than {false_reject:.1%} of fresh renders by another name; no threshold "
+            "can name the rest. Train it longer (--recognizer-steps) or on more renders (--recognizer-faces-per-person)"
+        )
+    return -threshold
+
+
 def run_recognizer(ctx: BuildContext) -> None:
-    """Train the recognizer into ``work/recognizer`` (:func:`publish_recognizer` ships it)."""
-    net = train_recognizer(recognizer_bank(ctx), len(ctx.world.names), ctx.config.recognizer_steps, ctx.config.seed)
-    save_recognizer(net, ctx.world.names, ctx.work / "recognizer", stranger_margin=ctx.config.stranger_margin)
+    """Train the recognizer into ``work/recognizer`` (:func:`publish_recognizer` ships it), its open-set threshold
+    calibrated on renders when ``recognizer_false_reject`` is set."""
+    config = ctx.config
+    net = train_recognizer(recognizer_bank(ctx), len(ctx.world.names), config.recognizer_steps, config.seed)
+    margin = config.stranger_margin
+    if config.recognizer_false_reject:
+        recognizer = WorldIdentityRecognizer(net, ctx.world.names)
+        seed = config.seed + SEEDS.recognizer_calibration
+        margin = calibrated_stranger_margin(recognizer, ctx.world, config.recognizer_false_reject, seed)
+        ctx.log(
+            f"recognizer: stranger margin {margin:.2f}, set to name all but {config.recognizer_false_reject:.1%} "
+            "of fresh renders"
+        )
+    save_recognizer(net, ctx.world.names, ctx.work / "recognizer", stranger_margin=margin)
 
 
 def publish_recognizer(ctx: BuildContext) -> None:

@@ -22,6 +22,7 @@ class SeedOffsets:
     recognizer_sibling_renders: int = 22
     lookalikes: int = 23
     lookalikes_sibling: int = 24
+    recognizer_calibration: int = 25
     sibling_training: int = 1
     sibling_sampler: int = 41
     dreambooth_training: int = 2
