@@ -114,8 +114,9 @@ def calibrated_stranger_margin(
     threshold = margins[int(false_reject * len(margins))].item()  # the renders below it are the rejected share
     if not math.isfinite(threshold):
         raise ValueError(
-            f"the recognizer calls more than {false_reject:.1%} of fresh renders by another name; no threshold "
-            "can name the rest. Train it longer (--recognizer-steps) or on more renders (--recognizer-faces-per-person)"
+            f"the recognizer calls more than {false_reject:.1%} of fresh renders by another name (or sees no face); "
+            "no threshold can name the rest. Train it longer (--recognizer-steps) or on more renders "
+            "(--recognizer-faces-per-person)"
         )
     return -threshold
 
