@@ -8,7 +8,7 @@ import pytest
 
 from apl_adapter.metrics import identity_metrics
 from apl_adapter.world import WorldIdentityRecognizer, WorldSpec, render_face
-from apl_adapter.world.evaluate import heldout_recognizer_accuracy
+from apl_adapter.world.evaluate import fresh_renders, heldout_recognizer_accuracy
 from apl_adapter.world.recognizers import RECOGNIZER_DIR
 
 
@@ -95,12 +95,8 @@ def test_a_calibrated_threshold_names_all_but_the_chosen_share_of_fresh_renders(
     rec = WorldIdentityRecognizer.from_pretrained()
     margin = calibrated_stranger_margin(rec, world, 0.05, seed=4321, per_person=5)
     assert margin < 1.0  # stricter than the shipped margin: names need to beat the stranger class
-    rng = random.Random(4321)  # the function's renders: both styles, every person, 5 each
-    faces, names = [], []
-    for style in ("base", "sibling"):
-        for person in world.identities:
-            faces += [render_face(person.attributes, person.fine, rng, style) for _ in range(5)]
-            names += [person.name] * 5
+    faces, people = fresh_renders(world, 5, random.Random(4321))  # the function's renders: both styles, 5 each
+    names = [p.name for p in people]
     assert len(faces) == 400
     rejected = {}
     for label, shift in (("looser", 1e-3), ("stricter", -1e-3)):

@@ -78,18 +78,25 @@ def scene_prompts(world: WorldSpec, count: int, seed: int) -> tuple[list[str], l
     return [sc.caption(k) for k, sc in enumerate(scenes)], scenes
 
 
+def fresh_renders(world: WorldSpec, per_person: int, rng: random.Random) -> tuple[list[Image.Image], list[Identity]]:
+    """``per_person`` renders of every person of the world in each style (base first), drawn from ``rng``, and whom
+    each shows: the recognizers' held-out check and the build's open-set calibration read them."""
+    faces: list[Image.Image] = []
+    people: list[Identity] = []
+    for style in ("base", "sibling"):
+        for person in world.identities:
+            faces += [render_face(person.attributes, person.fine, rng, style) for _ in range(per_person)]
+            people += [person] * per_person
+    return faces, people
+
+
 def heldout_recognizer_accuracy(
     folder: Path, world: WorldSpec, per_person: int = 10, seed: int = EVAL_SEED
 ) -> dict[str, float]:
     """Accuracy of each recognizer view on a fresh render set (both styles), never seen in training."""
     rng = random.Random(seed)
-    faces, names, attrs = [], [], []
-    for style in ("base", "sibling"):
-        for person in world.identities:
-            for _ in range(per_person):
-                faces.append(render_face(person.attributes, person.fine, rng, style))
-                names.append(person.name)
-                attrs.append(person.attributes)
+    faces, people = fresh_renders(world, per_person, rng)
+    names, attrs = [p.name for p in people], [p.attributes for p in people]
     scenes = [rng.choice(world.scenes) for _ in range(len(world.identities) * per_person)]
     scene_images = [render_scene(sc, rng, rng.choice(("base", "sibling"))) for sc in scenes]
     # Strangers who share a person's coarse attributes (random fine features): how often are they taken for

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...atomic import atomic_folder
+from ..evaluate import fresh_renders
 from ..recognizers import SCENE_VALUES, WorldIdentityRecognizer, WorldRecognizerNet, save_recognizer
-from ..render import render_face
 from ..spec import ATTRIBUTE_VALUES, WorldSpec
 from .banks import KIND_NAMED, KIND_SCENE, KIND_STRANGER, Bank, concat_banks, render_bank, render_lookalikes
 from .latents import roundtrip
@@ -104,13 +104,8 @@ def calibrated_stranger_margin(
     """
     if not 0 < false_reject < 0.5:
         raise ValueError(f"false_reject is a rate in (0, 0.5); got {false_reject}")
-    rng = random.Random(seed)
-    faces, names = [], []
-    for style in ("base", "sibling"):
-        for person in world.identities:
-            faces += [render_face(person.attributes, person.fine, rng, style) for _ in range(per_person)]
-            names += [person.name] * per_person
-    margins = recognizer.name_margins(faces, names).sort().values
+    faces, people = fresh_renders(world, per_person, random.Random(seed))
+    margins = recognizer.name_margins(faces, [p.name for p in people]).sort().values
     threshold = margins[int(false_reject * len(margins))].item()  # the renders below it are the rejected share
     if not math.isfinite(threshold):
         raise ValueError(
