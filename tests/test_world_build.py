@@ -442,6 +442,7 @@ def test_the_no_floor_preset_is_the_documented_world_and_options_override_it(tmp
     for name, value in PRESETS["no-floor"].items():
         assert getattr(no_floor, name) == value, name
     assert (no_floor.stranger_min_distance, no_floor.dreambooth_steps, no_floor.card_scenes) == (3, 600, 192)
+    assert (no_floor.vae_steps, shipped.vae_steps) == (3000, 300)  # the floor's fix; the shipped VAE is 300 steps
     assert no_floor.mix == SHIPPED_BASE_PHASES[0].mix  # the fine-tunes replay the base leg's mix
     assert (overridden.dreambooth_steps, overridden.card_scenes, overridden.sibling_steps) == (1000, 48, 360)
     assert shipped == BuildConfig(stages=("base",))
