@@ -448,4 +448,5 @@ def test_the_no_floor_preset_is_the_documented_world_and_options_override_it(tmp
     assert shipped == BuildConfig(stages=("base",))
     # options on top of a preset are still checked, before anything is built
     assert main(["build", *where, "--preset", "no-floor", "--card-scenes", "0"]) == 2
+    assert main(["build", *where, "--preset", "no-floor", "--vae-steps", "0"]) == 2  # an untrained VAE, refused
     assert len(seen) == 3 and not (tmp_path / "o").exists()

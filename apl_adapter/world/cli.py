@@ -95,6 +95,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
     overrides = {**PRESETS[args.preset], **given}
     floors = {
+        "vae_steps": 1,
+        "recognizer_steps": 1,
+        "sibling_steps": 1,
+        "dreambooth_steps": 1,
+        "batch_size": 1,
+        "faces_per_person": 1,
         "late_described_faces": 0,
         "stranger_min_distance": 0,
         "strangers_like_people": 0,
