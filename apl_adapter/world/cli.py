@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="named build to start from; the options below override its fields. shipped: the package's assets; "
         "no-floor: a world without a look-alike floor (a contrast leg after the shipped base leg, far strangers, "
         "late people known by description, a recognizer with more renders and a threshold calibrated on renders, "
-        "a VAE trained 3,000 steps; about 56 min on 2 cores, every card bar met on its build: see docs/world.md)",
+        "a VAE trained 3,000 steps; about 56 min on 2 cores; floor under the bar on two builds: see docs/world.md)",
     )
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
     b.add_argument(
