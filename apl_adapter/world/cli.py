@@ -83,6 +83,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``BuildConfig`` integers ``apl-world build`` takes as options, each with the least value a build can use (checked,
+#: with any preset's value, before anything is written): zero steps or faces would train nothing, minutes in.
+BUILD_INT_OPTIONS: dict[str, int] = {
+    "vae_steps": 1,
+    "recognizer_steps": 1,
+    "sibling_steps": 1,
+    "dreambooth_steps": 1,
+    "batch_size": 1,
+    "faces_per_person": 1,
+    "late_described_faces": 0,
+    "stranger_min_distance": 0,
+    "strangers_like_people": 0,
+    "recognizer_faces_per_person": 1,
+    "card_scenes": 1,
+}
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -94,20 +111,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise APLAdapterError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}.")
     given = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if getattr(args, f.name, None) is not None}
     overrides = {**PRESETS[args.preset], **given}
-    floors = {
-        "vae_steps": 1,
-        "recognizer_steps": 1,
-        "sibling_steps": 1,
-        "dreambooth_steps": 1,
-        "batch_size": 1,
-        "faces_per_person": 1,
-        "late_described_faces": 0,
-        "stranger_min_distance": 0,
-        "strangers_like_people": 0,
-        "recognizer_faces_per_person": 1,
-        "card_scenes": 1,
-    }
-    check_at_least(*(("--" + k.replace("_", "-"), overrides[k], floors[k]) for k in floors if k in overrides))
+    check_at_least(
+        *(("--" + k.replace("_", "-"), overrides[k], least) for k, least in BUILD_INT_OPTIONS.items() if k in overrides)
+    )
     min_distance = overrides.get("stranger_min_distance", 0)
     if min_distance:
         world = WorldSpec.from_seed(args.seed or 0)
@@ -233,19 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--base-lr", type=float, default=None, help="learning rate of that one leg (default: the shipped leg's)"
     )
-    for name in (
-        "vae_steps",
-        "recognizer_steps",
-        "sibling_steps",
-        "dreambooth_steps",
-        "batch_size",
-        "faces_per_person",
-        "late_described_faces",
-        "stranger_min_distance",
-        "strangers_like_people",
-        "recognizer_faces_per_person",
-        "card_scenes",
-    ):
+    for name in BUILD_INT_OPTIONS:
         b.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
