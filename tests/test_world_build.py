@@ -50,6 +50,8 @@ def test_every_stage_writes_a_loadable_model(toy_build):
         pipe = load_world_pipeline(kind, out)
         assert isinstance(pipe, StableDiffusionPipeline)
     assert not (out / "base" / LEG_STAMP).exists(), "the build's bookkeeping must not ship with the model"
+    # a model loaded from the work folder (a base leg, the VAE) must not write that folder into the shipped config
+    assert not [c for c in out.rglob("config.json") if "_name_or_path" in json.loads(c.read_text())]
     # fine-tunes change the UNet only; the rest is the base's, linked
     assert (out / "sibling" / "text_encoder").is_symlink()
     base_w = load_world_pipeline("base", out).unet.conv_in.weight

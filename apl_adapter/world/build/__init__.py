@@ -45,7 +45,7 @@ from .latents import encode_latents, roundtrip
 from .recognizer import recognizer_loss, train_recognizer
 from .seeds import SEEDS, SeedOffsets
 from .stages import STAGE_TABLE, STAGES, Stage
-from .storage import LEG_STAMP, save_world_pipeline, save_world_unet, store_weights_half
+from .storage import LEG_STAMP, drop_local_paths, save_world_pipeline, save_world_unet, store_weights_half
 from .vae import train_vae
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "TrainingBanks",
     "build_world",
     "concat_banks",
+    "drop_local_paths",
     "encode_latents",
     "finetune_unet",
     "leg_stamp",

@@ -25,10 +25,25 @@ def store_weights_half(weights_file: Path) -> None:
     save_file(tensors, weights_file, metadata={"format": "pt"})
 
 
+def drop_local_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` from every ``config.json`` under ``folder``.
+
+    A model loaded from a folder (a base leg's, the VAE's under ``--work``) records that folder there, and
+    ``save_pretrained`` writes it back: the build machine's paths would ship inside the package's configs.
+    """
+    for config in Path(folder).rglob("config.json"):
+        if config.is_symlink():
+            continue  # a fine-tune's link to the base's component: cleaned where it lives
+        settings = json.loads(config.read_text())
+        if settings.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def save_world_pipeline(pipe: StableDiffusionPipeline, folder: Path, stamp: dict | None = None) -> None:
     """Save a world pipeline (UNet and text encoder in float16) atomically, with an optional stamp file inside."""
     with atomic_folder(folder, replace=True) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
+        drop_local_paths(staging)
         store_weights_half(staging / "unet" / "diffusion_pytorch_model.safetensors")
         # the width-128 encoder's 49,408-token embedding is 25 MB in float32
         store_weights_half(staging / "text_encoder" / "model.safetensors")
@@ -40,4 +55,5 @@ def save_world_unet(unet: UNet2DConditionModel, folder: Path) -> None:
     """Save only the UNet of a fine-tuned world model (float16) into ``folder/unet``, atomically."""
     with atomic_folder(Path(folder) / "unet", replace=True) as staging:
         unet.save_pretrained(staging, safe_serialization=True)
+        drop_local_paths(staging)
         store_weights_half(staging / "diffusion_pytorch_model.safetensors")
