@@ -31,9 +31,7 @@ def drop_local_paths(folder: Path) -> None:
     A model loaded from a folder (a base leg's, the VAE's under ``--work``) records that folder there, and
     ``save_pretrained`` writes it back: the build machine's paths would ship inside the package's configs.
     """
-    for config in Path(folder).rglob("config.json"):
-        if config.is_symlink():
-            continue  # a fine-tune's link to the base's component: cleaned where it lives
+    for config in folder.rglob("config.json"):
         settings = json.loads(config.read_text())
         if settings.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
