@@ -26,6 +26,7 @@ def _inspect(folder: str) -> dict:
         "token_dim": config.get("token_dim"),
         "prefix_init": config.get("prefix_init"),
         "prefix_depth": config.get("prefix_depth", "shallow"),
+        "hide_prefix_rows": config.get("hide_prefix_rows", False),
         "apply_to_negative_prompt": config.get("apply_to_negative_prompt"),
         # check_adapter_folder admits only the prefix tensors the config declares
         "tensors": {
@@ -66,6 +67,8 @@ def _print_inspection(folder: str, as_json: bool) -> int:
         f"  prefix: {info['num_virtual_tokens']} vectors x {info['token_dim']}, {info['prefix_depth']} "
         f"(init: {info['prefix_init']})"
     )
+    if info["hide_prefix_rows"]:
+        print("  prefix rows: hidden (the denoiser sees only the prompt's rows, computed behind the prefix)")
     print(f"  negative prompt prefixed: {info['apply_to_negative_prompt']}")
     for key, tensor in info["tensors"].items():
         norms = tensor["row_norms"]

@@ -111,7 +111,8 @@ def render_model_card(
         base_line=f"`{base_id}`" if base_id else "a Stable Diffusion model",
         m=config.num_virtual_tokens,
         width=config.token_dim,
-        depth="deep: keys and values at every encoder layer too" if config.prefix_depth == "deep" else "shallow",
+        depth=("deep: keys and values at every encoder layer too" if config.prefix_depth == "deep" else "shallow")
+        + ("; its own output rows hidden from the denoiser" if getattr(config, "hide_prefix_rows", False) else ""),
         init=config.prefix_init,
         negative=config.apply_to_negative_prompt,
         recipe=recipe_lines,

@@ -184,7 +184,8 @@ class TextEncoder(ExportedModel):
 
     def __init__(self, loaded: LoadedPipeline, ranges: ShapeRanges, baked: bool) -> None:
         width, m = loaded.clip.config.hidden_size, loaded.prefix.shape[0]
-        graph = self.make_graph(loaded.clip, loaded.prefix_weights if baked else None, not baked, m)
+        hide_rows = loaded.prefix_weights is not None and loaded.prefix_weights.hide_rows
+        graph = self.make_graph(loaded.clip, loaded.prefix_weights if baked else None, not baked, m, hide_rows)
         # The graph runs CLIP's submodules directly: the PEFT hook must not shift the ids a second time.
         spec = text_encoder_spec(self.name, width, graph.output_names[1], width, ranges, prefix_len=0 if baked else m)
         reference = PeftTextEncoderReference(loaded.text_encoder, spec.output_names, prefix_as_input=not baked)

@@ -203,6 +203,7 @@ def export_onnx_models(loaded: LoadedPipeline, staging: Path, options: ExportOpt
         "format_version": FORMAT_VERSION,
         "prefix_mode": options.prefix_mode,
         "prefix_depth": "deep" if loaded.prefix_weights.is_deep else "shallow",
+        "hide_prefix_rows": loaded.prefix_weights.hide_rows,
         "text_encoder_variant": options.text_encoder,
         "num_virtual_tokens": loaded.prefix.shape[0],
         "hidden_size": loaded.clip.config.hidden_size,

@@ -63,6 +63,7 @@ class FlowCLIPGraph(nn.Module):
         self.encoder = PrefixedCLIPEncoder(base_model_of(text_encoder), use_kernel=False)
         self.output_names = outputs
         self.deep = prefix is not None and prefix.is_deep
+        self.hide_rows = prefix is not None and prefix.hide_rows
         self.num_layers = self.encoder.config.num_hidden_layers
         if prefix is not None:
             _check_width(prefix, self.encoder.config.hidden_size, "this CLIP text encoder")
@@ -87,10 +88,11 @@ class FlowCLIPGraph(nn.Module):
                 [getattr(self, f"prefix_key_{i}") for i in range(self.num_layers)],
                 [getattr(self, f"prefix_value_{i}") for i in range(self.num_layers)],
                 [getattr(self, f"prefix_hidden_{i}") for i in range(self.num_layers + 1)],
+                hide_rows=self.hide_rows,
             )
             out = self.encoder.encode_with_state(input_ids, state, output_hidden_states=hidden)
         else:
-            out = self.encoder.encode(input_ids, self.prefix, output_hidden_states=hidden)
+            out = self.encoder.encode(input_ids, self.prefix, output_hidden_states=hidden, hide_rows=self.hide_rows)
         values = {
             "last_hidden_state": out.last_hidden_state,
             "penultimate_hidden_state": out.hidden_states[-2] if out.hidden_states else None,

@@ -35,6 +35,9 @@ class CLIPTextEncoderGraph(nn.Module):
         - ``prefix_as_input=True``: the prefix ``(m, D)`` is the second input; ``num_virtual_tokens``
           fixes ``m`` (a new prefix of the same ``m`` needs no rebuild).
 
+    ``hide_rows``: the adapter hides its rows (``APLConfig.hide_prefix_rows``): the graph drops them from
+    ``last_hidden_state`` (:func:`~apl_adapter.tuners.apl.prefix.hide_prefix_rows`), after pooling.
+
     Outputs: ``last_hidden_state`` ``(B, 77, D)`` and ``pooler_output`` ``(B, D)`` (``text_embeds``
     ``(B, P)`` instead for ``CLIPTextModelWithProjection``), pooled at the (shifted) EOS. All 77 positions run in
     one causal pass (:meth:`PrefixedCLIPEncoder.encode`): plain attention, which onnxruntime and TensorRT run.
@@ -46,6 +49,7 @@ class CLIPTextEncoderGraph(nn.Module):
         prefix: torch.Tensor | None = None,
         prefix_as_input: bool = False,
         num_virtual_tokens: int | None = None,
+        hide_rows: bool = False,
     ) -> None:
         super().__init__()
         if prefix is not None and prefix_as_input:
@@ -55,6 +59,7 @@ class CLIPTextEncoderGraph(nn.Module):
         self.encoder = PrefixedCLIPEncoder(text_encoder)
         self.hidden_size = self.encoder.config.hidden_size
         self.prefix_as_input = prefix_as_input
+        self.hide_rows = hide_rows
         if prefix is not None:
             if prefix.ndim != 2 or prefix.shape[1] != self.hidden_size:
                 raise ExportError(
@@ -72,7 +77,7 @@ class CLIPTextEncoderGraph(nn.Module):
         return _output_names(self.encoder)
 
     def forward(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.encoder.encode(input_ids, prefix if self.prefix_as_input else self.prefix)
+        out = self.encoder.encode(input_ids, prefix if self.prefix_as_input else self.prefix, hide_rows=self.hide_rows)
         return out.last_hidden_state, out.pooled
 
 
@@ -112,6 +117,7 @@ class BakedPrefixStateGraph(nn.Module):
             self.register_buffer(f"prefix_key_{i}", k.detach().clone(), persistent=False)
             self.register_buffer(f"prefix_value_{i}", v.detach().clone(), persistent=False)
         self.register_buffer("prefix_hidden", state.hidden_states[-1].detach().clone(), persistent=False)
+        self.hide_rows = weights.hide_rows
 
     @property
     def output_names(self) -> list[str]:
@@ -121,22 +127,28 @@ class BakedPrefixStateGraph(nn.Module):
         keys = [getattr(self, f"prefix_key_{i}") for i in range(self.num_layers)]
         values = [getattr(self, f"prefix_value_{i}") for i in range(self.num_layers)]
         # Only the last layer's prefix hidden state is read (final layer norm); the others stay out of the graph.
-        state = PrefixState(keys, values, [self.prefix_hidden])
+        state = PrefixState(keys, values, [self.prefix_hidden], hide_rows=self.hide_rows)
         out = self.encoder.encode_with_state(input_ids, state)
         return out.last_hidden_state, out.pooled
 
 
 def make_standard_text_encoder(
-    clip: nn.Module, prefix: torch.Tensor | PrefixWeights | None, prefix_as_input: bool, m: int
+    clip: nn.Module,
+    prefix: torch.Tensor | PrefixWeights | None,
+    prefix_as_input: bool,
+    m: int,
+    hide_rows: bool = False,
 ) -> nn.Module:
     """The standard (onnxruntime- and TensorRT-ready) graph of the prefixed text encoder.
 
     A shallow or no prefix: :class:`CLIPTextEncoderGraph`. A deep prefix (baked only): :class:`BakedPrefixStateGraph`
-    without the custom kernel."""
+    without the custom kernel. ``hide_rows``: the prefix input's adapter hides its rows (a baked
+    :class:`PrefixWeights` says so itself)."""
     if prefix is not None and as_prefix_weights(prefix).is_deep:
         return BakedPrefixStateGraph(clip, prefix, use_kernel=False)
-    embeds = prefix.embeds if isinstance(prefix, PrefixWeights) else prefix
-    return CLIPTextEncoderGraph(clip, embeds, prefix_as_input, m)
+    if isinstance(prefix, PrefixWeights):
+        return CLIPTextEncoderGraph(clip, prefix.embeds, prefix_as_input, m, hide_rows=prefix.hide_rows)
+    return CLIPTextEncoderGraph(clip, prefix, prefix_as_input, m, hide_rows=hide_rows)
 
 
 class UNetGraph(nn.Module):

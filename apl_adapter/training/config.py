@@ -78,6 +78,15 @@ class TrainConfig:
             "every encoder layer (prefix-tuning), starting from what the shallow prefix gives."
         },
     )
+    hide_prefix_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "The UNet never sees the prefix's own output rows: the encoder returns [BOS][prompt][EOS][pad] "
+            "(each prompt row computed behind the prefix), trained and saved that way (APLConfig.hide_prefix_rows). "
+            "The paper shows those rows to every prompt, and they move scenes too; --text-preserve then holds "
+            "everything a scene prompt gives the UNet."
+        },
+    )
     loss_space: Literal["eps", "v"] = field(
         default="eps",
         metadata={
@@ -437,7 +446,8 @@ class TrainConfig:
         if not self.encoders:
             del recipe["encoders"]  # all of them; SD 1.x recipes read as before the option
         defaults = option_defaults()
-        for name in FLOW_ONLY_OPTIONS:  # at their defaults they say nothing (and SD 1.x recipes read as before)
+        for name in (*FLOW_ONLY_OPTIONS, "hide_prefix_rows"):  # at their defaults they say nothing (recipes read
+            # as before these options)
             if name in recipe and recipe[name] == defaults[name]:
                 del recipe[name]
         return recipe
@@ -470,6 +480,7 @@ class TrainConfig:
 SD_ONLY_OPTIONS: dict[str, str] = {
     "prefix_depth": "a deep prefix (learned keys and values per layer; T5 has no prompt-independent start, and the "
     "CLIP encoders' deep prefix is not wired into SD3 / FLUX training)",
+    "hide_prefix_rows": "hidden prefix rows (not wired into SD3 / FLUX training; T5 attends both ways)",
     "identity_push": "the identity push (the plain name prompt's prediction to push from; written for the SD 1.x eps "
     "loss)",
     "push_from": "push_from (part of the identity push)",

@@ -214,6 +214,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
             tokenizer_name_or_path=str(Path(config.base) / "tokenizer") if config.prefix_init == "text" else None,
             init_seed=config.seed,
             prefix_depth=config.prefix_depth,
+            hide_prefix_rows=config.hide_prefix_rows,
         ),
     )
     text_encoder.eval()  # CLIP has no dropout by default; eval keeps it deterministic if a config adds some

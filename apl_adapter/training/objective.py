@@ -127,12 +127,15 @@ def preservation_gap(text_encoder: PeftModel, ids: torch.Tensor, prefixed_states
     """``mean ||tau([AP] + c)[m+1:] - tau_m(c)[1:L-m]||^2``: how far the prefix moves the states of prompts ``c``
     (ids ``(B, L)``, their prefixed states ``(B, L, D)``), against the plain encoder with the prompt at the positions
     the prefix puts it (``1+m..L-1``). Only the prompt's own positions count: the prefix's rows are the same for every
-    prompt, the empty one included, and a prompt position is what the prefix can change."""
-    m = text_encoder.active_peft_config.num_virtual_tokens
+    prompt, the empty one included, and a prompt position is what the prefix can change. Where the adapter hides its
+    rows (``hide_prefix_rows``) the prompt's rows are already at ``1..L-m-1`` of the states."""
+    config = text_encoder.active_peft_config
+    m = config.num_virtual_tokens
     span = ids.shape[1] - m - 1
+    start = 1 if getattr(config, "hide_prefix_rows", False) else m + 1
     with torch.no_grad(), text_encoder.disable_adapter():
         plain = text_encoder(ids, position_ids=shifted_position_ids(ids, m))[0][:, 1 : 1 + span]
-    return (prefixed_states[:, m + 1 : m + 1 + span].float() - plain.float()).square().mean()
+    return (prefixed_states[:, start : start + span].float() - plain.float()).square().mean()
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,11 @@ class FastCLIPTextEncoderGraph(BakedPrefixStateGraph):
 
 
 def make_fast_text_encoder(
-    clip: nn.Module, prefix: torch.Tensor | PrefixWeights | None, prefix_as_input: bool, m: int
+    clip: nn.Module,
+    prefix: torch.Tensor | PrefixWeights | None,
+    prefix_as_input: bool,
+    m: int,
+    hide_rows: bool = False,
 ) -> nn.Module:
     """The graph of ``apl_export.exported_models.FastTextEncoder`` (same arguments as the standard graph)."""
     if prefix_as_input or prefix is None:

@@ -31,6 +31,11 @@ def apl_target_modules(prefix_depth: str, text_encoder_type: str | None = None) 
     return ["embeddings", "k_proj", "v_proj"] if prefix_depth == "deep" else ["embeddings"]
 
 
+T5_HIDDEN_ROWS_UNSUPPORTED = (
+    "hide_prefix_rows=True is not supported for T5 encoders yet: T5 attends both ways, so its prompt rows are not "
+    "the plain encoder's rows behind a prefix the way CLIP's are. Use hide_prefix_rows=False for T5."
+)
+
 T5_DEEP_UNSUPPORTED = (
     "A deep prefix (prefix_depth='deep') is not supported for T5 encoders yet: T5 attends both ways, so the keys and "
     "values a prefix gives at deeper layers depend on the prompt and the deep prefix has no shallow-equal start. "
@@ -102,6 +107,16 @@ class APLConfig(PeftConfig):
             "the shallow prefix produces, so training starts from the paper's prefix and can only add leverage."
         },
     )
+    hide_prefix_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop the prefix's own output rows (positions 1..m) from what the encoder returns: the denoiser "
+            "sees [BOS][prompt][EOS][pad], each prompt row computed behind the prefix at the position the plain "
+            "encoder gives it, the last row repeated m times to keep the length. CLIP is causal, so those m rows are "
+            "the same for every prompt and move the images of prompts the prefix leaves alone (scenes); hidden, "
+            "the prefix acts only through the prompt's rows. False = the paper's layout. CLIP encoders only."
+        },
+    )
     apply_to_negative_prompt: bool = field(
         default=False,
         metadata={
@@ -147,6 +162,10 @@ class APLConfig(PeftConfig):
             )
         if self.text_encoder_type == "t5" and self.prefix_depth == "deep":
             raise APLAdapterError(T5_DEEP_UNSUPPORTED)
+        if not isinstance(self.hide_prefix_rows, bool):
+            raise APLAdapterError(f"hide_prefix_rows must be True or False, got {self.hide_prefix_rows!r}")
+        if self.text_encoder_type == "t5" and self.hide_prefix_rows:
+            raise APLAdapterError(T5_HIDDEN_ROWS_UNSUPPORTED)
         if self.prefix_init not in INIT_METHODS:
             raise APLAdapterError(f"prefix_init must be 'random_uniform', 'text' or 'vocab', got {self.prefix_init!r}")
         if self.prefix_init == "text" and not self.prefix_init_text:

@@ -31,7 +31,7 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("apl_prefix", "apl_deep_keys", "apl_deep_values")
-    other_param_names = ("num_virtual_tokens",)
+    other_param_names = ("num_virtual_tokens", "hide_rows")
 
     def __init__(
         self, base_layer: CLIPTextEmbeddings | nn.Embedding, adapter_name: str, weights: PrefixWeights
@@ -42,6 +42,8 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
         self.apl_deep_keys = nn.ParameterDict()
         self.apl_deep_values = nn.ParameterDict()
         self.num_virtual_tokens: dict[str, int] = {}
+        #: per adapter, whether the encoder's outputs drop the prefix's rows (APLConfig.hide_prefix_rows)
+        self.hide_rows: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -60,6 +62,7 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
             self.apl_deep_keys[adapter_name] = nn.Parameter(weights.keys)
             self.apl_deep_values[adapter_name] = nn.Parameter(weights.values)
         self.num_virtual_tokens[adapter_name] = weights.num_virtual_tokens
+        self.hide_rows[adapter_name] = weights.hide_rows
         self.set_adapter(self.active_adapters)
 
     # The wrapped module's embeddings stay reachable where callers expect them
@@ -97,9 +100,10 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
         if prefix is None:
             return None
         name = next(n for n in self.active_adapters if n in self.apl_prefix)
+        hide_rows = self.hide_rows.get(name, False)
         if name not in self.apl_deep_keys:
-            return PrefixWeights(prefix)
-        return PrefixWeights(prefix, self.apl_deep_keys[name], self.apl_deep_values[name])
+            return PrefixWeights(prefix, hide_rows=hide_rows)
+        return PrefixWeights(prefix, self.apl_deep_keys[name], self.apl_deep_values[name], hide_rows=hide_rows)
 
     def deep_rows(self, kind: Literal["keys", "values"], layer_index: int) -> torch.Tensor | None:
         """The ``(m, D)`` rows layer ``layer_index``'s projection must give, inside a deep prefixed forward."""

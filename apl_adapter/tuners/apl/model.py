@@ -33,7 +33,7 @@ from transformers.models.t5.modeling_t5 import T5Stack
 
 from ...errors import APLAdapterError
 from ...tokenizer import load_clip_tokenizer
-from .config import T5_DEEP_UNSUPPORTED, APLConfig, apl_target_modules
+from .config import T5_DEEP_UNSUPPORTED, T5_HIDDEN_ROWS_UNSUPPORTED, APLConfig, apl_target_modules
 from .constants import max_virtual_tokens
 from .layer import APLEmbedding, APLPrefixProjection, APLT5Embedding
 from .prefix import (
@@ -41,6 +41,7 @@ from .prefix import (
     base_model_of,
     clip_eos_token_id,
     clip_text_model_of,
+    hide_prefix_rows,
     insert_prefix_ids,
     insert_prefix_mask,
     insert_t5_prefix_ids,
@@ -70,10 +71,12 @@ def initial_weights(config: APLConfig, token_embedding: torch.Tensor, text_model
         prefix = torch.zeros(config.num_virtual_tokens, token_embedding.shape[1], device=token_embedding.device)
     else:
         prefix = initial_prefix(config, token_embedding)
+    hide_rows = config.hide_prefix_rows
     if config.prefix_depth != "deep":
-        return PrefixWeights(prefix)
+        return PrefixWeights(prefix, hide_rows=hide_rows)
     keys, values = prefix_layer_kv(text_model, prefix)
-    return PrefixWeights(prefix, keys.to(token_embedding.device), values.to(token_embedding.device))
+    device = token_embedding.device
+    return PrefixWeights(prefix, keys.to(device), values.to(device), hide_rows=hide_rows)
 
 
 def initial_prefix(config: APLConfig, token_embedding: torch.Tensor) -> torch.Tensor:
@@ -193,11 +196,34 @@ def _prefix_t5_inputs_hook(
     return tuple(args), kwargs
 
 
-def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-    """Forward hook (run even when the forward raises): the deep rows act inside the prefixed forward only."""
+def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook (run even when the forward raises): the deep rows act inside the prefixed forward only; an
+    adapter with ``hide_prefix_rows`` has the prefix's rows dropped from the states it returns (the pooled output,
+    read at EOS, stays)."""
     layer = text_model.embeddings
-    if isinstance(layer, APLEmbedding):
-        layer._deep_scope = None
+    if not isinstance(layer, APLEmbedding):
+        return None
+    layer._deep_scope = None
+    weights = layer.active_prefix_weights
+    if output is None or weights is None or not weights.hide_rows:
+        return None
+    m = weights.num_virtual_tokens
+    if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, pooler_output, [hidden_states], [attn])
+        rest = [_hidden_rows_of(item, m) if _are_hidden_states(item) else item for item in output[2:]]
+        return (hide_prefix_rows(output[0], m), output[1], *rest)
+    output.last_hidden_state = hide_prefix_rows(output.last_hidden_state, m)
+    if output.hidden_states is not None:
+        output.hidden_states = _hidden_rows_of(output.hidden_states, m)
+    return output
+
+
+def _hidden_rows_of(hidden_states: tuple[torch.Tensor, ...], m: int) -> tuple[torch.Tensor, ...]:
+    return tuple(hide_prefix_rows(states, m) for states in hidden_states)
+
+
+def _are_hidden_states(item: Any) -> bool:
+    """Per-layer ``(B, L', D)`` states, not attention maps ``(B, H, L', L')`` (a tuple output has no names)."""
+    return isinstance(item, tuple) and bool(item) and all(torch.is_tensor(t) and t.dim() == 3 for t in item)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +396,8 @@ class APLModel(BaseTuner):
         """What a T5 prefix must satisfy: a shallow prefix, as wide as ``d_model``, within T5's bound."""
         if config.prefix_depth == "deep":
             raise APLAdapterError(T5_DEEP_UNSUPPORTED)
+        if config.hide_prefix_rows:
+            raise APLAdapterError(T5_HIDDEN_ROWS_UNSUPPORTED)
         if not isinstance(model, T5EncoderModel):
             raise APLAdapterError(f"A T5 prefix goes into a T5EncoderModel, got {type(model).__name__}")
         width = int(model.config.d_model)

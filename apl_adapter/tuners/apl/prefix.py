@@ -124,6 +124,23 @@ def splice_prefix(token_embeds: torch.Tensor, prefix: torch.Tensor) -> torch.Ten
     return torch.cat([token_embeds[:, :1], prefix, token_embeds[:, 1 + m :]], dim=1)
 
 
+def hide_prefix_rows(states: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:
+    """``[BOS][P1..Pm][prompt][EOS][pad]`` rows ``(B, L', D)`` -> ``[BOS][prompt][EOS][pad]`` plus the last row
+    ``m`` times, the same shape: the prefix's own rows dropped, each prompt row (computed behind the prefix) at the
+    position the plain encoder gives it (``APLConfig(hide_prefix_rows=True)``).
+
+    CLIP is causal, so rows ``1..m`` are the same for every prompt; a denoiser that reads them is moved by the prefix
+    on prompts the prefix leaves alone. Slices and a concatenation with a fixed ``m``: traceable.
+
+    >>> states = torch.arange(7.0).view(1, 7, 1)  # BOS, P1, P2, three prompt rows, one pad
+    >>> hide_prefix_rows(states, 2).flatten().tolist()
+    [0.0, 3.0, 4.0, 5.0, 6.0, 6.0, 6.0]
+    """
+    m = num_virtual_tokens
+    tail = states[:, -1:].expand(-1, m, -1)
+    return torch.cat([states[:, :1], states[:, m + 1 :], tail], dim=1)
+
+
 def insert_t5_prefix_ids(
     input_ids: torch.Tensor, num_virtual_tokens: int, eos_token_id: int, placeholder_id: int = 0
 ) -> torch.Tensor:
@@ -260,11 +277,14 @@ class PrefixWeights:
         embeds: ``(m, D)``, the vectors at positions ``1..m`` of the encoder's input (the paper's prefix).
         keys, values: ``(num_layers, m, D)`` for a deep prefix - what each layer's key / value projection gives
             at positions ``1..m`` is replaced by these rows (before the split into heads); ``None`` when shallow.
+        hide_rows: the encoder's outputs drop the prefix's own rows (:func:`hide_prefix_rows`); not a tensor, the
+            adapter's ``hide_prefix_rows`` setting, carried with its tensors to every path that runs them.
     """
 
     embeds: torch.Tensor
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    hide_rows: bool = False
 
     def __post_init__(self) -> None:
         if (self.keys is None) != (self.values is None):
@@ -295,8 +315,11 @@ class PrefixWeights:
 
     def detached(self) -> PrefixWeights:
         """A float32 copy that shares nothing with the adapter (for graph constants and caches)."""
-        copy = [t.detach().float().clone() for t in self.tensors()]
-        return PrefixWeights(*copy)
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().float().clone()
+
+        embeds = self.embeds.detach().float().clone()
+        return PrefixWeights(embeds, copy(self.keys), copy(self.values), hide_rows=self.hide_rows)
 
 
 def as_prefix_weights(prefix: torch.Tensor | PrefixWeights) -> PrefixWeights:

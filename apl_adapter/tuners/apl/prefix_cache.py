@@ -129,10 +129,11 @@ class CachedPrefixEncoder(nn.Module):
 
     @staticmethod
     def _version_of(prefix: PrefixWeights) -> Version:
-        return tuple(
+        tensors = tuple(
             (t.untyped_storage().data_ptr(), t.storage_offset(), t._version, t.dtype, t.device, tuple(t.shape))
             for t in prefix.tensors()
         )
+        return (*tensors, (prefix.hide_rows,))
 
     def prefix_state(self, prefix: PrefixLike) -> PrefixState:
         """The state for ``prefix``: cached, or computed now (with autograd when training the prefix)."""

@@ -31,6 +31,7 @@ from .prefix import (
     clip_bos_token_id,
     clip_eos_token_id,
     clip_text_model_of,
+    hide_prefix_rows,
     insert_prefix_ids,
     pool_index,
     splice_prefix,
@@ -52,17 +53,19 @@ class PrefixState:
             (the exported graphs keep only the last: the final layer norm reads it).
         version: identifies the prefix tensor the state was computed from (its storage, version counter, dtype,
             device); ``None`` when computed with autograd or not cached (never reused).
+        hide_rows: the outputs drop the prefix's rows (:func:`~.prefix.hide_prefix_rows`), as the prefix asks.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     hidden_states: list[torch.Tensor]
     version: Version | None = None
+    hide_rows: bool = False
 
 
 @dataclass
 class EncodedText:
-    """The encoder's outputs over all ``L'`` prefixed positions.
+    """The encoder's outputs over all ``L'`` prefixed positions (the prefix's rows dropped where it hides them).
 
     Attributes:
         last_hidden_state: ``(B, L', D)``, after the final layer norm.
@@ -134,7 +137,7 @@ class PrefixedCLIPEncoder(nn.Module):
             keys.append(k)
             values.append(v)
             states.append(hidden)
-        return PrefixState(keys, values, states, version)
+        return PrefixState(keys, values, states, version, prefix.hide_rows)
 
     def encode_with_state(
         self, input_ids: torch.Tensor, state: PrefixState, output_hidden_states: bool = False
@@ -157,21 +160,28 @@ class PrefixedCLIPEncoder(nn.Module):
         hidden_states = None
         if output_hidden_states:
             hidden_states = tuple(full(p, r) for p, r in zip(state.hidden_states, per_layer))
-        return self._head(full(state.hidden_states[-1], hidden), ids, hidden_states)
+        hidden_of = m if state.hide_rows else 0
+        return self._head(full(state.hidden_states[-1], hidden), ids, hidden_states, hidden_of)
 
     def encode(
-        self, input_ids: torch.Tensor, prefix: torch.Tensor | None, output_hidden_states: bool = False
+        self,
+        input_ids: torch.Tensor,
+        prefix: torch.Tensor | None,
+        output_hidden_states: bool = False,
+        hide_rows: bool = False,
     ) -> EncodedText:
         """Prompt ids ``(B, L)`` with a shallow ``prefix`` ``(m, D)`` spliced in, all ``L'`` positions in one pass.
 
-        ``prefix=None``: the plain encoder (the ids are not touched)."""
+        ``prefix=None``: the plain encoder (the ids are not touched). ``hide_rows``: drop the prefix's rows from the
+        outputs (the prefix's ``hide_rows``; a tensor prefix does not carry it)."""
         ids = input_ids.to(torch.int64) if prefix is None else self._prefixed_ids(input_ids, prefix.shape[0])
         hidden = self._embed(ids, start=0, prefix=prefix)
         per_layer = [hidden]
         for layer in self.layers:
             hidden, _, _ = self._layer(layer, hidden, None)
             per_layer.append(hidden)
-        return self._head(hidden, ids, tuple(per_layer) if output_hidden_states else None)
+        hidden_of = prefix.shape[0] if prefix is not None and hide_rows else 0
+        return self._head(hidden, ids, tuple(per_layer) if output_hidden_states else None, hidden_of)
 
     # ------------------------------------------------------------------------------------------------------------
     # Their parts
@@ -226,13 +236,23 @@ class PrefixedCLIPEncoder(nn.Module):
         return x.view(batch, length, heads, self.config.hidden_size // heads).transpose(1, 2)  # (B, H, L, Dh)
 
     def _head(
-        self, last_layer: torch.Tensor, ids: torch.Tensor, hidden_states: tuple[torch.Tensor, ...] | None
+        self,
+        last_layer: torch.Tensor,
+        ids: torch.Tensor,
+        hidden_states: tuple[torch.Tensor, ...] | None,
+        hidden_prefix: int = 0,
     ) -> EncodedText:
-        """Final layer norm, pooling at EOS (:func:`~.prefix.pool_index`) and the projection, if any."""
+        """Final layer norm, pooling at EOS (:func:`~.prefix.pool_index`) and the projection, if any; then, when
+        ``hidden_prefix = m > 0``, the prefix's ``m`` rows dropped from the states (after pooling, which reads the
+        prefixed positions)."""
         last_hidden = self.text_model.final_layer_norm(last_layer)
         rows = torch.arange(last_hidden.shape[0], device=last_hidden.device)
         pooled = last_hidden[rows, pool_index(ids, self.config).to(last_hidden.device)]
         text_embeds: torch.Tensor | None = None if self.text_projection is None else self.text_projection(pooled)
+        if hidden_prefix:
+            last_hidden = hide_prefix_rows(last_hidden, hidden_prefix)
+            if hidden_states is not None:
+                hidden_states = tuple(hide_prefix_rows(states, hidden_prefix) for states in hidden_states)
         return EncodedText(last_hidden, pooled, text_embeds, hidden_states)
 
 

@@ -105,9 +105,12 @@ def check_adapter_config(config: object, config_path: Path) -> None:
     for field, allowed in choices.items():
         if field in config and config[field] not in allowed:
             raise refuse(f"{field} must be one of {', '.join(allowed)}, got {config[field]!r}")
-    negative = config.get("apply_to_negative_prompt", False)
-    if not isinstance(negative, bool):
-        raise refuse(f"apply_to_negative_prompt must be true or false (JSON booleans), got {negative!r}")
+    for flag in ("apply_to_negative_prompt", "hide_prefix_rows"):
+        value = config.get(flag, False)
+        if not isinstance(value, bool):
+            raise refuse(f"{flag} must be true or false (JSON booleans), got {value!r}")
+    if kind == "t5" and config.get("hide_prefix_rows", False):
+        raise refuse("hide_prefix_rows is not supported for a T5 encoder (it must be false for T5)")
 
 
 def expected_tensor_names(config: dict[str, Any]) -> tuple[str, ...]:
