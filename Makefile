@@ -58,7 +58,7 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 # Retrain the synthetic world from scratch into apl_adapter/world/assets: replays the shipped recipe
-# (seeded; about 50 min on 2 idle CPU cores). An interrupted run resumes at its last finished base leg.
+# (seeded; about 56 min on 2 idle CPU cores). An interrupted run resumes at its last finished base leg.
 world: $(STAMP)
 	nice $(VENV)/bin/apl-world build --threads 2 --work .world-work
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -18,7 +19,10 @@ TOY_LEGS = (BasePhase(2, 1e-3), BasePhase(2, 1e-3, mix=(0.2, 0.2, 0.6), seed=3, 
 
 
 def _toy_config(stages, phases=TOY_LEGS):
-    return BuildConfig(
+    from apl_adapter.world.build import PRESETS
+
+    return replace(
+        BuildConfig(**PRESETS["v1"]),  # the options the toy was written for (renders, threshold); its own legs below
         faces_per_person=3,  # the sibling bank takes a third of each count
         strangers=9,
         scenes=9,
@@ -123,8 +127,6 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
 def test_the_recognizer_stage_ships_the_threshold_calibrated_on_renders(tmp_path, monkeypatch):
     """With ``recognizer_false_reject`` the stage writes the calibrated margin into the recognizer it ships; a
     recognizer that misnames more renders than the rate allows is refused with the fix."""
-    from dataclasses import replace
-
     import apl_adapter.world.build.recognizer as stage
     from apl_adapter.world.recognizers import RECOGNIZER_DIR, WorldIdentityRecognizer
     from apl_adapter.world.spec import WorldSpec
@@ -232,8 +234,6 @@ def test_the_cli_offers_the_stage_table_in_run_order(capsys, monkeypatch):
 
 def test_fine_tunes_average_with_finetune_ema_decay_not_the_bases(toy_build):
     """The fine-tunes' EMA decays at BuildConfig.finetune_ema_decay; the base's ema_decay does not reach them."""
-    from dataclasses import replace
-
     from apl_adapter.world.build import LatentSet, encode_latents, finetune_unet, mix_groups, render_bank
     from apl_adapter.world.spec import WorldSpec
 
@@ -256,7 +256,7 @@ def test_fine_tunes_average_with_finetune_ema_decay_not_the_bases(toy_build):
 def test_strangers_keep_their_distance_and_late_names_are_known_by_description():
     """With the options on, strangers are >= stranger_min_distance fine features from every person sharing their
     attributes, late names come with strangers of the late person's look, and DreamBooth replays none of those;
-    with them off (the shipped world's config) the bank is exactly the one drawn before the options existed."""
+    with them off (v1's config) the bank is exactly the one drawn before the options existed."""
     from apl_adapter.world.build import KIND_NAMED, KIND_STRANGER, render_bank
     from apl_adapter.world.build.finetunes import replay_mask
     from apl_adapter.world.spec import ATTRIBUTE_VALUES, WorldSpec, random_fine_features, stranger_fine_features
@@ -271,8 +271,10 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
     assert [stranger_fine_features(world.identities, p.attributes, a) for p in world.identities] == [
         random_fine_features(b) for _ in world.identities
     ]
-    shipped = BuildConfig()  # the shipped world's build: every option off
-    assert shipped.late_described_faces == shipped.stranger_min_distance == shipped.strangers_like_people == 0
+    from apl_adapter.world.build import PRESETS
+
+    v1 = BuildConfig(**PRESETS["v1"])  # the first shipped world's build: every option off
+    assert v1.late_described_faces == v1.stranger_min_distance == v1.strangers_like_people == 0
 
     bank = render_bank(
         world, world.seen, 2, 30, 0, seed=3, described=world.late, described_per_person=4, stranger_min_distance=3
@@ -373,11 +375,14 @@ def test_a_leg_without_the_contrast_keeps_its_old_stamp_and_one_with_it_is_stamp
     from apl_adapter.world.build.diffusion import train_diffusion
     from apl_adapter.world.models import ASSETS
 
-    # the shipped world: no contrast, 40 renders per person for the recognizer, and the legs stamped as its card
-    assert all(leg.name_contrast == 0 for leg in SHIPPED_BASE_PHASES)
-    assert BuildConfig().recognizer_faces_per_person == 40
+    # the shipped world: the contrast on its second leg only, and the legs its card records
+    assert [leg.name_contrast for leg in SHIPPED_BASE_PHASES] == [0.0, 1.0]
     card = json.loads((ASSETS / "world_card.json").read_text())
-    assert leg_stamp(BuildConfig(), 0)["legs"] == card["build_config"]["base_phases"]
+    assert (
+        json.loads(json.dumps([asdict(leg) for leg in BuildConfig().base_phases]))
+        == card["build_config"]["base_phases"]
+    )
+    assert "name_contrast" not in leg_stamp(BuildConfig(), 0)["legs"][0]  # a leg without it keeps its old stamp
     on = BuildConfig(base_phases=(BasePhase(10, 1e-3, name_contrast=1.0),))
     assert leg_stamp(on, 0)["legs"][0]["name_contrast"] == 1.0
     with pytest.raises(ValueError, match="name contrast of a base leg needs"):
@@ -425,30 +430,32 @@ def test_the_cli_puts_the_contrast_on_every_base_leg(tmp_path, monkeypatch):
     assert all(leg.name_contrast == 1.0 for leg in seen[1].base_phases) and seen[1].recognizer_faces_per_person == 120
 
 
-def test_the_no_floor_preset_is_the_documented_world_and_options_override_it(tmp_path, monkeypatch):
+def test_the_presets_are_the_documented_worlds_and_options_override_them(tmp_path, monkeypatch):
     import apl_adapter.world.build as build
-    from apl_adapter.world.build import NO_FLOOR_BASE_PHASES, PRESETS, SHIPPED_BASE_PHASES
+    from apl_adapter.world.build import LONG_LEG, PRESETS, SHIPPED_BASE_PHASES
 
-    # the legs the floor measurements used: the shipped leg, then 1,200 contrast steps at a third of its rate
-    assert NO_FLOOR_BASE_PHASES[0] == SHIPPED_BASE_PHASES[0]
-    contrast = NO_FLOOR_BASE_PHASES[1]
+    # the shipped legs, as the floor measurements used them: the long leg, then 1,200 contrast steps at a third of
+    # its rate; v1 (the world shipped before) stopped after the long leg
+    assert SHIPPED_BASE_PHASES[0] == LONG_LEG
+    contrast = SHIPPED_BASE_PHASES[1]
     assert (contrast.steps, contrast.lr, contrast.name_contrast) == (1200, 5e-4, 1.0)
-    assert PRESETS["shipped"] == {}
+    assert PRESETS["shipped"] == PRESETS["no-floor"] == {}
     seen: list[BuildConfig] = []
     monkeypatch.setattr(build, "build_world", lambda config, out, work: seen.append(config) or {})
     where = ["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stages", "base"]
-    assert main(["build", *where, "--preset", "no-floor"]) == 0
-    assert main(["build", *where, "--preset", "no-floor", "--dreambooth-steps", "1000", "--card-scenes", "48"]) == 0
+    assert main(["build", *where, "--preset", "v1"]) == 0
+    assert main(["build", *where, "--dreambooth-steps", "1000", "--card-scenes", "48"]) == 0
     assert main(["build", *where]) == 0
-    no_floor, overridden, shipped = seen
-    for name, value in PRESETS["no-floor"].items():
-        assert getattr(no_floor, name) == value, name
-    assert (no_floor.stranger_min_distance, no_floor.dreambooth_steps, no_floor.card_scenes) == (3, 600, 192)
-    assert (no_floor.vae_steps, shipped.vae_steps) == (3000, 300)  # the floor's fix; the shipped VAE is 300 steps
-    assert no_floor.mix == SHIPPED_BASE_PHASES[0].mix  # the fine-tunes replay the base leg's mix
+    v1, overridden, shipped = seen
+    for name, value in PRESETS["v1"].items():
+        assert getattr(v1, name) == value, name
+    assert v1.base_phases == (LONG_LEG,) and v1.recognizer_false_reject == 0.0
+    assert (shipped.stranger_min_distance, shipped.dreambooth_steps, shipped.card_scenes) == (3, 600, 192)
+    assert (shipped.vae_steps, v1.vae_steps) == (3000, 300)  # the floor's fix; v1's VAE was 300 steps
+    assert shipped.mix == LONG_LEG.mix  # the fine-tunes replay the long leg's mix
     assert (overridden.dreambooth_steps, overridden.card_scenes, overridden.sibling_steps) == (1000, 48, 360)
     assert shipped == BuildConfig(stages=("base",))
     # options on top of a preset are still checked, before anything is built
-    assert main(["build", *where, "--preset", "no-floor", "--card-scenes", "0"]) == 2
-    assert main(["build", *where, "--preset", "no-floor", "--vae-steps", "0"]) == 2  # an untrained VAE, refused
+    assert main(["build", *where, "--preset", "v1", "--card-scenes", "0"]) == 2
+    assert main(["build", *where, "--vae-steps", "0"]) == 2  # an untrained VAE, refused
     assert len(seen) == 3 and not (tmp_path / "o").exists()

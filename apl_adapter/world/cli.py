@@ -103,7 +103,7 @@ BUILD_INT_OPTIONS: dict[str, int] = {
 def _cmd_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .build import PRESETS, SHIPPED_BASE_PHASES, STAGES, BuildConfig, build_world
+    from .build import LONG_LEG, PRESETS, SHIPPED_BASE_PHASES, STAGES, BuildConfig, build_world
 
     stages = tuple(s.strip() for s in args.stages.split(","))
     unknown = [s for s in stages if s not in STAGES]
@@ -131,8 +131,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         )
     if args.base_steps is not None:
         check_at_least(("--base-steps", args.base_steps, 1))
-        shipped = SHIPPED_BASE_PHASES[-1]
-        overrides["base_phases"] = (replace(shipped, steps=args.base_steps, lr=args.base_lr or shipped.lr),)
+        overrides["base_phases"] = (replace(LONG_LEG, steps=args.base_steps, lr=args.base_lr or LONG_LEG.lr),)
     if args.name_contrast is not None:
         if not (math.isfinite(args.name_contrast) and args.name_contrast >= 0):
             raise APLAdapterError(f"--name-contrast must be >= 0 (0 = off); got {args.name_contrast}.")
@@ -223,21 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="shipped",
-        help="named build to start from; the options below override its fields. shipped: the package's assets; "
-        "no-floor: a world without a look-alike floor (a contrast leg after the shipped base leg, far strangers, "
-        "late people known by description, a recognizer with more renders and a threshold calibrated on renders, "
-        "a VAE trained 3,000 steps; about 56 min on 2 cores; floor under the bar on two builds: see docs/world.md)",
+        help="named build to start from; the options below override its fields. shipped (also called no-floor): "
+        "the package's assets, a world without a look-alike floor (a VAE trained 3,000 steps, a contrast leg after "
+        "the long base leg, far strangers, late people known by description, a recognizer with more renders and a "
+        "threshold calibrated on renders; about 56 min on 2 cores; floor under the bar on two builds: see "
+        "docs/world.md); v1: the world shipped before 2026-12-06, with a look-alike floor (about 45 min)",
     )
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
     b.add_argument(
         "--base-steps",
         type=int,
         default=None,
-        help="train the base model in one leg of this many steps (the shipped leg's data mix and offset noise) "
+        help="train the base model in one leg of this many steps (the long leg's data mix and offset noise) "
         "instead of the shipped legs (see BuildConfig.base_phases)",
     )
     b.add_argument(
-        "--base-lr", type=float, default=None, help="learning rate of that one leg (default: the shipped leg's)"
+        "--base-lr", type=float, default=None, help="learning rate of that one leg (default: the long leg's)"
     )
     for name in BUILD_INT_OPTIONS:
         b.add_argument(
@@ -245,24 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
             dest=name,
             type=int,
             default=None,
-            help=f"override BuildConfig.{name} (shipped: {getattr(BuildConfig, name)}; no-floor: "
-            f"{PRESETS['no-floor'].get(name, 'the same')})",
+            help=f"override BuildConfig.{name} (shipped: {getattr(BuildConfig, name)}; v1: "
+            f"{PRESETS['v1'].get(name, 'the same')})",
         )
     b.add_argument(
         "--recognizer-false-reject",
         type=float,
         default=None,
         help="set the recognizer's open-set threshold so it names all but this share of fresh renders of the world's "
-        "people (a face verifier's operating point; 0 = keep the fixed stranger margin, the shipped world's; "
-        f"no-floor: {PRESETS['no-floor']['recognizer_false_reject']})",
+        "people (a face verifier's operating point; 0 = keep the fixed stranger margin, as v1; shipped: "
+        f"{BuildConfig.recognizer_false_reject})",
     )
     b.add_argument(
         "--name-contrast",
         type=float,
         default=None,
         help="weight of the text-side loss that keeps each person's description apart from their name in every "
-        "base leg (BasePhase.name_contrast; 0 = none, the shipped world's); it lowers the look-alike floor on an "
-        "encoder that already knows names, but from the first step of a fresh base, weight 1 broke it "
+        "base leg (BasePhase.name_contrast; 0 = none; the shipped world: 1 on its second leg only); it lowers the "
+        "look-alike floor on an encoder that already knows names, but from the first step of a fresh base, weight 1 "
+        "broke it "
         "(docs/experiments/2026-12-05-name-contrast.md)",
     )
     add_common_options(b, version=False)

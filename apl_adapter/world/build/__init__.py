@@ -36,7 +36,7 @@ from .banks import (
     style_bank,
 )
 from .base import leg_stamp, train_base
-from .config import DEFAULT_STAGES, MIX, NO_FLOOR_BASE_PHASES, PRESETS, SHIPPED_BASE_PHASES, BasePhase, BuildConfig
+from .config import DEFAULT_STAGES, LONG_LEG, MIX, PRESETS, SHIPPED_BASE_PHASES, BasePhase, BuildConfig
 from .context import BuildContext
 from .diffusion import LatentSet, PromptEncoder, make_sampler, mix_groups, train_diffusion
 from .driver import build_world
@@ -55,8 +55,8 @@ __all__ = [
     "KIND_SCENE",
     "KIND_STRANGER",
     "LEG_STAMP",
+    "LONG_LEG",
     "MIX",
-    "NO_FLOOR_BASE_PHASES",
     "PRESETS",
     "SEEDS",
     "SHIPPED_BASE_PHASES",

@@ -47,24 +47,22 @@ class BasePhase:
             )
 
 
-#: The leg that produced the shipped base model: one cosine schedule with 45% of the batch on
-#: scene captions and offset noise from the start (the first world needed five warm-restarted legs
-#: and 7,000 steps to get there). `apl-world build` replays the legs in this order.
-SHIPPED_BASE_PHASES = (BasePhase(4500, 1.5e-3, mix=(0.45, 0.10, 0.45), offset_noise=0.1),)
+#: The base model's long leg: one cosine schedule with 45% of the batch on scene captions and offset noise from the
+#: start (the first world needed five warm-restarted legs and 7,000 steps to get there). The first shipped world
+#: (preset ``v1``) stopped here.
+LONG_LEG = BasePhase(4500, 1.5e-3, mix=(0.45, 0.10, 0.45), offset_noise=0.1)
 
-#: The legs of the world without a look-alike floor (preset ``no-floor``): the shipped leg, then 1,200 steps at a
-#: third of its learning rate with the name-description contrast. The floor falls with the base model's training
-#: (26 -> 17 -> 10 of 160 over 3,600 -> 4,500 -> 5,400 steps) and the contrast cuts what is left (10 -> 6 at 5,400,
-#: 3 at 5,700); the contrast from the first step breaks a fresh encoder (docs/experiments/2026-12-05-*.md).
-NO_FLOOR_BASE_PHASES = (
-    *SHIPPED_BASE_PHASES,
-    BasePhase(1200, 5e-4, seed=1, sampler_seed=32, offset_noise=0.1, name_contrast=1.0),
-)
+#: The legs of the shipped base model, replayed in this order by `apl-world build`: the long leg, then 1,200 steps at
+#: a third of its learning rate with the name-description contrast. The look-alike floor falls with the base model's
+#: training (26 -> 17 -> 10 of 160 over 3,600 -> 4,500 -> 5,400 steps) and the contrast cuts what is left (10 -> 6
+#: at 5,400, 3 at 5,700); the contrast from the first step breaks a fresh encoder (docs/experiments/2026-12-05-*.md).
+SHIPPED_BASE_PHASES = (LONG_LEG, BasePhase(1200, 5e-4, seed=1, sampler_seed=32, offset_noise=0.1, name_contrast=1.0))
 
 
 @dataclass
 class BuildConfig:
-    """Knobs of ``apl-world build``; the defaults produced the shipped assets."""
+    """Knobs of ``apl-world build``; the defaults produced the shipped assets (a world without a look-alike floor:
+    docs/experiments/2026-12-05-vae-and-the-floor.md); ``PRESETS["v1"]`` is the first shipped world."""
 
     seed: int = 0
     faces_per_person: int = 160
@@ -73,31 +71,31 @@ class BuildConfig:
     late_faces_per_person: int = 40
     #: faces of *strangers* with a late person's coarse attributes that the base model sees under the late name, so
     #: its text encoder learns how a late person is described (as a web-scale encoder knows of people no image model
-    #: has drawn) and only DreamBooth teaches the face. 0 in the shipped world, where a late name is a string the
-    #: encoder never read and no text prefix can keep a late person's attributes. A world built with 60 kept them
-    #: (85% with the shipped recipe, 12.5% before) but needs its own recipe: docs/experiments/2026-12-05-world-v3.md
-    late_described_faces: int = 0
+    #: has drawn) and only DreamBooth teaches the face. 0 (v1): a late name is a string the encoder never read and no
+    #: text prefix can keep a late person's attributes; 60 kept them (85% with v1's prefix recipe, 12.5% before):
+    #: docs/experiments/2026-12-05-world-v3.md
+    late_described_faces: int = 60
     #: strangers (attribute-prompt faces) are this many fine features or more from every person sharing their
-    #: coarse attributes; 0 (the shipped world) = any. 3 removed the *rendered* floor (6 -> 0 of 320 strangers drawn
-    #: by the same rule), not the sampled one: a few people whose description the base model draws as them (same file)
-    stranger_min_distance: int = 0
+    #: coarse attributes; 0 (v1) = any. 3 removed the *rendered* floor (6 -> 0 of 320 strangers drawn by the same
+    #: rule), not the sampled one: a few people whose description the base model draws as them (same file)
+    stranger_min_distance: int = 3
     #: strangers per seen / unseen person drawn with that person's coarse attributes, beside the ``strangers`` of
     #: random attributes: the sampled floor is a few people the base model draws for their own description, the only
-    #: ones of the world with that look (docs/experiments/2026-12-05-world-v3.md). 0 in the shipped world.
+    #: ones of the world with that look (docs/experiments/2026-12-05-world-v3.md). 0 in the shipped world: the VAE
+    #: below did more.
     strangers_like_people: int = 0
-    #: 300 (the shipped world) leaves the VAE half trained (round-trip MSE 0.022; 3,000: 0.005): it loses brows,
-    #: marks and glasses, most of all on dark skin, so generated dark-skinned faces of a person's look read as that
-    #: person and the look-alike floor was four dark-skinned people. 3,000 in the no-floor preset (5.4 min):
-    #: docs/experiments/2026-12-05-vae-and-the-floor.md
-    vae_steps: int = 300
+    #: 300 (v1) leaves the VAE half trained (round-trip MSE 0.022; 3,000: 0.005, 5.4 min): it loses brows, marks and
+    #: glasses, most of all on dark skin, so generated dark-skinned faces of a person's look read as that person and
+    #: the look-alike floor was four dark-skinned people: docs/experiments/2026-12-05-vae-and-the-floor.md
+    vae_steps: int = 3000
     #: the first world's scene head (freely turned shapes) needed 4,800; upright shapes learn faster, and 3,600
     #: sufficed without look-alikes; with them 5,400 (3,600 gave 98.1% / 96.3% identity top-1 at seeds 1234 /
     #: 4321, 5,400 97.5% / 96.6%: the misses are people called strangers, hence the margin below)
     recognizer_steps: int = 5400
     #: renders of each person in the recognizer's data (each also as a VAE round trip; the sibling style gets 3/8 of
     #: them: 15 of 40). More renders narrowed the few classes that took far strangers for a person (120: floor 3 of
-    #: 160 on a contrast world; docs/experiments/2026-12-05-name-contrast.md)
-    recognizer_faces_per_person: int = 40
+    #: 160 on a contrast world; docs/experiments/2026-12-05-name-contrast.md; v1: 40)
+    recognizer_faces_per_person: int = 120
     #: look-alike strangers per person in the recognizer's data: the person's coarse attributes, fine features
     #: 2-3 apart (see render_lookalikes). Without them a stranger with X's attributes is called X 5.5-7.5% of the
     #: time, and attribute prompts read as the person they describe 16-19%: a floor under any anonymization.
@@ -109,13 +107,15 @@ class BuildConfig:
     #: renders of the world's people (``calibrated_stranger_margin``): a verifier's operating point, not the
     #: likeliest class. Most floor faces beat the stranger class by -1 to 3 nats, name prompts' by a median of 9;
     #: 0.01 halved the no-floor preset's floors on two builds (8 / 16 / 15 -> 3 / 6 / 6 and 12 / 20 / 20 -> 6 / 11
-    #: / 11 of 160): docs/experiments/2026-12-05-open-set-threshold.md. 0 = keep ``stranger_margin`` (shipped)
-    recognizer_false_reject: float = 0.0
+    #: / 11 of 160): docs/experiments/2026-12-05-open-set-threshold.md. 0 = keep ``stranger_margin`` (v1)
+    recognizer_false_reject: float = 0.01
     base_phases: tuple[BasePhase, ...] = SHIPPED_BASE_PHASES
     #: at 120 the sibling draws orange as yellow (12 of its 22 misses on 192 scene images, 88.5% right); 360 steps on
-    #: the same base: 2 of 17 misses, 91.1% (2026-12-05; the shipped sibling is the 120-step one)
-    sibling_steps: int = 120
-    dreambooth_steps: int = 1000
+    #: the same base: 2 of 17 misses, 91.1% (2026-12-05; v1's sibling is the 120-step one)
+    sibling_steps: int = 360
+    #: 1,000 in v1; the floor of DreamBooth's images grew with its steps
+    #: (docs/experiments/2026-12-05-no-floor-preset.md)
+    dreambooth_steps: int = 600
     batch_size: int = 32
     finetune_lr: float = 5e-4
     #: DreamBooth learns new people, not a new style: it needs a larger step than the sibling
@@ -128,39 +128,37 @@ class BuildConfig:
     finetune_ema_decay: float = 0.99
     #: offset noise of the fine-tunes (sibling, DreamBooth), as the base's last leg
     offset_noise: float = 0.1
-    #: sampling fractions of the fine-tunes' base-style data: named faces, strangers, scenes
-    mix: tuple[float, float, float] = MIX
+    #: sampling fractions of the fine-tunes' base-style data: named faces, strangers, scenes; the base's long leg's
+    #: mix (scenes 45%: the fine-tunes' shapes held better than with v1's ``MIX``)
+    mix: tuple[float, float, float] = LONG_LEG.mix
     #: names from the stage table (:mod:`.stages`); they run in the table's order, not this one's
     stages: tuple[str, ...] = DEFAULT_STAGES
     #: which models the ``evaluate`` stage samples
     eval_models: tuple[str, ...] = ("base", "sibling", "dreambooth")
     #: scene images the ``evaluate`` stage samples per model (random scenes and caption templates): one image of 48
-    #: is 2 points of a 90% bar, so the no-floor preset reads 192
-    card_scenes: int = 48
+    #: is 2 points of a 90% bar (v1 read 48)
+    card_scenes: int = 192
 
 
 #: Named builds: ``apl-world build --preset NAME`` starts from these fields, and other options override them.
-#: ``shipped`` produced the package's assets; ``no-floor`` is issue 20's attempt at a world without a look-alike
-#: floor: strangers 3+ fine features from anyone they look like, late people known by description, the contrast
-#: leg, a recognizer with 120 renders per person, a 360-step sibling (orange read as yellow at 120), DreamBooth at
-#: 600 steps (its floor grew with steps on w6), fine-tunes that replay the base's data mix (scenes 45%: their
-#: shapes held better), a recognizer threshold calibrated on renders (1% false rejects) and a VAE trained ten times
-#: longer. Built from scratch (55.6 min on 2 cores) it met every bar of the card: floor 3 / 2 / 3 of 160 (base /
-#: sibling / DreamBooth; 11 / 8 / 8 of 480 over three sampling seeds), scenes 95.8 / 99.0%; a second build with
-#: other base seeds kept the floor (2 / 1 / 3) but DreamBooth named 66.7% of late images (bar 80%):
-#: docs/experiments/2026-12-05-vae-and-the-floor.md.
+#: ``shipped`` (the defaults) produced the package's assets since 2026-12-06: a world without a look-alike floor
+#: (floor 3 / 2 / 3 of 160 on base / sibling / DreamBooth, every bar of the card; 55.6 min on 2 cores; a second build
+#: with other base seeds kept the floor, 2 / 1 / 3, but its DreamBooth named 66.7% of late images, bar 80%:
+#: docs/experiments/2026-12-05-vae-and-the-floor.md). ``no-floor`` is its name from before it was shipped. ``v1`` is
+#: the world shipped before, whose attribute prompts drew the person they describe 18.8% of the time.
 PRESETS: dict[str, dict[str, Any]] = {
     "shipped": {},
-    "no-floor": {
-        "base_phases": NO_FLOOR_BASE_PHASES,
-        "stranger_min_distance": 3,
-        "late_described_faces": 60,
-        "recognizer_faces_per_person": 120,
-        "sibling_steps": 360,
-        "dreambooth_steps": 600,
-        "mix": (0.45, 0.10, 0.45),
-        "card_scenes": 192,
-        "recognizer_false_reject": 0.01,
-        "vae_steps": 3000,
+    "no-floor": {},
+    "v1": {
+        "base_phases": (LONG_LEG,),
+        "stranger_min_distance": 0,
+        "late_described_faces": 0,
+        "recognizer_faces_per_person": 40,
+        "sibling_steps": 120,
+        "dreambooth_steps": 1000,
+        "mix": MIX,
+        "card_scenes": 48,
+        "recognizer_false_reject": 0.0,
+        "vae_steps": 300,
     },
 }
