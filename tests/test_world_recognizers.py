@@ -67,11 +67,24 @@ def test_missing_recognizer_folder_says_how_to_fix(tmp_path):
 
 
 def test_the_stranger_margin_is_the_open_set_threshold(world, tmp_path):
-    """The shipped config's margin is applied: a huge margin names every face, a negative one names none."""
+    """The shipped config's margin is the one its build settings give (fixed, or calibrated to name all but
+    ``recognizer_false_reject`` of fresh renders), and it is applied: a huge margin names every face, a very
+    negative one none."""
     import json
     import shutil
 
-    assert json.loads((RECOGNIZER_DIR / "config.json").read_text())["stranger_margin"] == 1.0
+    from apl_adapter.world.build.recognizer import calibrated_stranger_margin
+    from apl_adapter.world.build.seeds import SEEDS
+
+    settings = json.loads((RECOGNIZER_DIR.parent / "world_card.json").read_text())["build_config"]
+    shipped = json.loads((RECOGNIZER_DIR / "config.json").read_text())["stranger_margin"]
+    if settings["recognizer_false_reject"]:
+        seed = settings["seed"] + SEEDS.recognizer_calibration
+        rec = WorldIdentityRecognizer.from_pretrained(RECOGNIZER_DIR)
+        want = calibrated_stranger_margin(rec, world, settings["recognizer_false_reject"], seed)
+        assert shipped == pytest.approx(want, abs=1e-4)
+    else:
+        assert shipped == settings["stranger_margin"]
     person = world.seen[0]
     rng = random.Random(7)
     faces = [render_face(person.attributes, person.fine, rng) for _ in range(8)]

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the package's assets, a world without a look-alike floor (a VAE trained 3,000 steps, a contrast leg after "
         "the long base leg, far strangers, late people known by description, a recognizer with more renders and a "
         "threshold calibrated on renders; about 56 min on 2 cores; floor under the bar on two builds: see "
-        "docs/world.md); v1: the world shipped before 2026-12-06, with a look-alike floor (about 45 min)",
+        "docs/world.md); v1: the world shipped before 2026-12-06, with a look-alike floor",
     )
     b.add_argument("--seed", type=int, default=None, help="world and training seed (default 0)")
     b.add_argument(
