@@ -108,7 +108,8 @@ def run_demo(
         data, out / "run", assets, steps=steps, batch_size=batch_size, lr=lr, prefix_len=prefix_len,
         identity_fraction=identity_fraction,
     )  # fmt: skip
-    keys = ("steps", "batch_size", "lr", "lr_schedule", "prefix_len", "identity_fraction")
+    keys = ("steps", "batch_size", "lr", "lr_schedule", "prefix_len", "prefix_depth", "hide_prefix_rows",
+            "text_preserve", "identity_fraction")  # fmt: skip
     recipe = {key: getattr(config, key) for key in keys}
     print(f"[3/4] training a short APL prefix ({', '.join(f'{key} {value}' for key, value in recipe.items())})")
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo always trains afresh
