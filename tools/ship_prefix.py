@@ -28,6 +28,8 @@ from apl_adapter.world.models import SHIPPED_PREFIX, load_world_pipeline, model_
 def summary_of(recipe: dict) -> str:
     """One line for reports: ``deep prefix (m = 10), identity push 0.3, 400 steps at lr 0.01, batch 16``."""
     parts = [f"{recipe['prefix_depth']} prefix (m = {recipe['prefix_len']})"]
+    if recipe.get("hide_prefix_rows"):
+        parts.append("its rows hidden from the UNet")
     if recipe.get("identity_push"):
         parts.append(f"identity push {recipe['identity_push']:g}")
     if recipe.get("name_direction"):

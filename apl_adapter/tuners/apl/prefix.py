@@ -315,6 +315,7 @@ class PrefixWeights:
 
     def detached(self) -> PrefixWeights:
         """A float32 copy that shares nothing with the adapter (for graph constants and caches)."""
+
         def copy(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().float().clone()
 
