@@ -27,6 +27,7 @@ from apl_adapter.tuners.apl.model import prefix_embedding_of, prefix_parameters
 from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder
 from apl_adapter.tuners.apl.serialization import check_adapter_folder
 
+from .export_helpers import has_trt_builder
 from .reference import reference_encode
 
 ATOL = 1e-5  # fp32
@@ -209,11 +210,16 @@ def test_apl_export_validates_a_hidden_rows_adapter_with_onnxruntime(tmp_path):
     with torch.no_grad():
         want = hidden(input_ids=ids.input_ids).last_hidden_state
     for mode in ("baked", "input"):
-        options = ExportOptions(ranges=ranges, exporter="torchscript", prefix_mode=mode)
+        # TensorRT-RTX builds engines on CPU where installed: the dropped rows are slices and a concat it must take
+        options = ExportOptions(ranges=ranges, exporter="torchscript", prefix_mode=mode, trt=has_trt_builder())
         out = export_pipeline(tmp_path / "sd", tmp_path / "hidden", tmp_path / mode, options, progress=lambda s: None)
         manifest = json.loads((out / "apl_export.json").read_text())
         assert manifest["hide_prefix_rows"] is True
         assert max(manifest["models"]["text_encoder"]["validation"]["max_abs_error"].values()) <= ATOL
+        if has_trt_builder():
+            engine = manifest["engines"]["models"]["text_encoder"]
+            assert (out / engine["path"]).stat().st_size == engine["bytes"] > 0
+            assert engine["io"]["last_hidden_state"]["shape"] == [-1, 77, 32]
         positive, _ = ORTAPLPipeline.from_pretrained(out).encode_prompt(["a photo of Ann Lee"], [""])
         np.testing.assert_allclose(positive.numpy(), want.numpy(), atol=ATOL)
 

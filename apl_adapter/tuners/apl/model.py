@@ -204,8 +204,10 @@ def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: 
     if not isinstance(layer, APLEmbedding):
         return None
     layer._deep_scope = None
+    if output is None:  # the forward raised: nothing to hide, and the first error is the one to see
+        return None
     weights = layer.active_prefix_weights
-    if output is None or weights is None or not weights.hide_rows:
+    if weights is None or not weights.hide_rows:
         return None
     m = weights.num_virtual_tokens
     if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, pooler_output, [hidden_states], [attn])
