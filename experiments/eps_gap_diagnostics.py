@@ -134,6 +134,11 @@ def eps_gap_by_timestep(
     encoder = PeftModel.from_pretrained(text_encoder, str(adapter)).to(run_on) if adapter else None
     unet, scheduler = parts.unet.to(run_on), parts.noise_scheduler
     prefix_len = encoder.peft_config[encoder.active_adapter].num_virtual_tokens if encoder is not None else 0
+    if split and getattr(encoder.peft_config[encoder.active_adapter], "hide_prefix_rows", False):
+        raise APLAdapterError(
+            f"{adapter} hides its prefix rows (hide_prefix_rows): the UNet never reads them, so there are no prefix "
+            "states to split off; run without --split"
+        )
 
     def states(ids, prefixed: bool) -> torch.Tensor:
         if encoder is None:

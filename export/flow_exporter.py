@@ -325,6 +325,7 @@ def flow_manifest(loaded: LoadedFlowPipeline, options: ExportOptions, ranges, ex
             weights = slot.adapter_dir / "adapter_model.safetensors"
             entry.update(
                 prefix="deep" if slot.prefix.is_deep else "shallow",
+                hide_prefix_rows=slot.prefix.hide_rows,
                 num_virtual_tokens=slot.prefix.num_virtual_tokens,
                 adapter_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
             )

@@ -70,6 +70,18 @@ class APLPipelineBase:
             from apl_adapter import check_adapter_folder
 
             tensors = check_adapter_folder(prefix)
+            config = json.loads((Path(prefix) / "adapter_config.json").read_text())
+            if config.get("prefix_depth", "shallow") == "deep":
+                raise ExportError(
+                    f"{prefix} is a deep prefix (keys and values at every layer); an input-mode export takes only the "
+                    "(m, D) input vectors. Export it baked: apl-export --adapter with --prefix-mode baked."
+                )
+            hides, expected_hides = config.get("hide_prefix_rows", False), self.manifest.get("hide_prefix_rows", False)
+            if hides != expected_hides:
+                raise ExportError(
+                    f"{prefix} has hide_prefix_rows={hides} but this export's text encoder was built with "
+                    f"hide_prefix_rows={expected_hides} (the graph drops the rows or not); re-export with this adapter."
+                )
             prefix = next(v for k, v in tensors.items() if "apl_prefix" in k)
         array = np.asarray(prefix.detach().float() if isinstance(prefix, torch.Tensor) else prefix, np.float32)
         expected = (self.manifest["num_virtual_tokens"], self.manifest["hidden_size"])

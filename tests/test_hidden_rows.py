@@ -117,6 +117,26 @@ def test_gradients_reach_the_prefix_through_the_prompt_rows_alone(prompt_ids):
         assert prefix.grad is not None and bool((prefix.grad.abs().sum(1) > 0).all())
 
 
+def test_each_adapter_keeps_its_own_setting(prompt_ids):
+    """A hidden and a shown adapter in one encoder: set_adapter, the cache and delete_adapter follow the active one."""
+    shown, hidden = _model(hide=False, seed=5), _model(hide=True, seed=6)
+    both = _model(hide=False, seed=5)
+    both.add_adapter("hidden", APLConfig(num_virtual_tokens=M, hide_prefix_rows=True))
+    with torch.no_grad():
+        prefix_parameters(both, "hidden")["apl_prefix"].copy_(prefix_parameters(hidden)["apl_prefix"])
+    cached = CachedPrefixEncoder.from_adapter(both)
+    with torch.no_grad():
+        for name, alone in (("hidden", hidden), ("default", shown), ("hidden", hidden)):
+            both.set_adapter(name)
+            want = alone(input_ids=prompt_ids).last_hidden_state
+            torch.testing.assert_close(both(input_ids=prompt_ids).last_hidden_state, want, atol=ATOL, rtol=0)
+            torch.testing.assert_close(cached(prompt_ids).last_hidden_state, want, atol=ATOL, rtol=0)
+        both.delete_adapter("hidden")
+        assert "hidden" not in prefix_embedding_of(both.get_base_model()).hide_rows
+        want = shown(input_ids=prompt_ids).last_hidden_state
+        torch.testing.assert_close(both(input_ids=prompt_ids).last_hidden_state, want, atol=ATOL, rtol=0)
+
+
 def test_preservation_gap_reads_the_prompt_rows_where_each_layout_puts_them(prompt_ids):
     shown, hidden = _model(hide=False), _model(hide=True)  # the same seed: the same tensors
     with torch.no_grad():
@@ -178,15 +198,16 @@ def test_apply_apl_on_sd_and_sdxl_hides_the_rows(tmp_path, tokenizer):
 def test_export_graphs_hide_the_rows(prompt_ids, depth):
     from apl_export.modules import make_standard_text_encoder
     from apl_export.trt_plugin import FastCLIPTextEncoderGraph
+    from apl_export.trt_plugin.fast_encoder import make_fast_text_encoder
 
     model = _model(depth)
     weights = prefix_embedding_of(model.get_base_model()).active_prefix_weights.detached()
     assert weights.hide_rows
     clip = model.get_base_model()
     graphs = [make_standard_text_encoder(clip, weights, False, M), FastCLIPTextEncoderGraph(clip, weights)]
-    if depth == "shallow":
+    if depth == "shallow":  # a tensor prefix does not carry the flag: the makers take it
         fed = make_standard_text_encoder(clip, None, True, M, hide_rows=True)
-        graphs.append(lambda ids: fed(ids, weights.embeds))
+        graphs += [lambda ids: fed(ids, weights.embeds), make_fast_text_encoder(clip, weights.embeds, False, M, True)]
     with torch.no_grad():
         want = model(input_ids=prompt_ids)
         for graph in graphs:
@@ -197,6 +218,7 @@ def test_export_graphs_hide_the_rows(prompt_ids, depth):
 
 @pytest.mark.slow
 def test_apl_export_validates_a_hidden_rows_adapter_with_onnxruntime(tmp_path):
+    from apl_export.errors import ExportError
     from apl_export.exporter import ExportOptions, export_pipeline
     from apl_export.runtime_ort import ORTAPLPipeline
     from apl_export.specs import ShapeRange, ShapeRanges
@@ -220,8 +242,14 @@ def test_apl_export_validates_a_hidden_rows_adapter_with_onnxruntime(tmp_path):
             engine = manifest["engines"]["models"]["text_encoder"]
             assert (out / engine["path"]).stat().st_size == engine["bytes"] > 0
             assert engine["io"]["last_hidden_state"]["shape"] == [-1, 77, 32]
-        positive, _ = ORTAPLPipeline.from_pretrained(out).encode_prompt(["a photo of Ann Lee"], [""])
+        runtime = ORTAPLPipeline.from_pretrained(out)
+        positive, _ = runtime.encode_prompt(["a photo of Ann Lee"], [""])
         np.testing.assert_allclose(positive.numpy(), want.numpy(), atol=ATOL)
+    # a prefix swapped into the input-mode export must agree with the graph on hiding its rows
+    save_adapter(get_peft_model(tiny_sd_pipeline().text_encoder, APLConfig()), tmp_path / "shown")
+    with pytest.raises(ExportError, match="hide_prefix_rows=False but this export"):
+        runtime.set_prefix(tmp_path / "shown")
+    runtime.set_prefix(tmp_path / "hidden")
 
 
 def test_apl_train_hides_the_rows_and_saves_the_setting(tmp_path):

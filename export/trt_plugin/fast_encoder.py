@@ -42,4 +42,5 @@ def make_fast_text_encoder(
             "The fast text encoder bakes the prefix's keys and values into the graph; it needs a baked prefix "
             "(not --prefix-input, and only for the prefixed encoder). Use the standard variant otherwise."
         )
-    return FastCLIPTextEncoderGraph(clip, prefix)
+    weights = prefix if isinstance(prefix, PrefixWeights) else PrefixWeights(prefix, hide_rows=hide_rows)
+    return FastCLIPTextEncoderGraph(clip, weights)
