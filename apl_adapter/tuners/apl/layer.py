@@ -47,8 +47,9 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
-        #: the deep rows of the prefixed forward now running (set and cleared by the text model's hooks)
-        self._deep_scope: PrefixWeights | None = None
+        #: the prefix of the prefixed forward now running (set and cleared by the text model's hooks): its deep
+        #: rows reach the projections, its ``hide_rows`` the end hook
+        self._forward_scope: PrefixWeights | None = None
         self.update_layer(adapter_name, weights)
 
     def update_layer(self, adapter_name: str, weights: PrefixWeights) -> None:
@@ -107,7 +108,7 @@ class APLEmbedding(nn.Module, BaseTunerLayer):
 
     def deep_rows(self, kind: Literal["keys", "values"], layer_index: int) -> torch.Tensor | None:
         """The ``(m, D)`` rows layer ``layer_index``'s projection must give, inside a deep prefixed forward."""
-        scope = self._deep_scope
+        scope = self._forward_scope
         if scope is None or scope.keys is None:
             return None
         rows = scope.keys if kind == "keys" else scope.values

@@ -143,8 +143,9 @@ def _prefix_inputs_hook(
     if not isinstance(layer, APLEmbedding):
         return None
     weights = layer.active_prefix_weights
-    # A deep prefix's rows reach the layers' projections for this forward only (cleared by _end_prefix_scope).
-    layer._deep_scope = weights if weights is not None and weights.is_deep else None
+    # The prefix of this forward only (cleared by _end_prefix_scope): a deep prefix's rows reach the layers'
+    # projections, and the end hook reads whether to hide its rows without building the weights again.
+    layer._forward_scope = weights
     if weights is None:
         return None
     prefix = weights.embeds
@@ -203,11 +204,8 @@ def _end_prefix_scope(text_model: CLIPTextModel, args: tuple[Any, ...], kwargs: 
     layer = text_model.embeddings
     if not isinstance(layer, APLEmbedding):
         return None
-    layer._deep_scope = None
-    if output is None:  # the forward raised: nothing to hide, and the first error is the one to see
-        return None
-    weights = layer.active_prefix_weights
-    if weights is None or not weights.hide_rows:
+    weights, layer._forward_scope = layer._forward_scope, None
+    if output is None or weights is None or not weights.hide_rows:  # output None: the forward raised
         return None
     m = weights.num_virtual_tokens
     if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, pooler_output, [hidden_states], [attn])
