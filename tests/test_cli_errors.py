@@ -98,6 +98,7 @@ def test_training_outputs_and_numbers(root, capsys, tmp_path):
         (("--batch-size", "0"), "batch_size must be >= 1"),
         (("--checkpoint-every", "-1"), "checkpoint_every must be >= 0"),
         (("--text-preserve", "-0.1"), "text_preserve must be >= 0, got -0.1"),
+        (("--text-name-direction", "-1"), "text_name_direction must be >= 0, got -1"),
     ]:
         code, err = _train(capsys, root, root / "data", tmp_path / "run", *flags)
         _expect_clean_error(code, err, "apl-train", phrase)

@@ -201,6 +201,7 @@ def test_apl_train_trains_the_chosen_encoders_only_with_the_other_settings(folde
         ("flux", {"prefix_depth": "deep"}, r"FLUX.1 folder.*--prefix-depth: a deep prefix"),
         ("flux", {"resume": "latest"}, r"--resume: resuming"),
         ("sd3", {"text_preserve": 0.1}, r"--text-preserve: the text preservation term"),
+        ("flux", {"text_name_direction": 0.1}, r"--text-name-direction: the text name-direction term"),
         ("sd3", {"guidance": 3.5}, r"--guidance 3.5: .*guidance-distilled FLUX models \(FLUX.1-dev\) only"),
         ("sd3", {"encoders": ["text_encoder_4"]}, r"text_encoder, text_encoder_2, text_encoder_3 \(unknown: text_en"),
         ("flux", {"encoders": ["text_encoder_3"]}, r"FLUX.1's text encoders are text_encoder, text_encoder_2"),

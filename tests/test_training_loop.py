@@ -259,6 +259,30 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     assert (prefixed_states[1, m + 1 :] - unshifted[0, 1 : length - m]).square().mean() > kept  # positions matter
     identity_only = apl_loss(pipe.unet, encoder, z_t[:1], t[:1], c1[:1], c2[:1], text_preserve=0.5).detach()
     torch.testing.assert_close(identity_only, (prefixed[:1] - target[:1]).square().mean(), rtol=1e-4, atol=1e-7)
+    # text_direction=lambda: direction's term in the encoder's output, d = m(tau(c1)) - m(tau(c2)) (m the mean over
+    # positions), r = <m(tau([AP] + c1)) - m(tau(c2)), d> / ||d||^2 on the identity row, + lambda * (r + push)^2
+    with torch.no_grad(), encoder.disable_adapter():
+        name_summary = encoder(input_ids=c1[:1])[0][0].mean(dim=0)
+    text_d = name_summary - described_summary
+    text_share = (lost @ text_d) / (text_d @ text_d)
+    for eta in (0.0, 0.3):
+        pushed = target.clone()
+        pushed[0] = target[0] - eta * (plain[0] - target[0])
+        expected = (prefixed - pushed).square().mean() + 0.5 * (text_share + eta) ** 2
+        loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, text_direction=0.5).detach()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert abs(text_share) > 1e-2  # the term is not vanishing in this check
+    # with push_without_attributes the text pulls b_k leave d (least squares) and the UNet push loses the a_k
+    text_basis = torch.stack(text_pulls)  # (2, D)
+    text_projected = text_d - text_basis.T @ torch.linalg.solve(text_basis @ text_basis.T, text_basis @ text_d)
+    assert (text_projected - text_d).norm() > 1e-3 * text_d.norm()  # the projection changes something here
+    projected_share = (lost @ text_projected) / (text_projected @ text_projected)
+    pushed = target.clone()
+    pushed[0] = target[0] - 0.3 * projected.view_as(target[0])
+    expected = (prefixed - pushed).square().mean() + 0.5 * (projected_share + 0.3) ** 2
+    loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, push_without_attributes=True, text_direction=0.5,
+                    contrast_ids=contrast_ids, contrast_groups=contrast_groups).detach()  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_reaches_only_the_prefix(tokenizer):
@@ -496,6 +520,13 @@ def test_attribute_hold_reads_the_data_contrasts_and_refuses_data_without_them(b
                  show_progress=False)  # fmt: skip
     assert not torch.allclose(_prefix(kept.adapter_dir), _prefix(plain.adapter_dir))
     assert json.loads((tmp_path / "kept" / "train_config.json").read_text())["text_preserve"] == 5.0
+    # the text name direction reaches the prefix (it needs contrasts only with push_without_attributes)
+    named = train(TrainConfig(data=str(contrasted), out=str(tmp_path / "named"), text_name_direction=5.0, **common),
+                  show_progress=False)  # fmt: skip
+    assert not torch.allclose(_prefix(named.adapter_dir), _prefix(plain.adapter_dir))
+    assert json.loads((tmp_path / "named" / "train_config.json").read_text())["text_name_direction"] == 5.0
+    with pytest.raises(APLAdapterError, match=r"text_name_direction .*needs --c2 attribute"):
+        TrainConfig(base="b", data="d", out="o", text_name_direction=1.0, c2="empty")
     bad = write_data_folder(tmp_path / "bad", [(rows[1][0], {**rows[1][1], "c2_contrasts": {"sex": []}})])
     with pytest.raises(DataFormatError, match="non-empty list"):
         read_metadata(bad)

@@ -34,6 +34,8 @@ def summary_of(recipe: dict) -> str:
         parts.append(f"identity push {recipe['identity_push']:g}")
     if recipe.get("name_direction"):
         parts.append(f"name direction {recipe['name_direction']:g}")
+    if recipe.get("text_name_direction"):
+        parts.append(f"text name direction {recipe['text_name_direction']:g}")
     if recipe.get("push_without_attributes"):
         parts.append("push without the attributes' pulls")
     if recipe.get("attribute_hold"):

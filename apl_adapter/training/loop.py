@@ -269,6 +269,7 @@ def train(config: TrainConfig, accelerator: Accelerator | None = None, show_prog
                     push_without_attributes=config.push_without_attributes,
                     contrast_ids=contrast_ids, contrast_groups=contrast_groups,
                     text_attribute_hold=config.text_attribute_hold, text_preserve=config.text_preserve,
+                    text_direction=config.text_name_direction,
                 )
                 for unet in unets
             ) / len(unets)  # fmt: skip

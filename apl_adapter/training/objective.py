@@ -166,6 +166,7 @@ def apl_loss(
     contrast_groups: torch.Tensor | None = None,
     text_attribute_hold: float = 0.0,
     text_preserve: float = 0.0,
+    text_direction: float = 0.0,
 ) -> torch.Tensor:
     """The APL loss of one batch (a scalar).
 
@@ -220,6 +221,13 @@ def apl_loss(
             (``1+m..``), so the term is 0 for a prefix nobody attends to and the shift itself costs nothing (0 = the
             paper). The eps loss keeps a scene only as the training UNet reads it, one timestep a step; what the
             encoder writes every UNet sharing it reads (beyond the paper).
+        text_direction: ``lambda`` of ``direction``'s term measured in the text encoder's output instead of the
+            UNet's prediction: ``d = m(tau(c1)) - m(tau(c2))`` (``c1`` or ``push_ids``; ``m`` the mean over positions,
+            as ``text_attribute_hold``), its attribute pulls ``b_k`` projected out with ``push_without_attributes``,
+            and ``lambda * mean (r + push)^2`` with ``r = <m(tau([AP] + c1)) - m(tau(c2)), d> / ||d||^2``. A UNet
+            taught a name after the prefix was trained (DreamBooth) reads the name only through what the encoder
+            writes, so the share of the name's direction the *encoder* keeps is what decides whether that name falls
+            there (measured); beyond the paper.
         loss_space: ``"eps"`` (the paper) or ``"v"``: each element's squared difference divided by
             ``alpha_bar_t`` (the noise scheduler's ``alphas_cumprod`` at its timestep, which ``"v"`` needs).
 
@@ -248,7 +256,7 @@ def apl_loss(
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
         name_direction = guidance = pulls = None
         described = target[identity]  # eps(c2) of the identity rows, before any push (a copy)
-        text_hold = None
+        text_hold = text_name = None
         if (attribute_hold or push_without_attributes or text_attribute_hold) and bool(identity.any()):
             if contrast_ids is None or contrast_groups is None or contrast_ids.shape[1] == 0:
                 raise ValueError(
@@ -258,19 +266,26 @@ def apl_loss(
             row_groups = contrast_groups[identity].to(c1_ids.device)
             # encoded once for both holds (the plain encoder: this block runs with the adapter off)
             contrast_states = text_encoder(contrast_ids[identity].to(c1_ids.device).flatten(0, 1))[0]
-            if text_attribute_hold:
+            if text_attribute_hold or (text_direction and push_without_attributes):
                 described_summary = target_states[identity].float().mean(dim=1)
                 text_hold = (described_summary, *text_attribute_pulls(described_summary, contrast_states, row_groups))
             if attribute_hold or push_without_attributes:
                 pulls = attribute_pulls(
                     unet, noisy[identity], timesteps[identity], described, contrast_states, row_groups
                 )
+        source_states = None
+        if (push or direction or text_direction) and bool(identity.any()):
+            source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
+            source_states = text_encoder(source)[0]
+        if text_direction and source_states is not None:
+            text_name = source_states.float().mean(dim=1) - target_states[identity].float().mean(dim=1)
+            if push_without_attributes and text_hold is not None:
+                text_name = without_pulls(text_name, text_hold[1])
         if (push or boost or direction or guidance_relative) and bool(identity.any()):
             noisy_id, t_id = noisy[identity], timesteps[identity]
             moved = described.clone()
-            if push or direction:
-                source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
-                plain = unet(noisy_id, t_id, encoder_hidden_states=text_encoder(source)[0]).sample
+            if (push or direction) and source_states is not None:
+                plain = unet(noisy_id, t_id, encoder_hidden_states=source_states).sample
                 name_direction = plain - described
                 if push_without_attributes and pulls is not None:
                     name_direction = without_pulls(name_direction, pulls[0])
@@ -308,6 +323,11 @@ def apl_loss(
         summary = prefixed_states[identity].float().mean(dim=1)
         shares = attribute_shares(summary, *text_hold)  # (m(tau(c2)), pulls, present)
         loss = loss + text_attribute_hold * shares.square().mean()
+    if text_direction and text_name is not None:
+        # the target's summary is m(tau(c2)), whose share of d is 0; the push asks for -push, as ``direction`` does
+        summary = prefixed_states[identity].float().mean(dim=1)
+        kept = name_share(summary - target_states[identity].float().mean(dim=1), text_name)
+        loss = loss + text_direction * (kept + push).square().mean()
     if text_preserve and not bool(identity.all()):
         loss = loss + text_preserve * preservation_gap(text_encoder, c1_ids[~identity], prefixed_states[~identity])
     if guidance_relative and guidance is not None:
