@@ -16,7 +16,8 @@ SCRIPTS = sorted(p.name for p in (ROOT / "experiments").glob("*.py") if p.name !
 
 def test_there_are_experiments():
     assert SCRIPTS == [
-        "eps_gap_diagnostics.py", "late_names.py", "probe_push_target.py", "recognizer_gate.py", "step_bands.py"
+        "eps_gap_diagnostics.py", "late_names.py", "probe_push_target.py", "recognizer_gate.py", "step_bands.py",
+        "text_name_share.py",
     ]  # fmt: skip
 
 
