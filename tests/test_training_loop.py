@@ -139,9 +139,15 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
         with encoder.disable_adapter():
             plain = pipe.unet(z_t, t, encoder(input_ids=c1)[0]).sample
             target = pipe.unet(z_t, t, encoder(input_ids=c2)[0]).sample
+
+    def pushed_by(step: torch.Tensor) -> torch.Tensor:
+        """The targets with the identity row's moved by ``-step``, the preservation row's left at eps(c2)."""
+        moved = target.clone()
+        moved[0] = target[0] - step
+        return moved
+
     for eta in (0.0, 0.5, 2.0):
-        pushed = target.clone()
-        pushed[0] = target[0] - eta * (plain[0] - target[0])
+        pushed = pushed_by(eta * (plain[0] - target[0]))
         expected = (prefixed - pushed).square().mean()
         loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta).detach()
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
@@ -180,15 +186,13 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     d = (plain[0] - target[0]).flatten()
     share = ((prefixed[0] - target[0]).flatten() @ d) / (d @ d)
     for eta in (0.0, 0.3):
-        pushed = target.clone()
-        pushed[0] = target[0] - eta * (plain[0] - target[0])
+        pushed = pushed_by(eta * (plain[0] - target[0]))
         expected = (prefixed - pushed).square().mean() + 0.2 * (share + eta) ** 2
         loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, direction=0.2).detach()
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
     assert abs(share) > 1e-2  # the term is not vanishing in this check
     # guidance_relative=lambda: + lambda * ||prefixed - target||^2 / ||eps(c2) - eps('')||^2 on the identity row only
-    pushed = target.clone()
-    pushed[0] = target[0] - 0.3 * (plain[0] - target[0])
+    pushed = pushed_by(0.3 * (plain[0] - target[0]))
     relative = (prefixed[0] - pushed[0]).square().sum() / (target[0] - unconditional[0]).square().sum()
     expected = (prefixed - pushed).square().mean() + 0.05 * relative
     loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, guidance_relative=0.05, empty_ids=empty).detach()
@@ -219,8 +223,7 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     projected = d - basis.T @ torch.linalg.solve(basis @ basis.T, basis @ d)
     assert (basis @ projected).abs().max() < 1e-4 * d.norm()  # no part of it along any pull
     assert (projected - d).norm() > 1e-3 * d.norm()  # and the projection changed something in this check
-    pushed = target.clone()
-    pushed[0] = target[0] - 0.3 * projected.view_as(target[0])
+    pushed = pushed_by(0.3 * projected.view_as(target[0]))
     loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, push_without_attributes=True,
                     contrast_ids=contrast_ids, contrast_groups=contrast_groups).detach()  # fmt: skip
     torch.testing.assert_close(loss, (prefixed - pushed).square().mean(), rtol=1e-4, atol=1e-7)
@@ -266,8 +269,7 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     text_d = name_summary - described_summary
     text_share = (lost @ text_d) / (text_d @ text_d)
     for eta in (0.0, 0.3):
-        pushed = target.clone()
-        pushed[0] = target[0] - eta * (plain[0] - target[0])
+        pushed = pushed_by(eta * (plain[0] - target[0]))
         expected = (prefixed - pushed).square().mean() + 0.5 * (text_share + eta) ** 2
         loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, text_direction=0.5).detach()
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
@@ -277,8 +279,7 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     text_projected = text_d - text_basis.T @ torch.linalg.solve(text_basis @ text_basis.T, text_basis @ text_d)
     assert (text_projected - text_d).norm() > 1e-3 * text_d.norm()  # the projection changes something here
     projected_share = (lost @ text_projected) / (text_projected @ text_projected)
-    pushed = target.clone()
-    pushed[0] = target[0] - 0.3 * projected.view_as(target[0])
+    pushed = pushed_by(0.3 * projected.view_as(target[0]))
     expected = (prefixed - pushed).square().mean() + 0.5 * (projected_share + 0.3) ** 2
     loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, push_without_attributes=True, text_direction=0.5,
                     contrast_ids=contrast_ids, contrast_groups=contrast_groups).detach()  # fmt: skip

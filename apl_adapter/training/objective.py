@@ -256,7 +256,9 @@ def apl_loss(
         identity = ~(c1_ids == c2_ids).all(dim=1)  # preservation pairs (c1 == c2) keep the plain target
         name_direction = guidance = pulls = None
         described = target[identity]  # eps(c2) of the identity rows, before any push (a copy)
-        text_hold = text_name = None
+        text_hold = text_name = described_summary = None
+        if (text_attribute_hold or text_direction) and bool(identity.any()):
+            described_summary = target_states[identity].float().mean(dim=1)  # m(tau(c2)), both text terms read it
         if (attribute_hold or push_without_attributes or text_attribute_hold) and bool(identity.any()):
             if contrast_ids is None or contrast_groups is None or contrast_ids.shape[1] == 0:
                 raise ValueError(
@@ -266,8 +268,7 @@ def apl_loss(
             row_groups = contrast_groups[identity].to(c1_ids.device)
             # encoded once for both holds (the plain encoder: this block runs with the adapter off)
             contrast_states = text_encoder(contrast_ids[identity].to(c1_ids.device).flatten(0, 1))[0]
-            if text_attribute_hold or (text_direction and push_without_attributes):
-                described_summary = target_states[identity].float().mean(dim=1)
+            if described_summary is not None and (text_attribute_hold or push_without_attributes):
                 text_hold = (described_summary, *text_attribute_pulls(described_summary, contrast_states, row_groups))
             if attribute_hold or push_without_attributes:
                 pulls = attribute_pulls(
@@ -277,8 +278,8 @@ def apl_loss(
         if (push or direction or text_direction) and bool(identity.any()):
             source = (c1_ids if push_ids is None else push_ids.to(c1_ids.device))[identity]
             source_states = text_encoder(source)[0]
-        if text_direction and source_states is not None:
-            text_name = source_states.float().mean(dim=1) - target_states[identity].float().mean(dim=1)
+        if text_direction and source_states is not None and described_summary is not None:
+            text_name = source_states.float().mean(dim=1) - described_summary
             if push_without_attributes and text_hold is not None:
                 text_name = without_pulls(text_name, text_hold[1])
         if (push or boost or direction or guidance_relative) and bool(identity.any()):
@@ -319,14 +320,13 @@ def apl_loss(
     if attribute_hold and pulls is not None:
         shares = attribute_shares(prediction[identity], described, *pulls)
         loss = loss + attribute_hold * shares.square().mean()
-    if text_attribute_hold and text_hold is not None:
-        summary = prefixed_states[identity].float().mean(dim=1)
+    summary = prefixed_states[identity].float().mean(dim=1) if described_summary is not None else None
+    if text_attribute_hold and text_hold is not None and summary is not None:
         shares = attribute_shares(summary, *text_hold)  # (m(tau(c2)), pulls, present)
         loss = loss + text_attribute_hold * shares.square().mean()
-    if text_direction and text_name is not None:
+    if text_direction and text_name is not None and summary is not None and described_summary is not None:
         # the target's summary is m(tau(c2)), whose share of d is 0; the push asks for -push, as ``direction`` does
-        summary = prefixed_states[identity].float().mean(dim=1)
-        kept = name_share(summary - target_states[identity].float().mean(dim=1), text_name)
+        kept = name_share(summary - described_summary, text_name)
         loss = loss + text_direction * (kept + push).square().mean()
     if text_preserve and not bool(identity.all()):
         loss = loss + text_preserve * preservation_gap(text_encoder, c1_ids[~identity], prefixed_states[~identity])
