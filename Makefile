@@ -11,7 +11,7 @@ DEMO_OUT ?= demo-out
 # The CPU wheel of torch 2.13.0 lies on disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv install build test test-fast demo cuda-check lint typecheck bench world clean
+.PHONY: venv install build test test-fast demo cuda-check gpu-check lint typecheck bench world clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ build: $(STAMP)
 # Compile check of the CUDA kernel for sm_80 and sm_90 (nothing runs without a GPU).
 cuda-check: $(STAMP)
 	$(PY) tools/cuda_check.py
+
+# On a machine with a CUDA GPU, with a CUDA build of torch and the package's dependencies installed (not this
+# Makefile's venv, whose torch is the CPU wheel): build the CUDA kernel in place, run the GPU tests (the kernel on every
+# layout, the prefix K/V cache on CUDA), time the kernel and the cached encoder. GPU_PY picks the interpreter.
+GPU_PY ?= python3
+gpu-check:
+	APL_FORCE_CUDA=1 $(GPU_PY) setup.py -q build_ext --inplace
+	$(GPU_PY) -m pytest -q -m gpu tests/test_prefix_attention.py tests/test_cuda_paths.py
+	$(GPU_PY) benchmarks/bench_prefix_attention.py --device cuda
 
 # The suite, plus every docstring example in the package and in experiments/ (examples that need your own model
 # folders or a trained prefix are +SKIP; their import lines still run, so a moved name fails here).

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
@@ -57,7 +58,7 @@ def apply_apl(
     adapter_3: AdapterLike | None = None,
     *,
     apply_to_negative_prompt: bool | None = None,
-    use_prefix_cache: bool = True,
+    use_prefix_cache: bool | None = None,
 ):
     """Apply APL prefixes to ``pipe``'s text encoder(s), in place, and return ``pipe``.
 
@@ -74,8 +75,10 @@ def apply_apl(
         use_prefix_cache: encode prefixed prompts of CLIP encoders with
             :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` (BOS + prefix keys/values computed
             once per prefix, the fused ``torch.ops.apl.prefix_attention`` kernel for the prompt positions). Same
-            outputs as the full encoder within 1e-5 (fp32); turn off to run the full prefixed encoder. T5 encoders
-            always run in full (they attend both ways, so the prefix's states depend on the prompt).
+            outputs as the full encoder within 1e-5 (fp32). Default (None): where the encoder sits on the CPU at
+            encode time, the cache is faster there; on a GPU the full encoder measured faster (docs/kernels.md).
+            True / False: always / never. T5 encoders always run in full (they attend both ways, so the prefix's
+            states depend on the prompt).
     """
     if getattr(pipe, _STATE, None) is not None:
         raise APLAdapterError("This pipeline already has an APL prefix; call remove_apl(pipe) first.")
@@ -100,7 +103,7 @@ def apply_apl(
         for attr, source in pairs:
             models[attr] = _attach(getattr(pipe, attr), source, f"{type(pipe).__name__}.{attr}")
         cached = {}
-        if use_prefix_cache:
+        if use_prefix_cache is not False:
             from .tuners.apl.prefix_cache import CachedPrefixEncoder
 
             cached = {
@@ -115,7 +118,7 @@ def apply_apl(
     if apply_to_negative_prompt is None:
         apply_to_negative_prompt = any(m.peft_config["default"].apply_to_negative_prompt for m in models.values())
     original = pipe.encode_prompt
-    patched = {"encode_prompt": _with_encoders(pipe, original, cached)}
+    patched = {"encode_prompt": _with_encoders(pipe, original, cached, only_on_cpu=use_prefix_cache is None)}
     if not apply_to_negative_prompt and family.negative_in_encode_prompt:
         patched["encode_prompt"] = _positive_prompt_only(patched["encode_prompt"], original, models, family)
     elif not apply_to_negative_prompt and hasattr(pipe, "check_inputs"):
@@ -333,19 +336,32 @@ def _adapters_disabled(models: list[PeftModel]) -> Iterator[None]:
         yield
 
 
-def _with_encoders(pipe, encode_prompt: Callable, encoders: dict) -> Callable:
+def prefix_cache_pays_off(device: torch.device) -> bool:
+    """Whether the prefix K/V cache beats the full prefixed encoder on ``device`` by default.
+
+    Measured (``benchmarks/bench_prefix_attention.py``, SD 1.5 encoder config): on the CPU the cache takes 0.87-0.88x
+    the full encoder's time; on an H100 it took 1.04-1.57x (batch 64 to 1) - there the encoder is bound by kernel
+    launches, and the cache path launches more, smaller kernels.
+    """
+    return device.type == "cpu"
+
+
+def _with_encoders(pipe, encode_prompt: Callable, encoders: dict, only_on_cpu: bool = False) -> Callable:
     """``encode_prompt`` with ``pipe.<attr>`` temporarily replaced by ``encoders[attr]``.
 
     Swapped in the instance ``__dict__`` (not through the pipeline's ``__setattr__``) so the
     pipeline's registered config - what ``save_pretrained`` writes - never sees the stand-in.
+    With ``only_on_cpu`` an encoder is swapped in only while it sits where the cache pays off (the pipeline may be
+    moved between devices after ``apply_apl``).
     """
     if not encoders:
         return encode_prompt
 
     @functools.wraps(encode_prompt)
     def wrapper(*args, **kwargs):
-        originals = {attr: pipe.__dict__[attr] for attr in encoders}
-        pipe.__dict__.update(encoders)
+        swap = {a: e for a, e in encoders.items() if not only_on_cpu or prefix_cache_pays_off(e.device)}
+        originals = {attr: pipe.__dict__[attr] for attr in swap}
+        pipe.__dict__.update(swap)
         try:
             return encode_prompt(*args, **kwargs)
         finally:

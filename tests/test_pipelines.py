@@ -86,6 +86,37 @@ def test_cached_encoder_is_the_default_and_can_be_turned_off(sd, adapter_folder)
     torch.testing.assert_close(full, direct, atol=0, rtol=0)
 
 
+def test_default_cache_follows_the_device_and_true_forces_it(sd, adapter_folder, monkeypatch):
+    """Default: the cache only where it pays off (the CPU), judged at encode time; True: wherever the encoder is."""
+    import apl_adapter.pipelines as pipelines
+
+    def cached_calls(**apply_kwargs):
+        apply_apl(sd, adapter_folder, **apply_kwargs)
+        calls = []
+        (cached,) = apl_cached_encoders(sd).values()
+        hook = cached.register_forward_hook(lambda *args: calls.append(1))
+        with torch.no_grad():
+            embeds, _ = sd.encode_prompt(PROMPT, "cpu", 1, True)
+        hook.remove()
+        remove_apl(sd)
+        return len(calls), embeds
+
+    on_cpu, cpu_embeds = cached_calls()
+    monkeypatch.setattr(pipelines, "prefix_cache_pays_off", lambda device: False)  # as on a GPU
+    elsewhere, full_embeds = cached_calls()
+    forced, forced_embeds = cached_calls(use_prefix_cache=True)
+    assert (on_cpu, elsewhere, forced) == (1, 0, 1)
+    torch.testing.assert_close(full_embeds, cpu_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(forced_embeds, cpu_embeds, atol=0, rtol=0)
+
+
+def test_the_cache_pays_off_on_the_cpu_only():
+    from apl_adapter.pipelines import prefix_cache_pays_off
+
+    assert prefix_cache_pays_off(torch.device("cpu"))
+    assert not prefix_cache_pays_off(torch.device("cuda", 0))
+
+
 def test_images_change_with_apl_and_come_back_after_removal(sd, adapter_folder):
     before = sd(PROMPT, generator=_gen(), **STEPS).images
     apply_apl(sd, adapter_folder)
