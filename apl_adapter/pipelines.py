@@ -339,7 +339,7 @@ def _adapters_disabled(models: list[PeftModel]) -> Iterator[None]:
 def prefix_cache_pays_off(device: torch.device) -> bool:
     """Whether the prefix K/V cache beats the full prefixed encoder on ``device`` by default.
 
-    Measured (``benchmarks/bench_prefix_attention.py``, SD 1.5 encoder config): on the CPU the cache takes 0.87-0.88x
+    Measured (``benchmarks/bench_prefix_attention.py``, SD 1.5 encoder config): on the CPU the cache takes 0.90-0.96x
     the full encoder's time; on an H100 it took 1.04-1.57x (batch 64 to 1) - there the encoder is bound by kernel
     launches, and the cache path launches more, smaller kernels.
     """
