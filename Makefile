@@ -39,6 +39,9 @@ cuda-check: $(STAMP)
 # layout, the prefix K/V cache on CUDA), time the kernel and the cached encoder. GPU_PY picks the interpreter.
 GPU_PY ?= python3
 gpu-check:
+	@$(GPU_PY) -c "import sys, importlib.util as u; t = u.find_spec('torch') and __import__('torch'); \
+	sys.exit(0 if t and t.cuda.is_available() else 'gpu-check: $(GPU_PY) ' + ('sees no CUDA device (torch ' + \
+	t.__version__ + ')' if t else 'has no torch') + '; run it on a GPU machine with GPU_PY=<a python whose torch is a CUDA build>')"
 	APL_FORCE_CUDA=1 $(GPU_PY) setup.py -q build_ext --inplace
 	$(GPU_PY) -m pytest -q -m gpu tests/test_prefix_attention.py tests/test_cuda_paths.py
 	$(GPU_PY) benchmarks/bench_prefix_attention.py --device cuda
