@@ -75,14 +75,16 @@ def test_queries_fewer_than_keys_align_bottom_right(causal):
     torch.testing.assert_close(out.double(), sdpa_on_concatenation(*inputs, causal), atol=ATOL_FP32, rtol=0)
 
 
-def test_per_batch_expanded_and_strided_prefixes():
+def test_per_batch_and_expanded_prefixes():
     q, k, v, k_prefix, v_prefix = make_inputs(4, 2, 9, 9, 3, 64, torch.float32, shared_prefix=False, seed=1)
     reference = sdpa_on_concatenation(q, k, v, k_prefix, v_prefix, True)
     q, k, v, k_prefix, v_prefix = on_cuda(q, k, v, k_prefix, v_prefix)
     out = torch.ops.apl.prefix_attention(q, k, v, k_prefix, v_prefix, True)
     torch.testing.assert_close(out.cpu().double(), reference, atol=ATOL_FP32, rtol=0)
     shared_k, shared_v = k_prefix[:1], v_prefix[:1]
-    expanded = torch.ops.apl.prefix_attention(q, k, v, shared_k.expand(4, -1, -1, -1), shared_v.expand(4, -1, -1, -1))
+    expanded = torch.ops.apl.prefix_attention(
+        q, k, v, shared_k.expand(4, -1, -1, -1), shared_v.expand(4, -1, -1, -1), True
+    )
     shared = torch.ops.apl.prefix_attention(q, k, v, shared_k, shared_v, True)
     torch.testing.assert_close(expanded, shared, atol=0, rtol=0)
 
