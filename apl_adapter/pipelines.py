@@ -75,8 +75,8 @@ def apply_apl(
         use_prefix_cache: encode prefixed prompts of CLIP encoders with
             :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` (BOS + prefix keys/values computed
             once per prefix, the fused ``torch.ops.apl.prefix_attention`` kernel for the prompt positions). Same
-            outputs as the full encoder within 1e-5 (fp32). Default (None): where the encoder sits on the CPU at
-            encode time, the cache is faster there; on a GPU the full encoder measured faster (docs/kernels.md).
+            outputs as the full encoder within 1e-5 (fp32). Default (None): while the pipeline executes on the CPU
+            (judged per call), the cache is faster there; on a GPU the full encoder measured faster (docs/kernels.md).
             True / False: always / never. T5 encoders always run in full (they attend both ways, so the prefix's
             states depend on the prompt).
     """
@@ -265,8 +265,9 @@ def with_and_without_apl(
 
 
 def apl_cached_encoders(pipe) -> dict:
-    """The :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` stand-ins in use (empty when the cache
-    is off)."""
+    """The :class:`~apl_adapter.tuners.apl.prefix_cache.CachedPrefixEncoder` stand-ins ``apply_apl`` built (empty
+    when the cache is off); with the default ``use_prefix_cache=None`` they run only while the pipeline executes on
+    the CPU."""
     state = getattr(pipe, _STATE, None)
     return dict(state["cached"]) if state else {}
 
@@ -346,20 +347,27 @@ def prefix_cache_pays_off(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _execution_device(pipe, encoders: dict) -> torch.device:
+    """Where ``pipe`` runs its models (diffusers' ``_execution_device`` knows about offload hooks)."""
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(device) if device is not None else next(iter(encoders.values())).device
+
+
 def _with_encoders(pipe, encode_prompt: Callable, encoders: dict, only_on_cpu: bool = False) -> Callable:
     """``encode_prompt`` with ``pipe.<attr>`` temporarily replaced by ``encoders[attr]``.
 
     Swapped in the instance ``__dict__`` (not through the pipeline's ``__setattr__``) so the
     pipeline's registered config - what ``save_pretrained`` writes - never sees the stand-in.
-    With ``only_on_cpu`` an encoder is swapped in only while it sits where the cache pays off (the pipeline may be
-    moved between devices after ``apply_apl``).
+    With ``only_on_cpu`` the encoders are swapped in only while the pipeline executes where the cache pays off
+    (judged per call: the pipeline may be moved after ``apply_apl``). The execution device, not the weights'
+    device, decides: under ``enable_model_cpu_offload`` weights wait on the CPU while the encoder runs on the GPU.
     """
     if not encoders:
         return encode_prompt
 
     @functools.wraps(encode_prompt)
     def wrapper(*args, **kwargs):
-        swap = {a: e for a, e in encoders.items() if not only_on_cpu or prefix_cache_pays_off(e.device)}
+        swap = encoders if not only_on_cpu or prefix_cache_pays_off(_execution_device(pipe, encoders)) else {}
         originals = {attr: pipe.__dict__[attr] for attr in swap}
         pipe.__dict__.update(swap)
         try:

@@ -1,8 +1,9 @@
 """Drive the CUDA prefix-attention kernel over its edge shapes, for NVIDIA's compute-sanitizer to watch.
 
-Every head-dimension path (64, 128 and the generic one), empty and per-batch prefixes, fewer queries than keys,
-strided views and the three storage types; each launch is synchronized so a fault is pinned to its shape. The
-numbers are not checked here (tests/test_cuda_paths.py does that): this is for memory errors.
+Every head-dimension path (64, 128 and the generic one), empty and per-batch prefixes, fewer and more queries than
+keys (rows that see no key), strided views and the three storage types; each launch is synchronized so a fault is
+pinned to its shape. The numbers are not checked here (tests/test_cuda_paths.py does that): this is for memory
+errors.
 
     compute-sanitizer --tool memcheck --error-exitcode 9 python tools/cuda_sanitize.py
     compute-sanitizer --tool initcheck --error-exitcode 9 python tools/cuda_sanitize.py
@@ -18,7 +19,14 @@ import torch
 from apl_adapter import ops
 
 # (batch, heads, q_len, kv_len, prefix_len, prefix_batch)
-SHAPES = [(1, 1, 1, 1, 0, 1), (3, 5, 7, 7, 11, 1), (2, 12, 66, 66, 11, 2), (2, 2, 5, 9, 3, 1), (1, 3, 130, 130, 1, 1)]
+SHAPES = [
+    (1, 1, 1, 1, 0, 1),
+    (3, 5, 7, 7, 11, 1),
+    (2, 12, 66, 66, 11, 2),
+    (2, 2, 5, 9, 3, 1),
+    (1, 3, 130, 130, 1, 1),
+    (1, 2, 9, 4, 0, 1),  # more queries than keys, no prefix: the first rows see no key (zeros)
+]
 HEAD_DIMS = [64, 128, 40, 256]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
