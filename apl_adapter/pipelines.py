@@ -347,12 +347,6 @@ def prefix_cache_pays_off(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _execution_device(pipe, encoders: dict) -> torch.device:
-    """Where ``pipe`` runs its models (diffusers' ``_execution_device`` knows about offload hooks)."""
-    device = getattr(pipe, "_execution_device", None)
-    return torch.device(device) if device is not None else next(iter(encoders.values())).device
-
-
 def _with_encoders(pipe, encode_prompt: Callable, encoders: dict, only_on_cpu: bool = False) -> Callable:
     """``encode_prompt`` with ``pipe.<attr>`` temporarily replaced by ``encoders[attr]``.
 
@@ -367,7 +361,8 @@ def _with_encoders(pipe, encode_prompt: Callable, encoders: dict, only_on_cpu: b
 
     @functools.wraps(encode_prompt)
     def wrapper(*args, **kwargs):
-        swap = encoders if not only_on_cpu or prefix_cache_pays_off(_execution_device(pipe, encoders)) else {}
+        # diffusers' _execution_device knows about offload hooks
+        swap = encoders if not only_on_cpu or prefix_cache_pays_off(pipe._execution_device) else {}
         originals = {attr: pipe.__dict__[attr] for attr in swap}
         pipe.__dict__.update(swap)
         try:

@@ -23,6 +23,7 @@ import argparse
 import torch
 from peft import PeftModel
 
+from apl_adapter.training.objective import name_share
 from apl_adapter.world.models import load_world_pipeline
 from apl_adapter.world.spec import WorldSpec
 
@@ -74,7 +75,7 @@ def shares(adapter: str, assets: str | None = None) -> dict[str, dict[str, float
             }
             for view, (plain_name, plain_described, with_prefix) in views.items():
                 d, change = plain_name - plain_described, with_prefix - plain_described
-                r = (change @ d) / (d @ d)
+                r = name_share(change[None], d[None])[0]
                 rows[f"{view}_r"].append(float(r))
                 rows[f"{view}_orth"].append(float((change - r * d).norm() / d.norm()))
             rms.append(float((prefixed[b, a0:a1] - name[b, a0:a1]).square().mean().sqrt()))

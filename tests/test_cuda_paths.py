@@ -18,6 +18,7 @@ from apl_adapter.testing import tiny_clip_text_model
 from apl_adapter.tuners.apl.model import prefix_parameters
 from apl_adapter.tuners.apl.prefix_cache import CachedPrefixEncoder
 
+from .test_deep_prefix import _deep_model
 from .test_prefix_attention import make_inputs, sdpa_on_concatenation
 
 pytestmark = [
@@ -136,14 +137,9 @@ def test_runs_on_the_current_stream():
 
 def adapted_on_cuda(depth: str) -> torch.nn.Module:
     """head_dim 64 (one head of 64): the kernel's fast path. Deep rows moved off their start so they matter."""
-    model = get_peft_model(
-        tiny_clip_text_model(hidden_size=64, heads=1), APLConfig(num_virtual_tokens=4, prefix_depth=depth)
-    )
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in prefix_parameters(model).items():
-            if name != "apl_prefix":
-                param.add_(torch.randn(param.shape, generator=generator))
+    if depth == "deep":
+        return _deep_model(m=4, hidden_size=64, heads=1).cuda()
+    model = get_peft_model(tiny_clip_text_model(hidden_size=64, heads=1), APLConfig(num_virtual_tokens=4))
     return model.eval().cuda()
 
 

@@ -146,6 +146,11 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
         moved[0] = target[0] - step
         return moved
 
+    def with_share_term(weight: float, share: torch.Tensor, eta: float, step: torch.Tensor) -> torch.Tensor:
+        """The loss pushed by ``eta * step`` plus a share term ``weight * (share + eta)^2`` (the pushed target's own
+        share is -eta)."""
+        return (prefixed - pushed_by(eta * step)).square().mean() + weight * (share + eta) ** 2
+
     for eta in (0.0, 0.5, 2.0):
         pushed = pushed_by(eta * (plain[0] - target[0]))
         expected = (prefixed - pushed).square().mean()
@@ -186,8 +191,7 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     d = (plain[0] - target[0]).flatten()
     share = ((prefixed[0] - target[0]).flatten() @ d) / (d @ d)
     for eta in (0.0, 0.3):
-        pushed = pushed_by(eta * (plain[0] - target[0]))
-        expected = (prefixed - pushed).square().mean() + 0.2 * (share + eta) ** 2
+        expected = with_share_term(0.2, share, eta, plain[0] - target[0])
         loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, direction=0.2).detach()
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
     assert abs(share) > 1e-2  # the term is not vanishing in this check
@@ -269,8 +273,7 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     text_d = name_summary - described_summary
     text_share = (lost @ text_d) / (text_d @ text_d)
     for eta in (0.0, 0.3):
-        pushed = pushed_by(eta * (plain[0] - target[0]))
-        expected = (prefixed - pushed).square().mean() + 0.5 * (text_share + eta) ** 2
+        expected = with_share_term(0.5, text_share, eta, plain[0] - target[0])
         loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=eta, text_direction=0.5).detach()
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
     assert abs(text_share) > 1e-2  # the term is not vanishing in this check
@@ -279,8 +282,7 @@ def test_pushed_and_boosted_identity_targets_and_untouched_preservation_target(t
     text_projected = text_d - text_basis.T @ torch.linalg.solve(text_basis @ text_basis.T, text_basis @ text_d)
     assert (text_projected - text_d).norm() > 1e-3 * text_d.norm()  # the projection changes something here
     projected_share = (lost @ text_projected) / (text_projected @ text_projected)
-    pushed = pushed_by(0.3 * projected.view_as(target[0]))
-    expected = (prefixed - pushed).square().mean() + 0.5 * (projected_share + 0.3) ** 2
+    expected = with_share_term(0.5, projected_share, 0.3, projected.view_as(target[0]))
     loss = apl_loss(pipe.unet, encoder, z_t, t, c1, c2, push=0.3, push_without_attributes=True, text_direction=0.5,
                     contrast_ids=contrast_ids, contrast_groups=contrast_groups).detach()  # fmt: skip
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)

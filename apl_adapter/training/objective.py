@@ -320,14 +320,15 @@ def apl_loss(
     if attribute_hold and pulls is not None:
         shares = attribute_shares(prediction[identity], described, *pulls)
         loss = loss + attribute_hold * shares.square().mean()
-    summary = prefixed_states[identity].float().mean(dim=1) if described_summary is not None else None
-    if text_attribute_hold and text_hold is not None and summary is not None:
-        shares = attribute_shares(summary, *text_hold)  # (m(tau(c2)), pulls, present)
-        loss = loss + text_attribute_hold * shares.square().mean()
-    if text_direction and text_name is not None and summary is not None and described_summary is not None:
-        # the target's summary is m(tau(c2)), whose share of d is 0; the push asks for -push, as ``direction`` does
-        kept = name_share(summary - described_summary, text_name)
-        loss = loss + text_direction * (kept + push).square().mean()
+    if described_summary is not None:  # a text term is on: m(tau([AP] + c1)) of the identity rows, once
+        summary = prefixed_states[identity].float().mean(dim=1)
+        if text_attribute_hold and text_hold is not None:
+            shares = attribute_shares(summary, *text_hold)  # (m(tau(c2)), pulls, present)
+            loss = loss + text_attribute_hold * shares.square().mean()
+        if text_name is not None:
+            # the target's summary is m(tau(c2)), whose share of d is 0; the push asks for -push, as ``direction`` does
+            kept = name_share(summary - described_summary, text_name)
+            loss = loss + text_direction * (kept + push).square().mean()
     if text_preserve and not bool(identity.all()):
         loss = loss + text_preserve * preservation_gap(text_encoder, c1_ids[~identity], prefixed_states[~identity])
     if guidance_relative and guidance is not None:
