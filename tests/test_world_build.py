@@ -121,6 +121,12 @@ def test_build_cli_rejects_unknown_stages_and_bad_steps(tmp_path, capsys):
     for rate in ("0.5", "-0.01", "nan"):
         assert main(["build", *where, "--recognizer-false-reject", rate]) == 2
         assert "--recognizer-false-reject is a rate in (0, 0.5), or 0 to keep" in capsys.readouterr().err
+    for share in ("0.5", "-0.1", "nan"):
+        assert main(["build", *where, "--dreambooth-description-prior", share]) == 2
+        assert "--dreambooth-description-prior is a share of DreamBooth's batch" in capsys.readouterr().err
+    # v1 draws no strangers under late names, so there is nothing for the prior to replay
+    assert main(["build", *where, "--preset", "v1", "--dreambooth-description-prior", "0.25"]) == 2
+    assert "give --late-described-faces N or prior 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -307,6 +313,56 @@ def test_strangers_keep_their_distance_and_late_names_are_known_by_description()
     # a distance no fine features can keep (6 features) is refused, not looped on
     with pytest.raises(ValueError, match="no stranger"):
         stranger_fine_features(world.identities[:1], world.identities[0].attributes, rng, min_distance=7)
+
+
+def test_the_description_prior_replays_late_strangers_under_the_description():
+    """DreamBooth's class prior: the strangers the base drew under a late name, and only they, come back under the
+    late person's description (every template), while the bank they came from keeps its name prompts."""
+    from apl_adapter.world.build import render_bank
+    from apl_adapter.world.build.diffusion import LatentSet
+    from apl_adapter.world.build.finetunes import description_prior, late_described_mask, replay_mask
+    from apl_adapter.world.spec import WorldSpec
+
+    world = WorldSpec.from_seed(0)
+    bank = render_bank(world, world.seen[:3], 2, 5, 2, seed=3, described=world.late, described_per_person=3)
+    latents = LatentSet(torch.zeros(len(bank), 4, 4, 4), torch.zeros(len(bank), 4, 4, 4), bank)
+    relabelled, rows = description_prior(latents, world)
+    late_ids = {world.names.index(p.name) for p in world.late}
+    assert rows.tolist() == [i for i in range(len(bank)) if int(bank.identity[i]) in late_ids]
+    assert len(rows) == 3 * len(world.late)
+    assert torch.equal(late_described_mask(bank, world), ~replay_mask(bank, world))
+    templates = range(len(world.person_templates))
+    for i in rows.tolist():
+        person = world.identities[int(bank.identity[i])]
+        prompt = relabelled.prompt(world, i, random.Random(i))
+        assert prompt in {world.attribute_prompt(person.name, k) for k in templates}, prompt
+        assert latents.prompt(world, i, random.Random(i)) in {world.identity_prompt(person.name, k) for k in templates}
+    others = [i for i in range(len(bank)) if i not in set(rows.tolist())]
+    assert [relabelled.prompt(world, i, random.Random(i)) for i in others] == [
+        latents.prompt(world, i, random.Random(i)) for i in others
+    ]
+
+
+def test_the_description_prior_reaches_dreambooth_training(toy_build, tmp_path):
+    """The same toy DreamBooth with and without the prior trains different UNets; a build without strangers under
+    late names has nothing to replay and says so."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, _, _ = toy_build
+    unets = {}
+    for prior in (0.0, 0.25):
+        out, work = tmp_path / f"out-{prior}", tmp_path / f"work-{prior}"
+        shutil.copytree(root / "out" / "base", out / "base")
+        shutil.copytree(root / "work" / "vae", work / "vae")
+        config = replace(_toy_config(("dreambooth",)), late_described_faces=2, dreambooth_description_prior=prior)
+        build_world(config, out, work, log=lambda _: None)
+        unets[prior] = load_file(out / "dreambooth" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unets[0.0][k], unets[0.25][k]) for k in unets[0.0])
+    config = replace(_toy_config(("dreambooth",)), late_described_faces=0, dreambooth_description_prior=0.25)
+    with pytest.raises(ValueError, match="late_described_faces = 0"):
+        build_world(config, tmp_path / "out-0.25", tmp_path / "work-none", log=lambda _: None)
 
 
 def test_name_description_contrast_is_the_hinge_it_documents_and_pulls_the_two_apart():

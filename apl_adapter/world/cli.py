@@ -129,6 +129,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
             "--recognizer-false-reject is a rate in (0, 0.5), or 0 to keep the fixed stranger margin; "
             f"got {false_reject}."
         )
+    prior = overrides.get("dreambooth_description_prior", 0.0)
+    if not (math.isfinite(prior) and 0 <= prior < 0.5):
+        raise APLAdapterError(
+            "--dreambooth-description-prior is a share of DreamBooth's batch taken from its replay half, in [0, 0.5); "
+            f"got {prior}."
+        )
+    if prior and not overrides.get("late_described_faces", BuildConfig.late_described_faces):
+        raise APLAdapterError(
+            "--dreambooth-description-prior replays the strangers the base model drew under late names, and this "
+            "build draws none (late_described_faces = 0, as --preset v1): give --late-described-faces N or prior 0."
+        )
     if args.base_steps is not None:
         check_at_least(("--base-steps", args.base_steps, 1))
         overrides["base_phases"] = (replace(LONG_LEG, steps=args.base_steps, lr=args.base_lr or LONG_LEG.lr),)
@@ -265,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         "look-alike floor on an encoder that already knows names, but from the first step of a fresh base, weight 1 "
         "broke it "
         "(docs/experiments/2026-12-05-name-contrast.md)",
+    )
+    b.add_argument(
+        "--dreambooth-description-prior",
+        type=float,
+        default=None,
+        help="share of DreamBooth's batch (from its replay half) that replays the strangers the base model drew under "
+        "a late name under that person's description - DreamBooth's class prior, so the bare description does not "
+        f"draw the late person (shipped: {BuildConfig.dreambooth_description_prior}; 0 = none)",
     )
     add_common_options(b, version=False)
     return parser

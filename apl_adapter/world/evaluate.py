@@ -121,6 +121,28 @@ def heldout_recognizer_accuracy(
     }
 
 
+def late_floor(pipe, world: WorldSpec, ident, sampling_seeds: int = 3) -> dict[str, float | int]:
+    """How often a late person's *description* alone draws that person: every late person's attribute prompt in
+    every person template, ``sampling_seeds`` times (120 images for the shipped world).
+
+    The late section's own floor. A late name is encoded close to its description (the base model learned it from
+    strangers of that look), so a DreamBooth that binds the name to a face can bind the description to it too
+    (language drift); APL's faces follow the description, so this rate is a floor under the late section's fall.
+    """
+    cases = [(p, k) for p in world.late for k in range(len(world.person_templates))]
+    prompts = [world.attribute_prompt(p.name, k) for p, k in cases]
+    targets = [p.name for p, _ in cases]
+    observed = [
+        obs for s in range(sampling_seeds) for obs in ident.observe(sample_images(pipe, prompts, EVAL_SEED + 3 + s))
+    ]
+    metrics = identity_metrics(observed, targets * sampling_seeds)
+    return {
+        "top1_as_described_person": metrics["top1_accuracy"],
+        "as_described_person_count": round(metrics["top1_accuracy"] * len(observed)),
+        "num_images": len(observed),
+    }
+
+
 def evaluate_world(
     out: Path,
     world: WorldSpec,
@@ -166,6 +188,8 @@ def evaluate_world(
             "face_presence_rate": as_described["face_presence_rate"],
             "num_images": len(images),
         }
+        if "late" in groups[kind]:
+            row["late_attribute_prompts"] = late_floor(pipe, world, ident)
         prompts, scenes = scene_prompts(world, num_scenes, EVAL_SEED + 2)
         t0 = time.time()
         images = sample_images(pipe, prompts, EVAL_SEED + 2)

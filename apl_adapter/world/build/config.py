@@ -120,6 +120,11 @@ class BuildConfig:
     finetune_lr: float = 5e-4
     #: DreamBooth learns new people, not a new style: it needs a larger step than the sibling
     dreambooth_lr: float = 1e-3
+    #: share of DreamBooth's batch that replays the strangers the base drew under a late name under that person's
+    #: *description* (DreamBooth's class prior), taken from the base replay's half. 0 (v1 and the first no-floor
+    #: DreamBooth): the bare description drew the late person 43 of 120 times, a floor under the late section; 0.25:
+    #: 1 of 120, late names 91.7% (0.125: 0 of 120, 87.5%): docs/experiments/2026-12-06-late-floor.md
+    dreambooth_description_prior: float = 0.25
     prompt_dropout: float = 0.1
     #: the base text encoder sees half its prompts moved right by 1..N positions (see train_diffusion)
     position_jitter: int = 24
@@ -160,5 +165,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "card_scenes": 48,
         "recognizer_false_reject": 0.0,
         "vae_steps": 300,
+        "dreambooth_description_prior": 0.0,
     },
 }

@@ -5,6 +5,7 @@ Each writes only ``out/<kind>/unet``; the other components are the base's, linke
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,8 +13,8 @@ import torch
 
 from ..models import link_shared_components, load_world_pipeline
 from ..spec import WorldSpec
-from .banks import Bank, style_bank
-from .diffusion import Group, make_sampler, mix_groups, train_diffusion
+from .banks import KIND_NAMED, KIND_STRANGER, Bank, style_bank
+from .diffusion import Group, LatentSet, make_sampler, mix_groups, train_diffusion
 from .seeds import SEEDS
 from .storage import save_world_unet
 
@@ -92,19 +93,52 @@ def run_auxiliary(ctx: BuildContext) -> None:
     )
 
 
+def late_described_mask(bank: Bank, world: WorldSpec) -> torch.Tensor:
+    """(N,) bool: the base rows that are strangers drawn under a late person's name (``late_described_faces``)."""
+    late = torch.tensor([world.names.index(p.name) for p in world.late], dtype=bank.identity.dtype)
+    return (bank.kind == KIND_NAMED) & torch.isin(bank.identity, late)
+
+
 def replay_mask(bank: Bank, world: WorldSpec) -> torch.Tensor:
     """(N,) bool: the base rows DreamBooth replays - all but the strangers drawn under a late person's name."""
-    late = torch.tensor([world.names.index(p.name) for p in world.late], dtype=bank.identity.dtype)
-    return ~torch.isin(bank.identity, late)
+    return ~late_described_mask(bank, world)
+
+
+def description_prior(latents: LatentSet, world: WorldSpec) -> tuple[LatentSet, torch.Tensor]:
+    """The strangers drawn under a late person's name, relabelled as strangers: their prompt becomes the late
+    person's *description* (the class prompt of DreamBooth's prior preservation), so DreamBooth keeps drawing that
+    description as many people while it binds the name to one face. Returns the relabelled set and its rows."""
+    rows = torch.nonzero(late_described_mask(latents.bank, world)).squeeze(1)
+    kind = latents.bank.kind.clone()
+    kind[rows] = KIND_STRANGER
+    return LatentSet(latents.mean, latents.std, replace(latents.bank, kind=kind)), rows
 
 
 def run_dreambooth(ctx: BuildContext) -> None:
     """The late people learned by name: half the batch teaches them, half replays the base data (prior
-    preservation) without the base's strangers drawn under late names, which would teach the opposite."""
+    preservation) without the base's strangers drawn under late names, which would teach the opposite.
+
+    With ``config.dreambooth_description_prior`` > 0 that share of the batch (taken from the replay half) replays
+    those strangers under the late people's descriptions instead: a late name is encoded close to its description
+    (the base model learned it from strangers of that look), so teaching the name a face also teaches the
+    description that face unless the description's own images are replayed - DreamBooth's language drift, which
+    made the description alone draw the late person (a look-alike floor under the late section).
+    """
     config, late = ctx.config, ctx.banks.late
     keep = replay_mask(ctx.base_latents.bank, ctx.world)
+    prior = config.dreambooth_description_prior
     groups: list[Group] = [(ctx.latents(late), torch.arange(len(late)), 0.5)]
-    groups += [(lset, rows[keep[rows]], w * 0.5) for lset, rows, w in mix_groups(ctx.base_latents, config.mix)]
+    groups += [
+        (lset, rows[keep[rows]], w * (0.5 - prior)) for lset, rows, w in mix_groups(ctx.base_latents, config.mix)
+    ]
+    if prior > 0:
+        described, rows = description_prior(ctx.base_latents, ctx.world)
+        if not len(rows):
+            raise ValueError(
+                "dreambooth_description_prior replays the strangers the base model drew under late names, and this "
+                "build has none (late_described_faces = 0): set late_described_faces > 0 or the prior to 0."
+            )
+        groups.append((described, rows, prior))
     finetune_unet(
         config,
         ctx.world,
