@@ -94,6 +94,18 @@ def test_late_people_are_known_only_after_dreambooth(world, recognizer, base_pip
     assert after["top1_accuracy"] > before["top1_accuracy"] + 0.3
 
 
+@pytest.mark.slow
+def test_dreambooth_does_not_draw_a_late_person_for_their_bare_description(world, recognizer):
+    """The late section's floor: the DreamBooth model taught the late names keeps drawing their descriptions as
+    many people (its class prior), so an anonymous face of that description is not the person by construction.
+    Without the prior this read 43 of 120 (docs/experiments/2026-12-06-late-floor.md)."""
+    from apl_adapter.world.evaluate import late_floor
+
+    floor = late_floor(load_world_pipeline("dreambooth"), world, recognizer, sampling_seeds=1)
+    assert floor["num_images"] == 5 * len(world.late)
+    assert floor["as_described_person_count"] <= 2, floor
+
+
 def test_unknown_model_kind_is_rejected():
     with pytest.raises(ValueError, match="choose one of"):
         load_world_pipeline("realistic-vision")
