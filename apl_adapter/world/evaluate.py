@@ -136,11 +136,14 @@ def late_floor(pipe, world: WorldSpec, ident, sampling_seeds: int = 3) -> dict[s
         obs for s in range(sampling_seeds) for obs in ident.observe(sample_images(pipe, prompts, EVAL_SEED + 3 + s))
     ]
     metrics = identity_metrics(observed, targets * sampling_seeds)
-    return {
-        "top1_as_described_person": metrics["top1_accuracy"],
-        "as_described_person_count": round(metrics["top1_accuracy"] * len(observed)),
-        "num_images": len(observed),
-    }
+    return {**as_described_person(metrics, len(observed)), "num_images": len(observed)}
+
+
+def as_described_person(metrics: dict, num_images: int) -> dict[str, float | int]:
+    """The floor from :func:`identity_metrics` of faces drawn from attribute prompts, scored against the person each
+    prompt describes: how often, and how many, the recognizer takes for that person."""
+    rate = metrics["top1_accuracy"]
+    return {"top1_as_described_person": rate, "as_described_person_count": round(rate * num_images)}
 
 
 def evaluate_world(
@@ -178,13 +181,12 @@ def evaluate_world(
         prompts = [world.attribute_prompt(p.name, k) for p, k in cases]
         images = sample_images(pipe, prompts, EVAL_SEED + 1)
         observed = ident.observe(images)
+        # How often a face drawn from someone's *attribute* prompt is recognized as that person: the floor APL can
+        # reach with c2 = attribute prompt (people sharing attributes are confused by any recognizer).
         as_described = identity_metrics(observed, [p.name for p in people])
         row["attribute_prompts"] = {
             "attribute_agreement": attr.agreement(images, [p.attributes for p in people]),
-            # How often a face drawn from someone's *attribute* prompt is recognized as that person: the floor
-            # APL can reach with c2 = attribute prompt (people sharing attributes are confused by any recognizer).
-            "top1_as_described_person": as_described["top1_accuracy"],
-            "as_described_person_count": round(as_described["top1_accuracy"] * len(images)),
+            **as_described_person(as_described, len(images)),
             "face_presence_rate": as_described["face_presence_rate"],
             "num_images": len(images),
         }
